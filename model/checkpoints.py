@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
@@ -150,6 +151,8 @@ class CheckpointStore:
                     shutil.rmtree(tmp, ignore_errors=True)
         except OSError as err:
             raise CheckpointError(f"cannot write a checkpoint in {self.root}: {err.strerror or err}") from None
+        except SafetensorError as err:  # e.g. disk full while writing the tensors
+            raise CheckpointError(f"cannot write a checkpoint in {self.root}: {str(err).splitlines()[0]}") from None
         return saved
 
     def rollback(self, version: int) -> Manifest:
@@ -163,9 +166,12 @@ class CheckpointStore:
         """Remove temporary directories left by a crashed writer; returns how many."""
         if not self.root.is_dir():
             return 0
-        stale = [p for p in self.root.glob(".tmp-*") if p.is_dir()]
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
+        # Under the writer lock: a live writer holds it for its whole write, so only the
+        # directories of dead writers are removed.
+        with self._writer_lock():
+            stale = [p for p in self.root.glob(".tmp-*") if p.is_dir()]
+            for p in stale:
+                shutil.rmtree(p, ignore_errors=True)
         return len(stale)
 
 

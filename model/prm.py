@@ -75,15 +75,17 @@ class StepScores:
     first_error: int  # first step with mu < 0.5, -1 when none
     n_steps: int  # steps in the input; len(mu) may be smaller when truncated
     truncated: bool
+    n_tokens: int = 0  # tokens the backbone read for this trajectory
 
 
 class EnsemblePRM(nn.Module):
-    def __init__(self, backbone: Backbone, config: PRMConfig | None = None):
+    def __init__(self, backbone: Backbone, config: PRMConfig | None = None, heads: EnsembleHeads | None = None):
         super().__init__()
         self.config = config or PRMConfig()
         self.backbone = backbone
         self.body = backbone.model  # registered so .parameters() and LoRA see it
-        self.heads = EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
+        # Given heads let a hot-swap build a new PRM around the same frozen body.
+        self.heads = heads or EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
 
     def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
         """Logits for every head at every step: (E, B, S); padded steps hold garbage."""
@@ -130,5 +132,6 @@ class EnsemblePRM(nn.Module):
                     first_error=predicted_first_error(mu_i, threshold),
                     n_steps=encoded[i].n_steps,
                     truncated=encoded[i].truncated,
+                    n_tokens=len(encoded[i].input_ids),
                 )
         return results  # type: ignore[return-value]

@@ -75,7 +75,9 @@ def encode_trajectory(
         positions.append(len(ids) - 1)
     if len(positions) == len(steps):
         ids += _template_ids(tokenizer, after)
-        ids = ids[:max_length]  # the closing tokens carry no score; cutting them is harmless
+    # Every kept separator is inside the limit, so the cut only drops closing tokens or, for
+    # an over-long prompt, text that no step's score would be read from anyway.
+    ids = ids[:max_length]
     return EncodedTrajectory(ids, positions, n_steps=len(steps), truncated=len(positions) < len(steps))
 
 

@@ -114,8 +114,19 @@ class Trainer:
         self.step = 0
         self._gen = torch.Generator().manual_seed(self.config.seed)
 
+    def _set_training(self, on: bool) -> None:
+        # In heads mode a scorer may share this frozen backbone from another thread, so only
+        # the parts that train change mode.
+        self.prm.heads.train(on)
+        if self.config.mode != "heads":
+            self.prm.body.train(on)
+
     def update(self, samples: Sequence[LabelledSample]) -> UpdateResult:
         cfg, prm = self.config, self.prm
+        for s in samples:
+            # A label past the last step would silently train every step as correct.
+            if not -1 <= s.first_error < len(s.steps):
+                raise ValueError(f"label {s.id}: first error {s.first_error} is out of range for {len(s.steps)} steps")
         encoded = [prm.encode(s.problem, s.steps) for s in samples]
         first_errors = [s.first_error for s in samples]
         targets, mask = label_tensors(first_errors, [e.n_scored for e in encoded], S=max([1] + [e.n_scored for e in encoded]))
@@ -127,7 +138,7 @@ class Trainer:
         if n_labelled == 0 or not active.any():
             return UpdateResult(False, "no labelled step in the batch", n_samples=N, step=self.step)
 
-        prm.train()
+        self._set_training(True)
         self.optimizer.zero_grad(set_to_none=True)
         bce_total = 0.0
         for start in range(0, N, cfg.micro_batch_size):
@@ -151,7 +162,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            prm.eval()
+            self._set_training(False)
             return UpdateResult(False, "non-finite loss or gradient; update skipped", loss, bce_total, grad_norm,
                                 n_samples=N, n_labelled_steps=n_labelled, step=self.step)
         lr = cfg.lr * lr_factor(self.step, cfg.warmup_steps, cfg.decay_steps)
@@ -160,5 +171,5 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        prm.eval()
+        self._set_training(False)
         return UpdateResult(True, "ok", loss, bce_total, grad_norm, lr, N, n_labelled, self.step)
