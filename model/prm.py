@@ -87,8 +87,11 @@ class EnsemblePRM(nn.Module):
         # Given heads let a hot-swap build a new PRM around the same frozen body.
         self.heads = heads or EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
 
-    def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
-        """Logits for every head at every step: (E, B, S); padded steps hold garbage."""
+    def hidden_at_steps(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
+        """Backbone hidden states at the separators: (B, S, H); padded steps hold garbage.
+
+        With a frozen backbone this is all the heads ever read, so it can be computed once
+        and cached (see features.py)."""
         B, S = batch.step_positions.shape
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
             hidden = self.body(
@@ -96,9 +99,17 @@ class EnsemblePRM(nn.Module):
             ).last_hidden_state  # (B, T, H)
         H = hidden.shape[-1]
         index = batch.step_positions.unsqueeze(-1).expand(B, S, H)  # (B, S, H)
-        at_steps = hidden.gather(1, index).reshape(B * S, H)  # (B*S, H)
-        logits = self.heads(at_steps.to(self.heads.w1.dtype))  # (E, B*S)
+        return hidden.gather(1, index)  # (B, S, H)
+
+    def head_logits(self, at_steps: torch.Tensor) -> torch.Tensor:
+        """Logits for every head from hidden states at steps: (B, S, H) -> (E, B, S)."""
+        B, S, H = at_steps.shape
+        logits = self.heads(at_steps.reshape(B * S, H).to(self.heads.w1.dtype))  # (E, B*S)
         return logits.reshape(-1, B, S)  # (E, B, S)
+
+    def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
+        """Logits for every head at every step: (E, B, S); padded steps hold garbage."""
+        return self.head_logits(self.hidden_at_steps(batch, backbone_grad=backbone_grad))  # (E, B, S)
 
     def encode(self, problem: str, steps: list[str]):
         bb = self.backbone
@@ -120,18 +131,78 @@ class EnsemblePRM(nn.Module):
             idx = order[start : start + size]
             batch = self.collate([encoded[i] for i in idx])
             probs = torch.sigmoid(self.step_logits(batch)).float()  # (E, B, S)
-            mu = probs.mean(dim=0)  # (B, S)
-            sigma = probs.std(dim=0, unbiased=False) if probs.shape[0] > 1 else torch.zeros_like(mu)  # (B, S)
-            for b, i in enumerate(idx):
-                n = encoded[i].n_scored
-                mu_i = mu[b, :n].tolist()
-                results[i] = StepScores(
-                    mu=mu_i,
-                    sigma=sigma[b, :n].tolist(),
-                    probs=probs[:, b, :n].tolist(),
-                    first_error=predicted_first_error(mu_i, threshold),
-                    n_steps=encoded[i].n_steps,
-                    truncated=encoded[i].truncated,
-                    n_tokens=len(encoded[i].input_ids),
-                )
+            kept = [encoded[i] for i in idx]
+            got = summarise(probs, [e.n_scored for e in kept], [e.n_steps for e in kept],
+                            [e.truncated for e in kept], [len(e.input_ids) for e in kept], threshold)
+            for i, sc in zip(idx, got):
+                results[i] = sc
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def score_features(
+        self,
+        features: list[torch.Tensor],
+        threshold: float = 0.5,
+        *,
+        n_steps: list[int] | None = None,
+        truncated: list[bool] | None = None,
+        n_tokens: list[int] | None = None,
+        batch_size: int = 256,
+    ) -> list[StepScores]:
+        """Score precomputed hidden states at the steps (one (S_i, H) tensor per trajectory,
+        from hidden_at_steps) with the heads alone: what score() gives on a frozen backbone.
+
+        n_steps / truncated / n_tokens describe the original trajectories (defaults: S_i,
+        False, 0); results keep the input order."""
+        self.eval()
+        N = len(features)
+        n_steps = n_steps if n_steps is not None else [f.shape[0] for f in features]
+        truncated = truncated if truncated is not None else [False] * N
+        n_tokens = n_tokens if n_tokens is not None else [0] * N
+        results: list[StepScores] = []
+        for start in range(0, N, batch_size):
+            rows = range(start, min(N, start + batch_size))
+            at_steps, _ = pad_features([features[i] for i in rows])  # (B, S, H)
+            probs = torch.sigmoid(self.head_logits(at_steps)).float()  # (E, B, S)
+            results += summarise(probs, [features[i].shape[0] for i in rows], [n_steps[i] for i in rows],
+                                 [truncated[i] for i in rows], [n_tokens[i] for i in rows], threshold)
+        return results
+
+
+def pad_features(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (S_i, H) tensors into a zero-padded (B, S, H) tensor and a (B, S) step mask."""
+    B = len(features)
+    S = max([1] + [f.shape[0] for f in features])
+    H = features[0].shape[-1] if features else 1
+    out = torch.zeros((B, S, H), dtype=features[0].dtype if features else torch.float32)  # (B, S, H)
+    mask = torch.zeros((B, S), dtype=torch.bool)  # (B, S)
+    for b, f in enumerate(features):
+        out[b, : f.shape[0]] = f
+        mask[b, : f.shape[0]] = True
+    return out, mask
+
+
+def summarise(
+    probs: torch.Tensor,
+    n_scored: list[int],
+    n_steps: list[int],
+    truncated: list[bool],
+    n_tokens: list[int],
+    threshold: float,
+) -> list[StepScores]:
+    """Per-head probabilities (E, B, S) -> one StepScores per row, cut to its scored steps."""
+    mu = probs.mean(dim=0)  # (B, S)
+    sigma = probs.std(dim=0, unbiased=False) if probs.shape[0] > 1 else torch.zeros_like(mu)  # (B, S)
+    out = []
+    for b, n in enumerate(n_scored):
+        mu_b = mu[b, :n].tolist()
+        out.append(StepScores(
+            mu=mu_b,
+            sigma=sigma[b, :n].tolist(),
+            probs=probs[:, b, :n].tolist(),
+            first_error=predicted_first_error(mu_b, threshold),
+            n_steps=n_steps[b],
+            truncated=truncated[b],
+            n_tokens=n_tokens[b],
+        ))
+    return out

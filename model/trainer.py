@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from actprm.model.labels import label_tensors
-from actprm.model.prm import EnsemblePRM
+from actprm.model.prm import EnsemblePRM, pad_features
 
 Mode = Literal["heads", "lora", "full"]
 
@@ -128,9 +128,47 @@ class Trainer:
             if not -1 <= s.first_error < len(s.steps):
                 raise ValueError(f"label {s.id}: first error {s.first_error} is out of range for {len(s.steps)} steps")
         encoded = [prm.encode(s.problem, s.steps) for s in samples]
-        first_errors = [s.first_error for s in samples]
-        targets, mask = label_tensors(first_errors, [e.n_scored for e in encoded], S=max([1] + [e.n_scored for e in encoded]))
-        E, N = prm.config.n_heads, len(samples)
+
+        def logits_of(rows: slice) -> torch.Tensor:
+            batch = prm.collate(encoded[rows])
+            return prm.step_logits(batch, backbone_grad=cfg.mode != "heads")  # (E, b, S)
+
+        return self._step([s.first_error for s in samples], [e.n_scored for e in encoded], logits_of, cfg.micro_batch_size)
+
+    def update_features(
+        self, features: Sequence[torch.Tensor], first_errors: Sequence[int], n_steps: Sequence[int] | None = None
+    ) -> UpdateResult:
+        """The same update as `update`, on cached backbone hidden states at the steps (one
+        (S_i, H) tensor per trajectory, from EnsemblePRM.hidden_at_steps). Heads mode only:
+        the features stand for a backbone that does not change.
+
+        n_steps: steps of each original trajectory (default S_i); a trajectory truncated
+        before its first error still labels the steps it kept, as in `update`."""
+        if self.config.mode != "heads":
+            raise ValueError(f"update_features trains heads on a frozen backbone; this trainer's mode is {self.config.mode!r}")
+        if len(features) != len(first_errors):
+            raise ValueError(f"{len(features)} feature tensors for {len(first_errors)} labels")
+        n_scored = [int(f.shape[0]) for f in features]
+        n_steps = list(n_steps) if n_steps is not None else n_scored
+        for i, (k, n) in enumerate(zip(first_errors, n_steps)):
+            if not -1 <= k < n:
+                raise ValueError(f"label {i}: first error {k} is out of range for {n} steps")
+        prm = self.prm
+
+        def logits_of(rows: slice) -> torch.Tensor:
+            at_steps, _ = pad_features(list(features[rows]))  # (b, S, H)
+            return prm.head_logits(at_steps)  # (E, b, S)
+
+        # Heads alone are cheap: one micro-batch (accumulation would give the same update).
+        return self._step(list(first_errors), n_scored, logits_of, max(1, len(features)))
+
+    def _step(self, first_errors: list[int], n_scored: list[int], logits_of, micro: int) -> UpdateResult:
+        """One optimizer step: bootstrap-masked BCE per head on the labelled steps, averaged
+        over heads, plus the anchor penalty; clipped, scheduled, skipped when not finite.
+        logits_of(rows) gives the (E, b, S) logits of the trajectories in `rows`."""
+        cfg, prm = self.config, self.prm
+        targets, mask = label_tensors(first_errors, n_scored, S=max([1] + n_scored))  # (N, S), (N, S)
+        E, N = prm.config.n_heads, len(first_errors)
         boot = torch.rand((E, N), generator=self._gen) < cfg.p_learn  # (E, N): which head sees which sample
         per_head = (boot.unsqueeze(-1) & mask.unsqueeze(0)).sum(dim=(1, 2)).float()  # (E,) labelled steps per head
         active = per_head > 0
@@ -141,11 +179,10 @@ class Trainer:
         self._set_training(True)
         self.optimizer.zero_grad(set_to_none=True)
         bce_total = 0.0
-        for start in range(0, N, cfg.micro_batch_size):
-            rows = slice(start, start + cfg.micro_batch_size)
-            batch = prm.collate(encoded[rows])
-            S = batch.step_positions.shape[1]
-            logits = prm.step_logits(batch, backbone_grad=cfg.mode != "heads")  # (E, b, S)
+        for start in range(0, N, micro):
+            rows = slice(start, start + micro)
+            logits = logits_of(rows)  # (E, b, S)
+            S = logits.shape[2]
             y = targets[rows, :S].expand_as(logits)  # (E, b, S)
             m = (boot[:, rows].unsqueeze(-1) & mask[rows, :S].unsqueeze(0)).float()  # (E, b, S)
             bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (E, b, S)
