@@ -1,0 +1,300 @@
+"""`actprm ctl`: send a command on the control topic and collect the daemons' acknowledgements.
+
+The client writes an empty marker record to the acks topic first and reads acks from just
+after it: the marker's offset comes from the produce response, which is exact on every
+broker (the embedded broker's "latest offset" answer is not, so it is never used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from actprm.streams import messages
+from actprm.streams.control import LIVE_SETTINGS, SCOPES, parse_setting, round_state, sign
+from actprm.streams.messages import ControlAck, ControlCommand
+from actprm.streams.topics import Topics
+
+SECRET_ENV = "ACTPRM_CONTROL_SECRET"
+MARKER_KEY = b"ctl-marker"
+TRAINER_HINT = "this command is answered by the process with the trainer role; is one running?"
+
+
+class CtlError(RuntimeError):
+    """No daemon answered, or the broker could not be reached."""
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+async def asend_command(bootstrap: str, prefix: str, cmd: ControlCommand, secret: str | None, timeout_s: float,
+                        expect: int | None = None, *, settle_s: float = 1.5, **kafka_options: Any) -> list[ControlAck]:
+    """Send `cmd` (signed when a secret is given) and return the acks for it, one per process.
+
+    Returns once `expect` processes answered, or `settle_s` after the last answer when the
+    number of processes is unknown; CtlError when none answered within timeout_s.
+    """
+    topics = Topics(prefix)
+    if secret:
+        cmd = sign(cmd, secret)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=100, **kafka_options)
+    try:
+        await producer.start()
+        await consumer.start()
+    except KafkaError as err:
+        await producer.stop()
+        await consumer.stop()
+        raise CtlError(f"cannot reach Kafka at {bootstrap}: {err}") from None
+    acks: dict[tuple[str, str], ControlAck] = {}
+    try:
+        existing = await consumer.topics()
+        if topics.control not in existing or topics.acks not in existing:
+            # Every daemon creates its topics at start, so there is none on this prefix.
+            raise CtlError(f"no daemon on {bootstrap}: topic {topics.control} does not exist")
+        marker = await producer.send_and_wait(topics.acks, key=MARKER_KEY, value=None, partition=0)
+        await producer.send_and_wait(topics.control, key=cmd.id.encode(), value=messages.encode(cmd), partition=0)
+        tp = TopicPartition(topics.acks, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, marker.offset + 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last = None  # when the latest ack arrived
+        while expect is None or len(acks) < expect:
+            settle_at = deadline if expect is not None or last is None else min(deadline, last + settle_s)
+            wait = settle_at - loop.time()
+            if wait <= 0:
+                break
+            batch = await consumer.getmany(tp, timeout_ms=max(1, int(min(wait, 0.25) * 1000)))
+            for record in batch.get(tp, []):
+                try:
+                    ack = messages.decode(ControlAck, record.value)
+                except messages.MessageError:
+                    continue  # markers of other clients, or junk
+                who = (ack.process_id, ack.role)
+                if ack.command_id == cmd.id and who not in acks:  # acks may be redelivered
+                    acks[who] = ack
+                    last = loop.time()
+    except KafkaError as err:
+        raise CtlError(f"Kafka error on {bootstrap}: {err}") from None
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    if not acks:
+        raise CtlError(f"no daemon answered within {timeout_s:g}s on {bootstrap} (topic {topics.control})")
+    return sorted(acks.values(), key=lambda a: (a.role, a.process_id))
+
+
+def send_command(bootstrap: str, prefix: str, cmd: ControlCommand, secret: str | None, timeout_s: float,
+                 expect: int | None = None, **options: Any) -> list[ControlAck]:
+    """Blocking form of asend_command, for the CLI."""
+    return asyncio.run(asend_command(bootstrap, prefix, cmd, secret, timeout_s, expect, **options))
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}{suffix}"
+    return f"{value}{suffix}"
+
+
+def overall(acks: list[ControlAck]) -> dict[str, Any]:
+    """Totals over processes; the round comes from the trainer's process."""
+    states = [a.state for a in acks]
+
+    def total(key: str) -> int:
+        return sum(s.get(key) or 0 for s in states)
+
+    keeper = next((s for s in states if "round" in s), None)
+    scored = total("scored")
+    served = sorted({s["served_version"] for s in states if s.get("served_version") is not None})
+    out = {"processes": len(acks), "scored": scored, "selected": total("selected"),
+           "selected_pct": round(100 * total("selected") / scored, 1) if scored else 0.0,
+           "judged": total("judged"), "judge_failures": total("judge_failures"), "updates": total("updates"),
+           "dead_lettered": total("dead_lettered"), "served_versions": served,
+           "errors": sum(1 for s in states if s.get("last_error"))}
+    if keeper is not None:
+        out |= {"round": keeper["round"], "state": keeper.get("state") or round_state(keeper),
+                "budget_used": keeper["budget_used"], "budget_left": keeper["budget_left"]}
+    if any(s.get("paused_consume") for s in states):
+        out["state"] = "paused (all)"
+    return out
+
+
+STATUS_COLUMNS = ("process", "roles", "round", "state", "budget used/left", "selected", "judged/failed",
+                  "judge p50", "updates", "served", "last error")
+
+
+def status_rows(acks: list[ControlAck]) -> list[tuple[str, ...]]:
+    rows = []
+    for a in acks:
+        s = a.state
+        budget = f"{s['budget_used']}/{s['budget_left']}" if "budget_used" in s else "-"
+        rows.append((a.process_id, a.role, _fmt(s.get("round")), s.get("state") or round_state(s), budget,
+                     f"{s.get('selected', 0)} ({s.get('selected_pct', 0.0):g}%)",
+                     f"{s.get('judged', 0)}/{s.get('judge_failures', 0)}", _fmt(s.get("judge_latency_p50_s"), "s"),
+                     _fmt(s.get("updates")), _fmt(s.get("served_version")), (s.get("last_error") or "-")[:60]))
+    return rows
+
+
+def format_status(acks: list[ControlAck]) -> str:
+    rows = [STATUS_COLUMNS, *status_rows(acks)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(STATUS_COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    o = overall(acks)
+    parts = [f"{o['processes']} process{'es' if o['processes'] != 1 else ''}"]
+    if "round" in o:
+        parts.append(f"round {o['round']} {o['state']}, budget {o['budget_used']} used / {o['budget_left']} left")
+    elif "state" in o:
+        parts.append(o["state"])
+    parts += [f"selected {o['selected']} of {o['scored']} ({o['selected_pct']:g}%)",
+              f"judged {o['judged']}, failed {o['judge_failures']}", f"updates {o['updates']}",
+              "served " + (", ".join(f"v{v}" for v in o["served_versions"]) or "-")
+              + (" (versions differ)" if len(o["served_versions"]) > 1 else "")]
+    if o["errors"]:
+        parts.append(f"{o['errors']} with errors")
+    return "\n".join(lines) + "\noverall: " + " | ".join(parts)
+
+
+def format_acks(acks: list[ControlAck]) -> str:
+    return "\n".join(f"{'ok' if a.ok else 'FAILED':6}  {a.role:22}  {a.process_id:24}  {a.message}".rstrip()
+                     for a in acks)
+
+
+def status_json(acks: list[ControlAck]) -> dict[str, Any]:
+    return {"processes": [a.model_dump(mode="json") for a in acks], "overall": overall(acks)}
+
+
+# --- the typer sub-app ---------------------------------------------------------------------
+
+ctl_app = typer.Typer(help="Control running daemons over the control topic (every process obeys).",
+                      no_args_is_help=True)
+
+BootstrapOpt = Annotated[str, typer.Option("--bootstrap", envvar="ACTPRM_KAFKA__BOOTSTRAP", help="Kafka bootstrap servers")]
+PrefixOpt = Annotated[str, typer.Option("--topic-prefix", envvar="ACTPRM_KAFKA__TOPIC_PREFIX")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", envvar="ACTPRM_CONTROL__ACK_TIMEOUT_S", min=0.1,
+                                           help="seconds to wait for acknowledgements")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON for scripts")]
+ScopeOpt = Annotated[str, typer.Option("--scope", help="annotate (rewards keep flowing), train, or all (stop consuming)")]
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def _secret() -> str | None:
+    secret = os.environ.get(SECRET_ENV) or None
+    if secret is None:
+        typer.echo(f"warning: {SECRET_ENV} is not set; commands are sent unsigned "
+                   "(daemons with a secret will refuse them)", err=True)
+    return secret
+
+
+def _send(bootstrap: str, prefix: str, timeout: float, command: str, args: dict, expect: int | None = None,
+          hint: str | None = None, secret: str | None = None) -> list[ControlAck]:
+    from actprm.daemon.cli import CLIError
+
+    cmd = ControlCommand(command=command, args=args)
+    try:
+        return send_command(bootstrap, prefix, cmd, secret, timeout, expect)
+    except CtlError as err:
+        raise CLIError(f"{err}; {hint}" if hint and "no daemon answered" in str(err) else str(err)) from None
+
+
+def _report(acks: list[ControlAck], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([a.model_dump(mode="json") for a in acks], indent=2))
+    else:
+        typer.echo(format_acks(acks))
+    if not all(a.ok for a in acks):
+        raise typer.Exit(1)
+
+
+@ctl_app.command()
+def status(bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm", timeout: TimeoutOpt = 10.0,
+           as_json: JsonOpt = False,
+           watch: Annotated[Optional[float], typer.Option("--watch", min=0.5, help="refresh every N seconds")] = None) -> None:
+    """A row per process and an overall line: round, state, budget, selection, judge, updates, served version."""
+    secret = _secret()
+    while True:
+        acks = _send(bootstrap, topic_prefix, timeout, "status", {}, secret=secret)
+        if as_json:
+            typer.echo(json.dumps(status_json(acks), indent=None if watch else 2, default=str))
+        else:
+            if watch and sys.stdout.isatty():
+                typer.clear()
+            typer.echo(format_status(acks))
+            if watch:
+                typer.echo(f"(every {watch:g}s; Ctrl-C stops)  {time.strftime('%H:%M:%S')}")
+        if not watch:
+            return
+        time.sleep(watch)
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")
+    return scope
+
+
+@ctl_app.command()
+def pause(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
+          timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+    """Pause annotation, training, or all consumption (no message is lost)."""
+    scope = _check_scope(scope)
+    acks = _send(bootstrap, topic_prefix, timeout, "pause", {"scope": scope}, expect=1 if scope != "all" else None,
+                 hint=TRAINER_HINT if scope != "all" else None, secret=_secret())
+    _report(acks, as_json)
+
+
+@ctl_app.command()
+def resume(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
+           timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+    """Undo a pause (resume all also resumes annotation and training)."""
+    scope = _check_scope(scope)
+    acks = _send(bootstrap, topic_prefix, timeout, "resume", {"scope": scope}, expect=1 if scope != "all" else None,
+                 hint=TRAINER_HINT if scope != "all" else None, secret=_secret())
+    _report(acks, as_json)
+
+
+@ctl_app.command("reset-round")
+def reset_round(budget: Annotated[Optional[int], typer.Option(min=0, help="budget of the new round (default: the current one)")] = None,
+                keep_pending: Annotated[bool, typer.Option("--keep-pending", help="still train labels of earlier rounds (pending and in flight)")] = False,
+                bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
+                timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+    """Start a new round with fresh counters. Requests already sent to the judge are still judged;
+    their labels are dropped unless --keep-pending."""
+    args: dict[str, Any] = {"keep_pending": keep_pending}
+    if budget is not None:
+        args["budget"] = budget
+    _report(_send(bootstrap, topic_prefix, timeout, "reset-round", args, expect=1, hint=TRAINER_HINT, secret=_secret()),
+            as_json)
+
+
+@ctl_app.command()
+def rollback(version: Annotated[int, typer.Argument(min=0, help="the version whose weights to serve again")],
+             bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
+             timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+    """Serve VERSION's weights everywhere (published as a new version) and train on from it."""
+    _report(_send(bootstrap, topic_prefix, timeout, "rollback", {"version": version}, expect=1, hint=TRAINER_HINT,
+                  secret=_secret()), as_json)
+
+
+@ctl_app.command("set")
+def set_value(key: Annotated[str, typer.Argument(help=f"one of: {', '.join(LIVE_SETTINGS)}")],
+              value: Annotated[str, typer.Argument(help="the new value")],
+              bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
+              timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+    """Change a live setting in every process; the value is checked here and again by each daemon."""
+    parse_setting(key, value)  # a ValueError naming the key, before anything is sent
+    _report(_send(bootstrap, topic_prefix, timeout, "set", {"key": key, "value": value}, secret=_secret()), as_json)

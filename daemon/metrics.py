@@ -1,0 +1,183 @@
+"""Prometheus metrics and the health endpoint of one daemon process.
+
+The handlers' counters (rt.counters) and round state (rt.status()) are read at scrape time by
+a collector, so the hot path only bumps a Counter. What needs a distribution (per-step
+scores, judge latency, swap time) and the ensemble's agreement with the judge are observed
+directly. Everything lives on this class's own registry, never the process-global one, so
+two runtimes in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+JUDGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # reasoning judges take minutes
+SWAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+STATUS_GAUGES = ("round", "budget_used", "budget_left", "served_version", "trained_version", "pending_labels",
+                 "selected_pct")
+STATUS_FLAGS = ("paused_annotate", "paused_train")
+
+HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def predicted_first_error(mu: Sequence[float], threshold: float = 0.5) -> int:
+    """The first step scored below the threshold, -1 when none (the ProcessBench convention)."""
+    return next((i for i, m in enumerate(mu) if m < threshold), -1)
+
+
+class _RuntimeCollector:
+    """Reads rt.counters and rt.status() at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterable:
+        rt = self.metrics.rt
+        if rt is None:
+            return
+        for name, value in sorted(rt.counters.items()):
+            if name.endswith("_x1000"):  # milli-units kept as integers by the handlers
+                name, value = name.removesuffix("_x1000"), value / 1000
+            yield CounterMetricFamily(f"actprm_{name}", f"rt.counters[{name!r}]", value=value)
+        st = rt.status()
+        for name in STATUS_GAUGES:
+            if st.get(name) is not None:
+                yield GaugeMetricFamily(f"actprm_{name}", f"status {name}", value=st[name])
+        flags = GaugeMetricFamily("actprm_paused", "1 while paused, by scope", labels=["scope"])
+        for name in STATUS_FLAGS:
+            if name in st:
+                flags.add_metric([name.removeprefix("paused_")], float(st[name]))
+        flags.add_metric(["consume"], float(rt.paused_consume))
+        yield flags
+        busy = GaugeMetricFamily("actprm_busy_seconds", "how long each role's current handler call has run (0: idle)",
+                                 labels=["role"])
+        now = time.time()
+        for role, since in rt.busy_since.items():
+            busy.add_metric([role], 0.0 if since is None else now - since)
+        yield busy
+        accuracy = self.metrics.confident_accuracy()
+        if accuracy is not None:
+            yield GaugeMetricFamily("actprm_confident_accuracy",
+                                    "share of confident predictions whose first error matched the judge", value=accuracy)
+
+
+class Metrics:
+    def __init__(self, rt=None):
+        self.rt = rt
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step_score = Histogram("actprm_step_score", "per-step score mu of every scored step",
+                                    buckets=SCORE_BUCKETS, registry=r)
+        self.judge_latency = Histogram("actprm_judge_latency_seconds", "judge call latency",
+                                       buckets=JUDGE_BUCKETS, registry=r)
+        self.judge_calls = Counter("actprm_judge_calls", "judge calls by outcome", ["outcome"], registry=r)
+        self.swap_seconds = Histogram("actprm_swap_seconds", "time to load and switch to a new version",
+                                      buckets=SWAP_BUCKETS, registry=r)
+        self.agreement = Counter("actprm_agreement", "ensemble's first error vs the judge's, by confidence",
+                                 ["confident", "outcome"], registry=r)
+        r.register(_RuntimeCollector(self))
+        self._recent_latency: deque[float] = deque(maxlen=256)
+        self._confident = [0, 0]  # right, wrong
+
+    # --- observations (called by the handlers) ---------------------------------------------
+
+    def observe_scores(self, mu_lists: Iterable[Sequence[float]]) -> None:
+        for mu in mu_lists:
+            for m in mu:
+                self.step_score.observe(m)
+
+    def observe_judge(self, latency_s: float, ok: bool) -> None:
+        self.judge_latency.observe(latency_s)
+        self.judge_calls.labels("ok" if ok else "failed").inc()
+        self._recent_latency.append(latency_s)
+
+    def observe_agreement(self, predicted_first_error: int, judged_first_error: int, confident: bool) -> None:
+        right = predicted_first_error == judged_first_error
+        self.agreement.labels(str(confident).lower(), "right" if right else "wrong").inc()
+        if confident:
+            self._confident[0 if right else 1] += 1
+
+    def observe_swap(self, seconds: float) -> None:
+        self.swap_seconds.observe(seconds)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def confident_accuracy(self) -> float | None:
+        right, wrong = self._confident
+        return right / (right + wrong) if right + wrong else None
+
+    def summary(self) -> dict[str, Any]:
+        """The few figures `ctl status` shows from here."""
+        recent = list(self._recent_latency)
+        return {"judge_latency_p50_s": round(statistics.median(recent), 3) if recent else None,
+                "confident_accuracy": self.confident_accuracy()}
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # --- serving ---------------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int, health_fn: HealthFn) -> MetricsServer:
+        """Serve /metrics and /healthz on host:port (port 0: any free port; see .port)."""
+
+        async def metrics_page(_request: web.Request) -> web.Response:
+            return web.Response(body=self.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def health_page(_request: web.Request) -> web.Response:
+            ok, detail = health_fn()
+            return web.Response(status=200 if ok else 503, content_type="application/json",
+                                text=json.dumps({"ok": ok, **detail}))
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_page)
+        app.router.add_get("/healthz", health_page)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
+        return MetricsServer(runner, runner.addresses[0][1])
+
+
+class MetricsServer:
+    def __init__(self, runner: web.AppRunner, port: int):
+        self._runner, self.port = runner, port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+def health(rt, stuck_after_s: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """Not ok when a role has been inside one handler call for longer than stuck_after_s."""
+    now = time.time() if now is None else now
+    busy = {role: round(now - since, 1) for role, since in rt.busy_since.items() if since is not None}
+    stuck = {role: s for role, s in busy.items() if s > stuck_after_s}
+    detail: dict[str, Any] = {"process_id": rt.process_id, "roles": list(rt.roles), "busy_s": busy,
+                              "paused": rt.paused_consume}
+    if stuck:
+        detail["reason"] = "; ".join(f"role {role} busy for {s:.0f}s (stuck_after_s={stuck_after_s:g})"
+                                     for role, s in stuck.items())
+    return not stuck, detail
+
+
+async def start_metrics(rt) -> MetricsServer | None:
+    """Attach a Metrics to rt (if none) and serve it as settings.metrics says; None when port is 0."""
+    m = rt.settings.metrics
+    if rt.metrics is None:
+        rt.metrics = Metrics(rt)
+    if m.port == 0:
+        return None
+    return await rt.metrics.serve(m.host, m.port, lambda: health(rt, m.stuck_after_s))

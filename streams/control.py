@@ -1,0 +1,318 @@
+"""The control plane inside each daemon process: verify operator commands, obey them, answer.
+
+Every process reads the whole one-partition control topic with a plain consumer (no group:
+each process must see every command) and answers on the acks topic. Commands issued before
+the process started are skipped, so an old `pause` is not replayed into a new process.
+
+Who acts on what: the process with the trainer role keeps the round and is the single writer
+of versions, so `pause/resume --scope annotate|train`, `reset-round` and `rollback` are acted
+on (and answered) there only. `status`, `set` and `pause/resume --scope all` are answered by
+every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import MutableMapping
+from typing import Annotated, Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import TypeAdapter, ValidationError
+
+from actprm.streams import messages
+from actprm.streams.ledger import META, PENDING, TRAINED
+from actprm.streams.messages import ControlAck, ControlCommand
+
+log = structlog.get_logger("actprm.control")
+
+# Settings an operator may change on a running daemon, and what else must follow the change.
+LIVE_SETTINGS: dict[str, str] = {
+    "selection.strategy": "selection rule (the selector is rebuilt)",
+    "selection.delta_pred": "aleatoric threshold (the selector is rebuilt)",
+    "selection.delta_std": "epistemic threshold (the selector is rebuilt)",
+    "selection.random_rate": "rate of the random strategy (the selector is rebuilt)",
+    "scorer.max_batch": "trajectories per scoring batch",
+    "scorer.max_wait_s": "longest wait to fill a scoring batch",
+    "update.batch_size": "labels per incremental update",
+    "update.max_wait_s": "update with fewer labels after this long",
+    "update.min_batch": "fewest labels worth an update when the wait runs out",
+    "round.budget": "annotation budget (also of the current round)",
+}
+SCOPES = ("annotate", "train", "all")
+TRAINER_ONLY = {"reset-round", "rollback"}
+LABELS_FROM_ROUND = "labels_from_round"  # META key: labels of earlier rounds are dropped
+
+
+# --- signing -------------------------------------------------------------------------------
+
+
+def _canonical(cmd: ControlCommand) -> bytes:
+    body = cmd.model_dump(mode="json", exclude={"signature"})
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _key(secret: str | bytes) -> bytes:
+    return secret.encode("utf-8") if isinstance(secret, str) else secret
+
+
+def sign(cmd: ControlCommand, secret: str | bytes) -> ControlCommand:
+    """A copy of `cmd` carrying the HMAC-SHA256 of its canonical JSON (every field but the signature)."""
+    digest = hmac.new(_key(secret), _canonical(cmd), hashlib.sha256).hexdigest()
+    return cmd.model_copy(update={"signature": digest})
+
+
+def verify(cmd: ControlCommand, secret: str | bytes | None, seen_nonces: MutableMapping[str, float],
+           now: float, max_age_s: float) -> str | None:
+    """Why `cmd` must be refused, or None; an accepted command's nonce is remembered in `seen_nonces`.
+
+    Without a secret only freshness and replays are checked. Nonces older than the age window
+    are forgotten: a replay of one is refused for its age instead.
+    """
+    if secret:
+        if not cmd.signature:
+            return "unsigned command (this daemon has a control secret)"
+        expected = hmac.new(_key(secret), _canonical(cmd), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, cmd.signature):
+            return "bad signature (wrong secret or altered command)"
+    for nonce in [n for n, at in seen_nonces.items() if now - at > max_age_s]:
+        del seen_nonces[nonce]
+    age = now - cmd.issued_at
+    if abs(age) > max_age_s:
+        return f"issued {age:+.0f}s from now, outside the ±{max_age_s:g}s window (replay or clock skew)"
+    if cmd.nonce in seen_nonces:
+        return "replayed command (nonce seen before)"
+    seen_nonces[cmd.nonce] = cmd.issued_at
+    return None
+
+
+# --- live settings -------------------------------------------------------------------------
+
+
+def parse_setting(key: str, raw_value: Any) -> Any:
+    """The validated value for `key`, or a ValueError naming the key; changes nothing."""
+    if key not in LIVE_SETTINGS:
+        raise ValueError(f"{key} cannot be set on a running daemon; live settings: {', '.join(LIVE_SETTINGS)}")
+    from actprm.daemon.settings import Settings
+
+    section, field = key.split(".")
+    info = Settings.model_fields[section].annotation.model_fields[field]
+    adapter = TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation)
+    try:
+        return adapter.validate_python(raw_value)
+    except ValidationError as err:
+        raise ValueError(f"{key}: {messages.summarise(err) or 'invalid value'} (got {raw_value!r})") from None
+
+
+def apply_setting(settings, key: str, raw_value: Any) -> Any:
+    """Parse, validate and set `section.field` on `settings`; returns the new value.
+
+    Nothing changes when the value is refused (the sections validate on assignment too).
+    """
+    value = parse_setting(key, raw_value)
+    section, field = key.split(".")
+    try:
+        setattr(getattr(settings, section), field, value)
+    except ValidationError as err:
+        raise ValueError(f"{key}: {messages.summarise(err)}") from None
+    return value
+
+
+# --- obeying a command ---------------------------------------------------------------------
+
+
+def process_status(rt) -> dict[str, Any]:
+    """rt.status() plus what the operator needs to tell processes apart and spot a stuck one."""
+    now = time.time()
+    st = dict(rt.status())
+    st |= {"process_id": rt.process_id, "roles": list(rt.roles), "paused_consume": rt.paused_consume,
+           "uptime_s": round(now - rt.started_at, 1),
+           "busy_s": {role: round(now - since, 1) for role, since in rt.busy_since.items() if since is not None}}
+    if rt.metrics is not None:
+        st |= rt.metrics.summary()
+    st["state"] = round_state(st)
+    return st
+
+
+def round_state(st: dict[str, Any]) -> str:
+    if st.get("paused_consume"):
+        return "paused (all)"
+    paused = [name for name in ("annotate", "train") if st.get(f"paused_{name}")]
+    return f"paused ({', '.join(paused)})" if paused else "running"
+
+
+def accept_label(rt, label) -> bool:
+    """False for a label of a round closed by `reset-round` without --keep-pending (drop it)."""
+    return label.round_id >= rt.ledger.get(META, LABELS_FROM_ROUND, 0)
+
+
+def _retire_pending_before(ledger, round_id: int) -> int:
+    """Drop labels of earlier rounds that wait for training (as a rejected batch's are retired)."""
+    stale = [label_id for label_id, item in ledger.items(PENDING) if item["label"]["round_id"] < round_id]
+    with ledger.transaction():
+        for label_id in stale:
+            ledger.put(TRAINED, label_id, None)
+            ledger.delete(PENDING, label_id)
+        ledger.put(META, LABELS_FROM_ROUND, round_id)
+    return len(stale)
+
+
+def _int_arg(args: dict, name: str, default: int | None = None) -> int | None:
+    value = args.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _scope(args: dict) -> str:
+    scope = args.get("scope", "all")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    return scope
+
+
+async def _pause(rt, paused: bool, scope: str) -> str | None:
+    if scope == "all":
+        rt.paused_consume = paused
+        if rt.keeper is not None:
+            rt.keeper.pause(annotate=paused, train=paused)
+        return ("consumption paused; offsets stay uncommitted, so nothing is lost" if paused
+                else "consumption resumed")
+    if rt.keeper is None:
+        return None
+    rt.keeper.pause(**{scope: paused})
+    if scope == "annotate":
+        return ("annotation paused: rewards keep flowing, no new judge requests" if paused
+                else "annotation resumed")
+    return "training paused: labels are kept for later" if paused else "training resumed"
+
+
+async def _reset_round(rt, args: dict) -> str:
+    budget = _int_arg(args, "budget")
+    keep = bool(args.get("keep_pending", False))
+    old = rt.keeper.state
+    in_flight = old.used
+    state = rt.keeper.new_round(budget)
+    if budget is not None:
+        rt.settings.round.budget = budget
+    loop = asyncio.get_running_loop()
+    if keep:
+        fate = "their labels, pending or still arriving, are trained in this round"
+    else:
+        # In the training thread, so no update is reading the pending labels meanwhile.
+        dropped = await loop.run_in_executor(rt.train_pool, _retire_pending_before, rt.ledger, state.round_id)
+        fate = f"their labels are dropped ({dropped} pending dropped now, late ones on arrival; --keep-pending keeps them)"
+    return (f"round {state.round_id} started with budget {state.budget}; the {in_flight} requests admitted in round "
+            f"{old.round_id} are still judged and {fate}")
+
+
+async def _rollback(rt, args: dict) -> tuple[str, dict]:
+    version = _int_arg(args, "version")
+    versions = rt.store.versions()
+    if version is None or version not in versions:
+        raise ValueError(f"version {version} does not exist (have {versions[0]}..{versions[-1]})" if versions
+                         else f"version {version} does not exist (no versions yet)")
+    loop = asyncio.get_running_loop()
+    # The training thread: never while an update writes, and the next update starts from it.
+    manifest = await loop.run_in_executor(rt.train_pool, rt.store.rollback, version)
+    await rt.publish_version(manifest)  # local scorers switch at once, others on their next poll
+    return (f"version {manifest.version} published with the weights of version {version}; "
+            f"scorers switch to it and training continues from it"), {"version": manifest.version}
+
+
+async def _set(rt, args: dict) -> str:
+    key, raw = args.get("key"), args.get("value")
+    if not isinstance(key, str):
+        raise ValueError("set needs a key")
+    value = apply_setting(rt.settings, key, raw)
+    if key.startswith("selection."):
+        rt.rebuild_selector()
+    elif key.startswith("update.") and rt.updates is not None:
+        setattr(rt.updates, key.split(".")[1], value)
+    elif key == "round.budget" and rt.keeper is not None:
+        rt.keeper.state.budget = value
+        rt.keeper.pause()  # persists the round state unchanged otherwise
+    return f"{key} = {value!r}"
+
+
+async def handle_command(rt, cmd: ControlCommand) -> ControlAck | None:
+    """Obey one verified command; None when this process has no part in it (sends no ack)."""
+    is_trainer = rt.keeper is not None
+    role = ",".join(rt.roles)
+
+    def ack(ok: bool, message: str, state: dict | None = None) -> ControlAck:
+        return ControlAck(command_id=cmd.id, role=role, process_id=rt.process_id, ok=ok, message=message,
+                          state=state if state is not None else process_status(rt))
+
+    try:
+        if cmd.command in TRAINER_ONLY and not is_trainer:
+            return None
+        match cmd.command:
+            case "status":
+                return ack(True, "")
+            case "pause" | "resume":
+                message = await _pause(rt, cmd.command == "pause", _scope(cmd.args))
+                return None if message is None else ack(True, message)
+            case "reset-round":
+                return ack(True, await _reset_round(rt, cmd.args))
+            case "rollback":
+                message, extra = await _rollback(rt, cmd.args)
+                return ack(True, message, process_status(rt) | extra)
+            case "set":
+                return ack(True, await _set(rt, cmd.args))
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        # CheckpointError is a RuntimeError: a failed rollback leaves the served version as it was.
+        log.warning("control command failed", command=cmd.command, id=cmd.id, reason=str(err)[:300])
+        return ack(False, str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return ack(False, f"unknown command {cmd.command!r}")
+
+
+async def receive(rt, raw: bytes | None, secret: str | None, seen_nonces: MutableMapping[str, float],
+                  now: float | None = None) -> ControlAck | None:
+    """Decode, verify and obey one record of the control topic; the ack to send, if any."""
+    try:
+        cmd = messages.decode(ControlCommand, raw)
+    except messages.MessageError as err:
+        log.warning("unreadable control command", reason=err.reason)
+        return None
+    if cmd.issued_at < rt.started_at:
+        return None  # from before this process started: not for it
+    now = time.time() if now is None else now
+    reason = verify(cmd, secret, seen_nonces, now, rt.settings.control.max_age_s)
+    if reason is not None:
+        log.warning("control command rejected", command=cmd.command, id=cmd.id, reason=reason)
+        return ControlAck(command_id=cmd.id, role=",".join(rt.roles), process_id=rt.process_id, ok=False,
+                          message=f"rejected: {reason}")
+    log.info("control command", command=cmd.command, id=cmd.id, args=cmd.args)
+    return await handle_command(rt, cmd)
+
+
+async def run_control_consumer(rt, bootstrap: str, **kafka_options: Any) -> None:
+    """Read every control command from the start of the topic, obey, ack; runs until cancelled."""
+    s = rt.settings
+    secret = s.control_secret.get_secret_value() if s.control_secret else None
+    if not secret:
+        log.warning("control commands are not authenticated: set ACTPRM_CONTROL_SECRET on daemons and ctl")
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=100, **kafka_options)
+    await consumer.start()
+    try:
+        tp = TopicPartition(rt.topics.control, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        seen: dict[str, float] = {}
+        async for record in consumer:
+            try:
+                ack = await receive(rt, record.value, secret, seen)
+                if ack is not None:
+                    await rt.send(rt.topics.acks, ack.command_id, messages.encode(ack))
+            except Exception as err:  # one bad command or a failed ack must not end the control plane
+                log.error("control command not handled", offset=record.offset, error=f"{type(err).__name__}: {err}"[:300])
+    finally:
+        await consumer.stop()

@@ -1,0 +1,394 @@
+"""The control plane: signing, live settings, what each role does, and ctl over a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import threading
+import time
+
+import pytest
+import structlog
+from aiokafka import AIOKafkaProducer
+from typer.testing import CliRunner
+
+from actprm.daemon.cli import app
+from actprm.daemon.ctl import CtlError, asend_command, format_status, overall
+from actprm.daemon.settings import Settings
+from actprm.streams import messages
+from actprm.streams.control import (
+    LABELS_FROM_ROUND,
+    accept_label,
+    apply_setting,
+    handle_command,
+    receive,
+    run_control_consumer,
+    sign,
+    verify,
+)
+from actprm.streams.ledger import META, PENDING, TRAINED
+from actprm.streams.messages import ControlAck, ControlCommand, Label
+from actprm.streams.runtime import Runtime
+from actprm.streams.topics import Topics, ensure_topics
+
+SECRET = "s3cret"
+NOW = 1_000_000.0
+
+
+def command(**kw) -> ControlCommand:
+    base = {"id": "c1", "command": "pause", "args": {"scope": "train"}, "issued_at": NOW, "nonce": "n1"}
+    return ControlCommand(**(base | kw))
+
+
+# ---------------------------------------------------------------- sign / verify
+
+
+def test_signature_is_hmac_sha256_of_canonical_json_without_the_signature():
+    # Keys sorted, no spaces, the signature field left out.
+    body = b'{"args":{"scope":"train"},"command":"pause","id":"c1","issued_at":1000000.0,"nonce":"n1","schema_version":1}'
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert sign(command(), SECRET).signature == expected
+    # The signature survives the wire: encode -> decode -> verify.
+    wire = messages.decode(ControlCommand, messages.encode(sign(command(), SECRET)))
+    assert verify(wire, SECRET, {}, NOW, 300) is None
+
+
+def test_verify_accepts_a_good_command_and_remembers_its_nonce():
+    seen: dict[str, float] = {}
+    assert verify(sign(command(), SECRET), SECRET, seen, NOW + 1, 300) is None
+    assert seen == {"n1": NOW}
+
+
+@pytest.mark.parametrize("cmd, secret, reason", [
+    (command(), SECRET, "unsigned"),
+    (sign(command(), "other"), SECRET, "bad signature"),
+    (sign(command(), SECRET).model_copy(update={"args": {"scope": "all"}}), SECRET, "bad signature"),  # tampered
+    (sign(command(issued_at=NOW - 301), SECRET), SECRET, "outside the ±300s window"),  # too old
+    (sign(command(issued_at=NOW + 301), SECRET), SECRET, "outside the ±300s window"),  # from the future
+    (command(issued_at=NOW - 301), None, "outside"),  # freshness is checked without a secret too
+])
+def test_verify_rejects(cmd, secret, reason):
+    seen: dict[str, float] = {}
+    got = verify(cmd, secret, seen, NOW, 300)
+    assert got is not None and reason in got
+    assert seen == {}  # a refused command leaves no nonce behind
+
+
+def test_verify_rejects_a_replayed_nonce_and_forgets_nonces_past_the_window():
+    seen: dict[str, float] = {}
+    cmd = sign(command(), SECRET)
+    assert verify(cmd, SECRET, seen, NOW, 300) is None
+    assert "replayed" in verify(cmd, SECRET, seen, NOW + 10, 300)
+    # 301 s later the nonce is forgotten, and the replay is refused for its age instead.
+    assert "outside" in verify(cmd, SECRET, seen, NOW + 301, 300)
+    assert seen == {}
+    # Without a secret, unsigned commands pass but replays still do not.
+    assert verify(command(nonce="n2"), None, seen, NOW, 300) is None
+    assert "replayed" in verify(command(nonce="n2"), None, seen, NOW, 300)
+
+
+# ---------------------------------------------------------------- apply_setting
+
+
+def test_apply_setting_parses_validates_and_applies():
+    s = Settings()
+    assert apply_setting(s, "selection.delta_pred", "0.9") == 0.9 and s.selection.delta_pred == 0.9
+    assert apply_setting(s, "update.batch_size", "32") == 32 and s.update.batch_size == 32
+    assert apply_setting(s, "selection.strategy", "random") == "random" and s.selection.strategy == "random"
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("selection.delta_pred", "0.3", "selection.delta_pred: Input should be greater than 0.5"),
+    ("update.batch_size", "1.5", "update.batch_size: Input should be a valid integer"),
+    ("update.batch_size", "0", "update.batch_size: Input should be greater than or equal to 1"),
+    ("selection.strategy", "best", "selection.strategy: Input should be 'actprm'"),
+    ("kafka.bootstrap", "x:1", "kafka.bootstrap cannot be set on a running daemon"),
+    ("nonsense", "1", "nonsense cannot be set"),
+])
+def test_apply_setting_refuses_and_changes_nothing(key, value, words):
+    s = Settings()
+    before = s.model_dump()
+    with pytest.raises(ValueError) as err:
+        apply_setting(s, key, value)
+    assert words in str(err.value)
+    assert s.model_dump() == before
+
+
+# ---------------------------------------------------------------- handle_command on a real Runtime
+
+
+def close(runtime: Runtime) -> None:
+    done = runtime.close()  # sync or async, as the Runtime of the day has it
+    if asyncio.iscoroutine(done):
+        asyncio.run(done)
+
+
+def tiny_settings(tmp_path, **kw) -> Settings:
+    return Settings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 4, "max_length": 256}, **kw)
+
+
+@pytest.fixture
+def rt(tmp_path):
+    """All three roles on the tiny backbone, in a fresh state dir; sends are recorded."""
+    runtime = Runtime(tiny_settings(tmp_path / "state"), ("scorer", "judge", "trainer"), Topics("t"))
+    runtime.prepare_models()
+    runtime.sent = []
+
+    async def send(topic, key, value):
+        runtime.sent.append((topic, key, value))
+
+    runtime.send = send
+    yield runtime
+    close(runtime)
+
+
+@pytest.fixture
+def judge_rt(tmp_path):
+    """A judge-only process: no model, no round keeper."""
+    runtime = Runtime(tiny_settings(tmp_path / "judge"), ("judge",), Topics("t"))
+    yield runtime
+    close(runtime)
+
+
+def do(rt, name, **args) -> ControlAck | None:
+    return asyncio.run(handle_command(rt, ControlCommand(command=name, args=args)))
+
+
+def test_status_answers_with_the_runtime_status(rt, judge_rt):
+    ack = do(rt, "status")
+    assert ack.ok and ack.role == "scorer,judge,trainer" and ack.process_id == rt.process_id
+    s = ack.state
+    assert (s["round"], s["budget_left"], s["served_version"], s["state"]) == (0, 1000, 0, "running")
+    assert s["paused_consume"] is False and s["busy_s"] == {}
+    judge_ack = do(judge_rt, "status")
+    assert judge_ack.ok and judge_ack.role == "judge" and "round" not in judge_ack.state
+
+
+def test_pause_scopes(rt, judge_rt):
+    ack = do(rt, "pause", scope="annotate")
+    assert ack.ok and "rewards keep flowing" in ack.message
+    assert rt.keeper.state.paused_annotate and not rt.keeper.state.paused_train and not rt.paused_consume
+    assert ack.state["state"] == "paused (annotate)"
+    assert do(judge_rt, "pause", scope="annotate") is None  # the round keeper's business only
+
+    assert do(rt, "pause", scope="train").state["state"] == "paused (annotate, train)"
+    assert do(rt, "resume", scope="annotate").ok and not rt.keeper.state.paused_annotate
+
+    # all: every process stops consuming; the trainer also stops annotating and training.
+    assert do(judge_rt, "pause", scope="all").ok and judge_rt.paused_consume
+    ack = do(rt, "pause", scope="all")
+    assert rt.paused_consume and ack.state["state"] == "paused (all)"
+    do(rt, "resume", scope="all")
+    assert not rt.paused_consume and not rt.keeper.state.paused_annotate and not rt.keeper.state.paused_train
+    bad = do(rt, "pause", scope="everything")
+    assert not bad.ok and "scope must be one of annotate, train, all" in bad.message
+
+
+def pending_label(rt, label_id: str, round_id: int) -> Label:
+    label = Label(id=label_id, first_error=-1, n_steps=1, judge="oracle", round_id=round_id, problem="p", steps=["s"])
+    assert rt.updates.receive(label)
+    return label
+
+
+def test_reset_round_drops_labels_of_the_old_round_unless_kept(rt, judge_rt):
+    rt.keeper.admit("a")
+    rt.keeper.admit("b")  # 2 requests in flight in round 0
+    pending_label(rt, "a", 0)
+    ack = do(rt, "reset-round", budget=5)
+    assert ack.ok, ack.message
+    assert "round 1 started with budget 5" in ack.message and "the 2 requests admitted in round 0" in ack.message
+    assert "1 pending dropped" in ack.message
+    st = rt.keeper.state
+    assert (st.round_id, st.budget, st.used, st.left) == (1, 5, 0, 5)
+    assert rt.settings.round.budget == 5
+    assert not rt.ledger.has(PENDING, "a") and rt.ledger.has(TRAINED, "a")
+    assert rt.ledger.get(META, LABELS_FROM_ROUND) == 1
+    late = Label(id="b", first_error=0, n_steps=1, judge="oracle", round_id=0, problem="p", steps=["s"])
+    assert not accept_label(rt, late)  # the lead's on_labels drops it
+    assert accept_label(rt, late.model_copy(update={"round_id": 1}))
+
+    pending_label(rt, "c", 1)
+    ack = do(rt, "reset-round", keep_pending=True)
+    assert ack.ok and "round 2 started with budget 5" in ack.message and "trained in this round" in ack.message
+    assert rt.ledger.has(PENDING, "c")
+    # The cut-off stays at round 1: round 1's late labels count, round 0's are still dropped.
+    assert accept_label(rt, late.model_copy(update={"round_id": 1})) and not accept_label(rt, late)
+
+    assert do(judge_rt, "reset-round") is None
+    assert not do(rt, "reset-round", budget=-1).ok
+
+
+def test_rollback_publishes_a_new_version_with_the_old_weights(rt, judge_rt):
+    _, v0 = rt.store.load(0)
+    fields = rt.store.manifest(0).model_dump() | {"kind": "update", "parent": 0}
+    rt.store.save({k: t + 1 for k, t in v0.items()}, fields)  # version 1: different weights
+    ack = do(rt, "rollback", version=0)
+    assert ack.ok, ack.message
+    assert ack.state["version"] == 2 and "weights of version 0" in ack.message
+    m2, v2 = rt.store.load(2)
+    assert m2.rolled_back_from == 0 and all(v2[k].equal(v0[k]) for k in v0)
+    announced = [messages.decode(messages.ModelVersion, v) for t, _, v in rt.sent if t == rt.topics.versions]
+    assert [(a.version, a.status) for a in announced] == [(2, "rolled_back")]
+    assert rt.served.version == 2  # this process serves too: switched at once
+
+    missing = do(rt, "rollback", version=9)
+    assert not missing.ok and missing.message == "version 9 does not exist (have 0..2)"
+    assert rt.store.versions() == [0, 1, 2]
+    assert do(judge_rt, "rollback", version=0) is None
+
+
+def test_set_applies_live_and_refuses_bad_values(rt):
+    old_selector = rt.selector
+    ack = do(rt, "set", key="selection.delta_std", value="0.01")
+    assert ack.ok and ack.message == "selection.delta_std = 0.01"
+    assert rt.settings.selection.delta_std == 0.01 and rt.selector is not old_selector
+    assert do(rt, "set", key="update.batch_size", value="4").ok and rt.updates.batch_size == 4
+    assert do(rt, "set", key="round.budget", value="7").ok and rt.keeper.state.budget == 7
+    bad = do(rt, "set", key="update.batch_size", value="-1")
+    assert not bad.ok and bad.message.startswith("update.batch_size: ")
+    assert rt.settings.update.batch_size == 4 and rt.updates.batch_size == 4
+
+
+def test_receive_skips_old_commands_and_rejects_unsigned_ones_when_a_secret_is_set(judge_rt):
+    seen: dict[str, float] = {}
+    old = ControlCommand(command="status", issued_at=judge_rt.started_at - 1)
+    assert asyncio.run(receive(judge_rt, messages.encode(old), None, seen)) is None
+    assert asyncio.run(receive(judge_rt, b"not json", None, seen)) is None
+    ack = asyncio.run(receive(judge_rt, messages.encode(ControlCommand(command="status")), SECRET, seen))
+    assert not ack.ok and ack.message.startswith("rejected: unsigned")
+    good = sign(ControlCommand(command="status"), SECRET)
+    assert asyncio.run(receive(judge_rt, messages.encode(good), SECRET, seen)).ok
+    again = asyncio.run(receive(judge_rt, messages.encode(good), SECRET, seen))
+    assert not again.ok and "replayed" in again.message
+
+
+# ---------------------------------------------------------------- over the embedded broker
+
+
+async def _responders(bootstrap: str, runtimes: list[Runtime], body):
+    """Run run_control_consumer for each runtime (acks sent by a real producer) around `body()`."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+
+    async def send(topic, key, value):
+        await producer.send_and_wait(topic, key=key.encode() if key else None, value=value)
+
+    tasks = []
+    for runtime in runtimes:
+        runtime.send = send
+        tasks.append(asyncio.create_task(run_control_consumer(runtime, bootstrap)))
+    try:
+        return await body()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await producer.stop()
+
+
+@pytest.mark.broker
+def test_ctl_client_against_daemons_on_the_broker(broker, topic_prefix, rt, judge_rt):
+    topics = Topics(topic_prefix)
+    asyncio.run(ensure_topics(broker.bootstrap, topics))
+    for runtime in (rt, judge_rt):
+        runtime.topics = topics
+
+    async def body():
+        send = lambda name, secret=None, **kw: asend_command(  # noqa: E731
+            broker.bootstrap, topic_prefix, ControlCommand(command=name, args=kw), secret, timeout_s=15)
+        started = time.monotonic()
+        status = await send("status")
+        status_s = time.monotonic() - started
+        paused = await asend_command(broker.bootstrap, topic_prefix,
+                                     ControlCommand(command="pause", args={"scope": "annotate"}), None, 15, expect=1)
+        # An old command (issued before the processes started) gets no answer.
+        with pytest.raises(CtlError) as err:
+            await asend_command(broker.bootstrap, topic_prefix, ControlCommand(command="status", issued_at=1.0),
+                                None, timeout_s=1)
+        return status, status_s, paused, str(err.value)
+
+    status, status_s, paused, no_answer = asyncio.run(_responders(broker.bootstrap, [rt, judge_rt], body))
+    assert [a.role for a in status] == ["judge", "scorer,judge,trainer"] and all(a.ok for a in status)
+    assert status_s < 10  # returned once the answers settled, not at the timeout
+    assert [(a.role, a.ok) for a in paused] == [("scorer,judge,trainer", True)] and rt.keeper.state.paused_annotate
+    assert no_answer == f"no daemon answered within 1s on {broker.bootstrap} (topic {topic_prefix}.control)"
+
+    table = format_status(status)
+    assert "budget used/left" in table.splitlines()[0] and "0/1000" in table
+    assert overall(status)["served_versions"] == [0]
+    assert table.splitlines()[-1].startswith("overall: 2 processes | round 0 running, budget 0 used / 1000 left")
+
+
+@pytest.mark.broker
+def test_signed_commands_over_the_broker(broker, topic_prefix, tmp_path):
+    topics = Topics(topic_prefix)
+    asyncio.run(ensure_topics(broker.bootstrap, topics))
+    runtime = Runtime(tiny_settings(tmp_path, control_secret=SECRET), ("judge",), topics)
+
+    async def body():
+        results = []
+        for secret in (SECRET, "wrong", None):
+            results.append(await asend_command(broker.bootstrap, topic_prefix, ControlCommand(command="status"),
+                                               secret, timeout_s=15, expect=1))
+        return results
+
+    try:
+        good, wrong, unsigned = asyncio.run(_responders(broker.bootstrap, [runtime], body))
+    finally:
+        close(runtime)
+    assert good[0].ok
+    assert not wrong[0].ok and wrong[0].message == "rejected: bad signature (wrong secret or altered command)"
+    assert not unsigned[0].ok and unsigned[0].message == "rejected: unsigned command (this daemon has a control secret)"
+
+
+@pytest.mark.broker
+def test_ctl_cli_commands(broker, topic_prefix, rt, monkeypatch):
+    topics = Topics(topic_prefix)
+    asyncio.run(ensure_topics(broker.bootstrap, topics))
+    rt.topics = topics
+    stop = threading.Event()
+
+    def responder():  # the daemon's loop, in its own thread: the CLI runs asyncio.run itself
+        async def body():
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+        asyncio.run(_responders(broker.bootstrap, [rt], body))
+
+    thread = threading.Thread(target=responder, daemon=True)
+    thread.start()
+    monkeypatch.delenv("ACTPRM_CONTROL_SECRET", raising=False)
+    runner = CliRunner()
+    opts = ["--bootstrap", broker.bootstrap, "--topic-prefix", topic_prefix, "--timeout", "15"]
+    try:
+        status = runner.invoke(app, ["ctl", "status", *opts])
+        as_json = runner.invoke(app, ["ctl", "status", "--json", *opts])
+        paused = runner.invoke(app, ["ctl", "pause", "--scope", "train", *opts])
+        setting = runner.invoke(app, ["ctl", "set", "scorer.max_batch", "3", *opts])
+        refused = runner.invoke(app, ["ctl", "rollback", "5", *opts])
+        bad_value = runner.invoke(app, ["ctl", "set", "scorer.max_batch", "0", *opts])
+    finally:
+        stop.set()
+        thread.join(30)
+        structlog.reset_defaults()  # the app callback pointed structlog at CliRunner's (now closed) stderr
+    assert status.exit_code == 0, status.output
+    assert "ACTPRM_CONTROL_SECRET is not set" in status.stderr
+    assert "overall: 1 process | round 0 running" in status.stdout
+    assert '"budget_left": 1000' in as_json.stdout and '"processes"' in as_json.stdout
+    assert paused.exit_code == 0 and paused.stdout.startswith("ok") and "training paused" in paused.stdout
+    assert rt.keeper.state.paused_train
+    assert setting.exit_code == 0 and "scorer.max_batch = 3" in setting.stdout and rt.settings.scorer.max_batch == 3
+    assert refused.exit_code == 1 and "FAILED" in refused.stdout and "version 5 does not exist" in refused.stdout
+    assert bad_value.exit_code != 0 and rt.settings.scorer.max_batch == 3  # refused before anything was sent
+
+
+@pytest.mark.broker
+def test_ctl_reports_no_daemon(broker, topic_prefix):
+    cmd = ControlCommand(command="status")
+    with pytest.raises(CtlError, match=f"no daemon on {broker.bootstrap}: topic {topic_prefix}.control does not exist"):
+        asyncio.run(asend_command(broker.bootstrap, topic_prefix, cmd, None, timeout_s=1))
+    asyncio.run(ensure_topics(broker.bootstrap, Topics(topic_prefix)))
+    started = time.monotonic()
+    with pytest.raises(CtlError, match=r"no daemon answered within 1\.5s on .* \(topic .*\.control\)"):
+        asyncio.run(asend_command(broker.bootstrap, topic_prefix, cmd, None, timeout_s=1.5))
+    assert time.monotonic() - started < 10
