@@ -37,7 +37,6 @@ LIVE_SETTINGS: dict[str, str] = {
     "selection.delta_std": "epistemic threshold (the selector is rebuilt)",
     "selection.random_rate": "rate of the random strategy (the selector is rebuilt)",
     "scorer.max_batch": "trajectories per scoring batch",
-    "scorer.max_wait_s": "longest wait to fill a scoring batch",
     "update.batch_size": "labels per incremental update",
     "update.max_wait_s": "update with fewer labels after this long",
     "update.min_batch": "fewest labels worth an update when the wait runs out",

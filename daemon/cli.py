@@ -1,0 +1,231 @@
+"""The `actprm` command line. Thin commands over shared functions; errors are one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from actprm.daemon.ctl import ctl_app
+from actprm.daemon.logs import configure_logging
+
+app = typer.Typer(help="actprm: an online active-learning Process Reward Model next to your RL run.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(config_app, name="config")
+app.add_typer(ctl_app, name="ctl")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="ACTPRM_CONFIG", help="TOML settings file")]
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="'tiny', 'smollm2-135m' or a local model directory")]
+BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers; empty: the embedded broker")]
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def _nested(**flat: Any) -> dict:
+    """Turn {"model.backbone": x} into {"model": {"backbone": x}}, dropping unset flags."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split("__")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _settings(config: Path | None, **flags: Any):
+    from actprm.daemon.settings import load_settings
+
+    return load_settings(config, **_nested(**flags))
+
+
+def _emit(obj: dict, as_json: bool, table: str | None = None) -> None:
+    if as_json:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        typer.echo(table if table is not None else json.dumps(obj, indent=2, default=str))
+
+
+@app.callback()
+def _root(log_format: Annotated[str, typer.Option(envvar="ACTPRM_LOG_FORMAT", help="auto, json or console")] = "auto",
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs")] = False) -> None:
+    configure_logging(log_format, verbose)
+
+
+@app.command()
+def run(
+    role: Annotated[str, typer.Option(help="all, or a comma list of scorer, judge, trainer")] = "all",
+    backbone: BackboneOpt = None,
+    bootstrap: BootstrapOpt = None,
+    max_trajectories: Annotated[Optional[int], typer.Option(help="stop after scoring this many (and training their labels)")] = None,
+    synthetic: Annotated[Optional[int], typer.Option(help="produce this many built-in synthetic trajectories (default: max-trajectories on the embedded broker)")] = None,
+    heldout: Annotated[int, typer.Option(help="synthetic held-out trajectories for the live F1 (0: off)")] = 32,
+    budget: Annotated[Optional[int], typer.Option(help="annotation budget of the first round")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="oracle, openai or vllm")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="ledgers and checkpoints")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="training mode: heads, lora or full")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the daemon: score -> select -> judge -> update -> hot-swap."""
+    from actprm.daemon.run import RunOptions, parse_roles, run_daemon
+
+    settings = _settings(config, kafka__bootstrap=bootstrap, model__backbone=backbone, round__budget=budget,
+                         judge__kind=judge, state_dir=state_dir)
+    if mode is not None:
+        settings.trainer = settings.trainer.model_copy(update={"mode": mode})
+    if synthetic is None:
+        # With nothing else to read, the embedded default brings its own stream.
+        synthetic = (max_trajectories or 200) if not settings.kafka.bootstrap else 0
+    options = RunOptions(roles=parse_roles(role), synthetic=synthetic, max_trajectories=max_trajectories, heldout=heldout)
+    final = run_daemon(settings, options)
+    typer.echo(json.dumps(final, indent=2, default=str))
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="ProcessBench-format JSON, JSONL, or PRMBench records")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint store (latest version) or one version directory")] = None,
+    backbone: BackboneOpt = None,
+    threshold: Annotated[float, typer.Option(help="a step below this score is predicted wrong")] = 0.5,
+    format: Annotated[str, typer.Option("--format", help="auto, processbench, jsonl or prmbench")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="only the first N records")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Score a labelled file and print ProcessBench accuracy/F1 (and PRMScore for PRMBench)."""
+    from actprm.model.build import build_prm, load_prm
+    from actprm.model.evaluate import evaluate_file, format_eval_table
+
+    if checkpoint is not None and backbone is not None:
+        raise CLIError("give --checkpoint or --backbone, not both")
+    if checkpoint is not None:
+        prm, _ = load_prm(checkpoint)
+    else:
+        prm = build_prm(backbone or "smollm2-135m")
+    result = evaluate_file(prm, data, threshold=threshold, format=format, limit=limit, progress=True)
+    _emit(result, as_json, format_eval_table(result))
+
+
+from actprm.daemon.cli_simulate import simulate  # noqa: E402 - light module: torch loads inside the command
+
+app.command("simulate")(simulate)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CLIError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise CLIError(f"expected positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("model")
+def bench_model_cmd(
+    backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",
+    heads: Annotated[str, typer.Option(help="head counts to compare")] = "1,8,32",
+    batch: int = 8,
+    tokens: int = 256,
+    repeats: int = 3,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Forward time and peak memory per head count (goal: 32 heads <= 1.05x time, 1.10x memory of 1)."""
+    from actprm.model.bench import bench_model
+
+    _emit(bench_model(backbone, heads=_int_list(heads), batch=batch, tokens=tokens, repeats=repeats), as_json)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_cmd(
+    backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",
+    trajectories: Annotated[int, typer.Option(help="trajectories pushed through the broker")] = 256,
+    swaps: Annotated[int, typer.Option(help="versions published while the stream runs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Model-alone vs through-the-broker tokens/s, swap stalls, lost and duplicated rewards."""
+    from actprm.streams.bench import bench_pipeline
+
+    _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps), as_json)
+
+
+@app.command()
+def produce(
+    file: Annotated[Optional[Path], typer.Argument(help="JSONL or ProcessBench-format JSON")] = None,
+    synthetic: Annotated[Optional[int], typer.Option(help="produce N built-in synthetic trajectories instead")] = None,
+    bootstrap: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__BOOTSTRAP", help="Kafka bootstrap servers")] = "127.0.0.1:9092",
+    topic_prefix: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__TOPIC_PREFIX")] = "actprm",
+) -> None:
+    """Push trajectories to the trajectories topic of a broker, with a progress bar."""
+    from actprm.streams.tools import produce_trajectories, trajectories_from
+
+    if (file is None) == (synthetic is None):
+        raise CLIError("give a FILE or --synthetic N (one of them)")
+    items, skipped = trajectories_from(file, synthetic)
+    for where, reason in skipped:
+        typer.echo(f"skipped {where}: {reason}", err=True)
+    n = produce_trajectories(bootstrap, topic_prefix, items)
+    typer.echo(json.dumps({"produced": n, "skipped": len(skipped)}))
+
+
+@app.command()
+def tail(
+    what: Annotated[str, typer.Argument(help="rewards, labels, annotations, versions or dead-letters")] = "rewards",
+    bootstrap: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__BOOTSTRAP")] = "127.0.0.1:9092",
+    topic_prefix: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__TOPIC_PREFIX")] = "actprm",
+    limit: Annotated[Optional[int], typer.Option(help="stop after N messages")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="start at the oldest message")] = True,
+) -> None:
+    """Print messages of a topic as JSON lines as they arrive."""
+    from actprm.streams.tools import tail_topic
+
+    tail_topic(bootstrap, topic_prefix, what, limit=limit, from_beginning=from_beginning, out=sys.stdout)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective settings (secrets masked)."""
+    settings = _settings(config)
+    typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
+
+
+def main() -> None:
+    from pydantic import ValidationError
+
+    from actprm.model.backbone import BackboneError
+    from actprm.model.checkpoints import CheckpointError
+
+    known: tuple[type[BaseException], ...] = (CLIError, BackboneError, CheckpointError, FileNotFoundError, ValueError)
+    try:
+        from actprm.model.data import DataError
+        from actprm.streams.broker import BrokerError
+
+        known += (DataError, BrokerError)
+    except ImportError:
+        pass
+    try:
+        app()
+    except ValidationError as err:
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "settings"
+            typer.echo(f"error: {where}: {e['msg']}", err=True)
+        sys.exit(1)
+    except known as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

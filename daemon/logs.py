@@ -1,0 +1,41 @@
+"""Logging, configured once: readable on a terminal, JSON lines otherwise.
+
+Tracebacks never carry local variables (they would leak secrets and tensors into logs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    level = logging.DEBUG if verbose else logging.INFO
+    renderer = (structlog.processors.JSONRenderer() if use_json
+                else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if use_json else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Library chatter (weight-loading bars, broker retries) stays out of the daemon's output.
+    for name in ("aiokafka", "faust", "mode", "transformers", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,206 @@
+"""Process wiring for `actprm run`: broker, topics, runtime, faust worker, status, stop.
+
+With no Kafka configured, the embedded broker starts on a free 127.0.0.1 port (memory only:
+everything on it is lost when it stops). The built-in synthetic stream, when asked for, is
+produced by a task inside the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import faust
+import structlog
+
+from actprm.daemon.settings import Settings
+from actprm.streams import messages
+from actprm.streams.agents import aiokafka_options, build_app
+from actprm.streams.messages import Trajectory
+from actprm.streams.runtime import ROLES, Runtime
+from actprm.streams.topics import Topics, ensure_topics
+
+log = structlog.get_logger("actprm")
+
+
+@dataclass
+class RunOptions:
+    roles: tuple[str, ...] = ROLES
+    synthetic: int = 0  # trajectories of the built-in stream to produce (0: none)
+    max_trajectories: int | None = None  # stop once this many have been scored and their labels trained
+    heldout: int = 32  # synthetic held-out trajectories for the live F1 (0: off)
+    status_interval_s: float = 5.0
+    drain_timeout_s: float = 300.0  # after max_trajectories, how long to wait for judge and trainer
+
+
+def parse_roles(role: str) -> tuple[str, ...]:
+    if role == "all":
+        return ROLES
+    roles = tuple(r.strip() for r in role.split(",") if r.strip())
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ValueError(f"unknown role {', '.join(unknown) or role!r}; choose from all, {', '.join(ROLES)}")
+    return roles
+
+
+def synthetic_trajectories(n: int, seed: int) -> list[Trajectory]:
+    from actprm.model.synthetic import arithmetic_trajectories
+
+    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label)
+            for r in arithmetic_trajectories(n, seed=seed)]
+
+
+def heldout_f1(served, records) -> float | None:
+    from actprm.model.metrics import processbench_scores
+
+    scores = served.prm.score([(r.problem, r.steps) for r in records])
+    return processbench_scores([s.first_error for s in scores], [r.label for r in records])["f1"]
+
+
+def pipeline_settled(rt: Runtime) -> bool:
+    """Has every selected trajectory gone through the stages this process runs?"""
+    c = rt.counters
+    ok = True
+    if "trainer" in rt.roles and "scorer" in rt.roles:
+        kept = c["annotation_requests"] + c["annotation_resends"] + c["not_requested_over_budget"] + c["not_requested_paused"]
+        ok = ok and kept >= c["selected"]
+    if "judge" in rt.roles and "trainer" in rt.roles:
+        ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] >= c["annotation_requests"]
+        ok = ok and c["labels_received"] + c["labels_duplicate"] >= c["judged"]
+    return ok
+
+
+class StatusService(faust.Service):
+    """Prints the live status line, keeps the held-out F1 fresh, and stops the run when done."""
+
+    def __init__(self, rt: Runtime, options: RunOptions, **kwargs):
+        super().__init__(**kwargs)
+        self.rt, self.options = rt, options
+        self.f1: float | None = None
+        self.f1_version: int | None = None
+        self._heldout = []
+        if options.heldout and rt.served is not None:
+            from actprm.model.synthetic import arithmetic_trajectories
+
+            self._heldout = arithmetic_trajectories(options.heldout, seed=10_000 + rt.settings.model.seed)
+        self._drain_started: float | None = None
+
+    async def on_start(self) -> None:
+        from actprm.daemon.metrics import start_metrics
+
+        m = self.rt.settings.metrics
+        try:
+            self.metrics_server = await start_metrics(self.rt)
+        except OSError as err:  # e.g. the port is taken: the service runs on, without metrics
+            self.metrics_server = None
+            self.rt.last_error = f"metrics server on {m.host}:{m.port} not started: {err}"
+            log.error("metrics server not started", host=m.host, port=m.port, error=str(err))
+        else:
+            if self.metrics_server is not None:
+                log.info("metrics", url=f"http://{m.host}:{self.metrics_server.port}/metrics")
+
+    async def on_stop(self) -> None:
+        if getattr(self, "metrics_server", None) is not None:
+            await self.metrics_server.close()
+        await self.rt.close_judge()
+
+    def line(self) -> str:
+        st = self.rt.status()
+        parts = [f"scored {st['scored']}", f"selected {st['selected_pct']:.0f}%", f"judged {st['judged']}",
+                 f"updates {st['updates']}", f"served v{st['served_version']}"]
+        if "budget_left" in st:
+            parts.append(f"budget left {st['budget_left']}")
+        if self._heldout:
+            parts.append(f"held-out F1 {self.f1:.3f} (v{self.f1_version})" if self.f1 is not None else "held-out F1 -")
+        if st["dead_lettered"]:
+            parts.append(f"dead letters {st['dead_lettered']}")
+        return " | ".join(parts)
+
+    @faust.Service.task
+    async def _report(self) -> None:
+        while not self.should_stop:
+            await self.sleep(self.options.status_interval_s)
+            print(self.line(), file=sys.stderr, flush=True)
+
+    @faust.Service.task
+    async def _heldout_eval(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.should_stop and self._heldout:
+            served = self.rt.served
+            if served is not None and served.version != self.f1_version:
+                # Its own thread: the held-out set never delays scoring of the live stream.
+                self.f1 = await loop.run_in_executor(None, heldout_f1, served, self._heldout)
+                self.f1_version = served.version
+            await self.sleep(1.0)
+
+    @faust.Service.task
+    async def _stop_when_done(self) -> None:
+        limit = self.options.max_trajectories
+        if limit is None:
+            return
+        rt = self.rt
+        while not self.should_stop:
+            await self.sleep(0.5)
+            if rt.counters["scored"] < limit:
+                continue
+            if self._drain_started is None:
+                self._drain_started = time.monotonic()
+                log.info("max trajectories scored; draining judge and trainer", scored=rt.counters["scored"])
+            settled = pipeline_settled(rt)
+            if "trainer" in rt.roles and settled:
+                await rt.maybe_update(force=True)
+                settled = not rt.updates.pending() and not rt._updating
+            if settled or time.monotonic() - self._drain_started > self.options.drain_timeout_s:
+                print(self.line(), file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
+                return
+
+
+def run_daemon(settings: Settings, options: RunOptions) -> dict:
+    """Run until stopped (Ctrl-C / SIGTERM) or until max_trajectories are done; returns the final status."""
+    broker = None
+    bootstrap = settings.kafka.bootstrap
+    if not bootstrap:
+        from actprm.streams.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker()
+        broker.start()
+        bootstrap = broker.bootstrap
+        log.warning("no Kafka configured: started the embedded broker (memory only, lost on exit)", bootstrap=bootstrap)
+    try:
+        topics = Topics(settings.kafka.topic_prefix)
+        asyncio.run(ensure_topics(bootstrap, topics, partitions=settings.kafka.partitions,
+                                  replication_factor=settings.kafka.replication_factor, **aiokafka_options(settings.kafka)))
+        rt = Runtime(settings, options.roles, topics)
+        rt.prepare_models()
+        rt.prepare_judge()
+        app = build_app(rt, bootstrap)
+        status = StatusService(rt, options)
+        app.service(status)
+
+        if options.synthetic:
+            stream = synthetic_trajectories(options.synthetic, seed=settings.model.seed)
+            source = app.topic(topics.trajectories, value_type=bytes, value_serializer="raw", key_serializer="raw")
+
+            @app.task
+            async def produce_builtin_stream():
+                for t in stream:
+                    await source.send(key=t.id.encode(), value=messages.encode(t))
+                log.info("built-in stream produced", n=len(stream))
+
+        worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, stdout=sys.stderr)
+        worker.spinner = None  # its cursor codes would end up in the final JSON on stdout
+        try:
+            worker.execute_from_commandline()
+        except SystemExit:
+            pass
+        final = rt.status()
+        rt.close()
+        return final
+    finally:
+        if broker is not None:
+            broker.stop()

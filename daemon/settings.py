@@ -1,0 +1,131 @@
+"""One validated settings model for every process.
+
+Precedence, highest first: CLI flags, environment variables (``ACTPRM_...``, nested with
+``__``, e.g. ``ACTPRM_SELECTION__DELTA_STD=0.01``), a TOML file (``--config`` or
+``ACTPRM_CONFIG``), then the defaults written here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from actprm.model.trainer import TrainerConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap: str | None = Field(None, description="host:port[,host:port]; empty starts the embedded broker (memory only: everything is lost when it stops)")
+    topic_prefix: str = Field("actprm", pattern=r"^[A-Za-z0-9._-]+$", description="prefix of every topic name")
+    partitions: int = Field(4, ge=1, description="partitions of the trajectories topic (the most scorer processes that can share it)")
+    replication_factor: int = Field(1, ge=1, description="replication of the topics actprm creates (3 on a production cluster)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once needs a real Kafka cluster (transactions); consumers dedupe by id either way")
+    session_timeout_s: float = Field(6.0, gt=0, description="consumer-group session timeout; a join takes about half of it")
+
+
+class ModelSettings(_Section):
+    backbone: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m', or a local Hugging Face model directory")
+    hidden_layer: int | None = Field(None, description="feed the heads from this decoder layer (None = last)")
+    n_heads: int = Field(32, ge=1, description="ensemble size E (published 32)")
+    head_width: int = Field(128, ge=1)
+    max_length: int = Field(2048, ge=16, description="tokens per trajectory; whole trailing steps are dropped beyond it")
+    seed: int = 0
+
+
+class SelectionSettings(_Section):
+    strategy: Literal["actprm", "random", "confidence", "disagreement", "full"] = "actprm"
+    delta_pred: float = Field(0.95, gt=0.5, le=1.0, description="aleatoric threshold (published 0.95)")
+    delta_std: float = Field(0.005, ge=0.0, description="epistemic threshold (published 0.005)")
+    random_rate: float = Field(0.5, ge=0.0, le=1.0, description="selection rate of the random strategy")
+
+
+class ScorerSettings(_Section):
+    max_batch: int = Field(8, ge=1, description="trajectories per scoring batch")
+    max_wait_s: float = Field(0.2, gt=0, description="longest wait to fill a batch")
+    version_poll_s: float = Field(1.0, gt=0, description="how often the checkpoint store is checked for a newer version")
+
+
+class JudgeSettings(_Section):
+    kind: Literal["oracle", "openai", "vllm"] = "oracle"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/QwQ-32B"
+    api_key: SecretStr | None = None
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    temperature: float = Field(0.5, ge=0)
+    max_tokens: int = Field(8192, ge=1)
+
+
+class RoundSettings(_Section):
+    budget: int = Field(1000, ge=0, description="annotation requests allowed in a round")
+
+
+class UpdateSettings(_Section):
+    batch_size: int = Field(16, ge=1, description="labels per incremental update")
+    max_wait_s: float = Field(30.0, gt=0, description="update with fewer labels after this long")
+    min_batch: int = Field(1, ge=1, description="fewest labels worth an update when the wait runs out")
+
+
+class MetricsSettings(_Section):
+    host: str = Field("127.0.0.1", description="address of /metrics and /healthz (0.0.0.0 exposes them to the network)")
+    port: int = Field(9464, ge=0, le=65535, description="0 turns the metrics server off")
+    stuck_after_s: float = Field(600.0, gt=0, description="/healthz fails when a role has been busy on one call this long")
+
+
+class ControlSettings(_Section):
+    max_age_s: float = Field(300.0, gt=0, description="commands issued further from now than this are refused (replays, skew)")
+    ack_timeout_s: float = Field(10.0, gt=0, description="how long `actprm ctl` waits for daemons to answer")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ACTPRM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
+
+    state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
+    checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    selection: SelectionSettings = SelectionSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    judge: JudgeSettings = JudgeSettings()
+    round: RoundSettings = RoundSettings()
+    update: UpdateSettings = UpdateSettings()
+    trainer: TrainerConfig = TrainerConfig()
+    metrics: MetricsSettings = MetricsSettings()
+    control: ControlSettings = ControlSettings()
+    control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = os.environ.get("ACTPRM_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.state_dir / "checkpoints"
+
+
+def load_settings(config_file: Path | None = None, **overrides) -> Settings:
+    """Settings from defaults, a TOML file, the environment and explicit overrides (flags)."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        os.environ["ACTPRM_CONFIG"] = str(config_file)
+    return Settings(**overrides)

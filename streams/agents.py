@@ -1,0 +1,150 @@
+"""The faust app: agents that wire topics to the runtime's handlers, nothing more.
+
+Every topic is read as raw bytes so a malformed message becomes a dead letter with its
+reason instead of a crashed agent. Micro-batches always use ``take_events(n, within=t)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+import structlog
+
+from actprm.streams.control import run_control_consumer
+from actprm.streams.runtime import Event, Runtime
+
+log = structlog.get_logger("actprm")
+
+
+def _events(batch) -> list[Event]:
+    return [Event(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.value) for e in batch]
+
+
+async def _guarded(rt: Runtime, what: str, work) -> None:
+    """A timer's failure is logged and shown in status, never allowed to crash the worker."""
+    try:
+        await work()
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # noqa: BLE001  (the loop must go on; the error is reported)
+        rt.last_error = f"{what}: {type(err).__name__}: {err}"
+        log.exception("timer failed", timer=what)
+
+
+def aiokafka_options(k) -> dict:
+    """SASL/TLS settings as aiokafka client keyword arguments (admin, control consumer, tools)."""
+    if k.security_protocol == "PLAINTEXT":
+        return {}
+    import ssl
+
+    out: dict = {"security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        out["ssl_context"] = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    if k.security_protocol.startswith("SASL"):
+        out |= {"sasl_mechanism": k.sasl_mechanism or "PLAIN", "sasl_plain_username": k.sasl_username,
+                "sasl_plain_password": k.sasl_password.get_secret_value() if k.sasl_password else None}
+    return out
+
+
+def _credentials(k):
+    if k.security_protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+    if k.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=k.sasl_username, password=k.sasl_password.get_secret_value() if k.sasl_password else None,
+            mechanism=k.sasl_mechanism or "PLAIN", ssl_context=ssl_context)
+    return faust.SSLCredentials(ssl_context)
+
+
+def build_app(rt: Runtime, bootstrap: str) -> faust.App:
+    s, t = rt.settings, rt.topics
+    k = s.kafka
+    app = faust.App(
+        f"{k.topic_prefix}-{'-'.join(rt.roles)}",  # the consumer group: processes with the same roles share work
+        broker=[f"kafka://{host}" for host in bootstrap.split(",")],
+        broker_credentials=_credentials(k),
+        store="memory://",  # durable state lives in our own ledger, not in faust tables
+        processing_guarantee=k.processing_guarantee,
+        web_enabled=False,
+        broker_session_timeout=k.session_timeout_s,
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=1,
+        topic_allow_declare=True,
+        datadir=str(s.state_dir / "faust"),
+    )
+
+    def raw_topic(name: str, partitions: int | None = None):
+        return app.topic(name, value_type=bytes, value_serializer="raw", key_serializer="raw", partitions=partitions)
+
+    producers = {name: raw_topic(name) for name in
+                 (t.rewards, t.candidates, t.annotations, t.labels, t.versions, t.acks, t.dead_letters)}
+
+    async def send(topic: str, key: str | None, value: bytes) -> None:
+        fut = await producers[topic].send(key=key.encode() if key else None, value=value)
+        await fut  # wait for the broker's ack before the input offset can be committed
+
+    rt.send = send
+
+    if "scorer" in rt.roles:
+        @app.agent(raw_topic(t.trajectories, k.partitions))
+        async def score(stream):
+            # Take generously; on_trajectories scores in chunks of the live scorer.max_batch.
+            async for batch in stream.take_events(max(64, s.scorer.max_batch), within=s.scorer.max_wait_s):
+                async with rt.busy("scorer"):
+                    await rt.on_trajectories(_events(batch))
+
+        @app.timer(s.scorer.version_poll_s)
+        async def follow_versions():
+            await _guarded(rt, "follow_versions", rt.follow_versions)
+
+        @app.task
+        async def watch_loop_lag():
+            await rt.watch_loop_lag()
+
+    if "trainer" in rt.roles:
+        @app.agent(raw_topic(t.candidates, 1))
+        async def keep_round(stream):
+            async for batch in stream.take_events(64, within=0.1):
+                async with rt.busy("trainer"):
+                    await rt.on_candidates(_events(batch))
+
+        @app.agent(raw_topic(t.labels))
+        async def collect_labels(stream):
+            async for batch in stream.take_events(64, within=0.2):
+                async with rt.busy("trainer"):
+                    await rt.on_labels(_events(batch))
+
+        @app.timer(0.5)
+        async def update():
+            await _guarded(rt, "update", rt.maybe_update)
+
+    if "judge" in rt.roles:
+        @app.agent(raw_topic(t.annotations))
+        async def judge(stream):
+            async for batch in stream.take_events(s.judge.concurrency, within=0.2):
+                async with rt.busy("judge"):
+                    await rt.on_annotations(_events(batch))
+
+    @app.task
+    async def obey_control_commands():
+        # Its own consumer without a group: every process must see every command, also while paused.
+        await run_control_consumer(rt, bootstrap, **aiokafka_options(k))
+
+    return app
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True

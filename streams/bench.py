@@ -1,0 +1,153 @@
+"""`actprm bench pipeline`: does the stream cost throughput, and does a swap lose or repeat anything?
+
+One run measures:
+- the model alone: batched scoring tokens/s of the same trajectories, in this process;
+- end to end: a real scorer process (`actprm run --role scorer`) on the embedded broker, from
+  the first trajectory produced to the last reward read back, with the model already loaded;
+- while the stream runs, ``swaps`` new versions are written to the checkpoint store; every
+  reward is checked: ids missing (lost), ids rewarded twice (duplicated), and the versions
+  that produced them. The scorer reports its worst event-loop lag during a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from actprm.model.build import build_prm, publish_initial
+from actprm.model.checkpoints import CheckpointStore
+from actprm.model.prm import PRMConfig
+from actprm.model.trainer import TrainerConfig, trainable_state
+from actprm.streams import messages
+from actprm.streams.broker import EmbeddedBroker
+from actprm.streams.topics import Topics, ensure_topics
+
+
+def _trajectories(n: int, seed: int):
+    from actprm.daemon.run import synthetic_trajectories
+
+    return synthetic_trajectories(n, seed=seed)
+
+
+def _publish_perturbed(store: CheckpointStore, prm, trainer: TrainerConfig, i: int) -> int:
+    """A new version with slightly moved heads: what the trainer would publish."""
+    with torch.no_grad():
+        for p in prm.heads.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    fields = {"kind": "update", "mode": trainer.mode, "backbone": prm.backbone.reference(), "prm": asdict(prm.config),
+              "settings": trainer.model_dump(mode="json"), "consumed_label_ids": [f"bench-{i}"]}
+    return store.save(trainable_state(prm, trainer.mode), fields).version
+
+
+async def _stream(bootstrap: str, topics: Topics, items, store, prm, trainer, swaps: int, swap_every_s: float, warmup) -> dict:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    consumer = AIOKafkaConsumer(topics.rewards, bootstrap_servers=bootstrap, group_id=f"bench-{time.time_ns()}",
+                                auto_offset_reset="earliest", fetch_max_wait_ms=20)
+    await producer.start()
+    await consumer.start()
+    try:
+        # Warm-up: one trajectory through, so start-up and model load are not timed.
+        await producer.send_and_wait(topics.trajectories, key=warmup.id.encode(), value=messages.encode(warmup))
+        async for rec in consumer:
+            if json.loads(rec.value)["id"] == warmup.id:
+                break
+        counts: dict[str, int] = {}
+        versions: set[int] = set()
+        start = time.perf_counter()
+
+        async def feed():
+            for t in items:
+                await producer.send(topics.trajectories, key=t.id.encode(), value=messages.encode(t))
+            await producer.flush()
+
+        async def swap():
+            for i in range(swaps):
+                await asyncio.sleep(swap_every_s)
+                await asyncio.to_thread(_publish_perturbed, store, prm, trainer, i)
+
+        feeding = asyncio.create_task(feed())
+        swapping = asyncio.create_task(swap())
+        expected = {t.id for t in items}
+        deadline = time.monotonic() + 1800
+        while not expected.issubset(counts) and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                for rec in recs:
+                    r = json.loads(rec.value)
+                    counts[r["id"]] = counts.get(r["id"], 0) + 1
+                    versions.add(r["model_version"])
+        elapsed = time.perf_counter() - start
+        await feeding
+        await swapping
+        # Swaps may outlast the stream on a fast model; keep reading briefly for late repeats.
+        extra = await consumer.getmany(timeout_ms=1000)
+        for recs in extra.values():
+            for rec in recs:
+                r = json.loads(rec.value)
+                counts[r["id"]] = counts.get(r["id"], 0) + 1
+        return {"elapsed_s": elapsed, "lost": len(expected - set(counts)),
+                "duplicated": sum(1 for i in expected if counts.get(i, 0) > 1), "versions_seen": sorted(versions)}
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batch: int = 8, seed: int = 0) -> dict:
+    items = _trajectories(trajectories, seed)
+    warmup = _trajectories(1, seed + 1)[0]
+    warmup.id = "bench-warmup"
+    with tempfile.TemporaryDirectory(prefix="actprm-bench-") as tmp, EmbeddedBroker() as broker:
+        tmp = Path(tmp)
+        trainer = TrainerConfig(mode="heads")
+        prm = build_prm(spec, prm=PRMConfig(score_batch_size=max_batch))
+        store = CheckpointStore(tmp / "checkpoints")
+        publish_initial(store, prm, trainer)
+
+        # The model alone, same trajectories, same batch size.
+        prm.score([(warmup.problem, warmup.steps)])
+        t0 = time.perf_counter()
+        scores = prm.score([(t.problem, t.steps) for t in items])
+        model_s = time.perf_counter() - t0
+        tokens = sum(s.n_tokens for s in scores)
+
+        topics = Topics(f"bench{os.getpid()}")
+        asyncio.run(ensure_topics(broker.bootstrap, topics, partitions=4))
+        env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": broker.bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": topics.prefix,
+               "ACTPRM_STATE_DIR": str(tmp / "state"), "ACTPRM_CHECKPOINT_DIR": str(store.root),
+               "ACTPRM_MODEL__BACKBONE": spec, "ACTPRM_SCORER__MAX_BATCH": str(max_batch),
+               "ACTPRM_SCORER__VERSION_POLL_S": "0.05", "ACTPRM_LOG_FORMAT": "json"}
+        scorer = subprocess.Popen([sys.executable, "-m", "actprm.daemon.cli", "run", "--role", "scorer", "--heldout", "0"],
+                                  env=env, stdout=subprocess.PIPE, stderr=open(tmp / "scorer.log", "w"), text=True)
+        try:
+            # Spread the versions over the expected stream time, so swaps land between live batches.
+            swap_every_s = max(0.02, model_s / (swaps + 1))
+            stream = asyncio.run(_stream(broker.bootstrap, topics, items, store, prm, trainer, swaps, swap_every_s, warmup))
+        finally:
+            scorer.send_signal(signal.SIGTERM)
+            out, _ = scorer.communicate(timeout=120)
+        try:
+            final = json.loads(out[out.index("{"):])
+        except ValueError:
+            final = {"error": (tmp / "scorer.log").read_text()[-2000:]}
+    model_tps = tokens / model_s
+    e2e_tps = tokens / stream["elapsed_s"]
+    return {
+        "backbone": spec, "trajectories": trajectories, "tokens": tokens, "max_batch": max_batch,
+        "model_tokens_per_s": round(model_tps, 1), "pipeline_tokens_per_s": round(e2e_tps, 1),
+        "ratio": round(e2e_tps / model_tps, 3),
+        "swaps_published": swaps, "swaps_applied": final.get("swaps"), "versions_seen": stream["versions_seen"],
+        "swap_stall_ms_max": final.get("swap_stall_ms_max"),
+        "lost": stream["lost"], "duplicated": stream["duplicated"],
+        "goal": {"ratio_min": 0.85, "swap_stall_ms_max": 50, "lost": 0, "duplicated": 0},
+    }

@@ -1,0 +1,81 @@
+"""Rounds and the annotation budget, kept by one writer.
+
+Scorers send every candidate to a one-partition topic; the single round keeper admits them
+in order while the round is annotating and its budget lasts, and forwards them to the judge.
+One writer over one partition is what makes "the budget is never exceeded" hold with any
+number of scorer processes. An id is charged once: a redelivered candidate that was already
+admitted is forwarded again free of charge (the judge dedupes it), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+from actprm.streams.ledger import ADMITTED, META, Ledger
+
+
+class RoundState(BaseModel):
+    round_id: int = 0
+    budget: int = 1000
+    used: int = 0
+    paused_annotate: bool = False
+    paused_train: bool = False
+    started_at: float = Field(default_factory=time.time)
+    rejected_budget: int = 0  # candidates turned away because the budget was spent
+    rejected_paused: int = 0  # candidates turned away while annotation was paused
+
+    @property
+    def left(self) -> int:
+        return max(0, self.budget - self.used)
+
+
+class Admission(str, Enum):
+    NEW = "new"  # charged and forwarded
+    RESEND = "resend"  # admitted before (redelivery): forwarded again, not charged
+    OVER_BUDGET = "over_budget"
+    PAUSED = "paused"
+
+
+class RoundKeeper:
+    def __init__(self, ledger: Ledger, default_budget: int):
+        self.ledger = ledger
+        saved = ledger.get(META, "round")
+        self.state = RoundState.model_validate(saved) if saved else RoundState(budget=default_budget)
+
+    def _save(self) -> None:
+        self.ledger.put(META, "round", self.state.model_dump(mode="json"))
+
+    def admit(self, trajectory_id: str) -> Admission:
+        if self.ledger.has(ADMITTED, trajectory_id):
+            return Admission.RESEND
+        s = self.state
+        if s.paused_annotate:
+            s.rejected_paused += 1
+            return Admission.PAUSED
+        if s.used >= s.budget:
+            s.rejected_budget += 1
+            return Admission.OVER_BUDGET
+        s.used += 1
+        with self.ledger.transaction():  # the charge and the id land together
+            self.ledger.put(ADMITTED, trajectory_id, s.round_id)
+            self._save()
+        return Admission.NEW
+
+    def new_round(self, budget: int | None = None) -> RoundState:
+        """Fresh counters; requests already admitted stay admitted and are still judged."""
+        s = self.state
+        self.state = RoundState(round_id=s.round_id + 1, budget=s.budget if budget is None else budget,
+                                paused_annotate=s.paused_annotate, paused_train=s.paused_train)
+        self._save()
+        return self.state
+
+    def pause(self, annotate: bool | None = None, train: bool | None = None) -> RoundState:
+        if annotate is not None:
+            self.state.paused_annotate = annotate
+        if train is not None:
+            self.state.paused_train = train
+        self._save()
+        return self.state

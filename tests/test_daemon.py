@@ -1,0 +1,133 @@
+"""The daemon end to end: a real `actprm run` process on a real broker, the tiny backbone.
+
+Trajectories in -> every id rewarded; selected ones judged; labels trained in incremental
+updates; scorers hot-swap to the new versions; and redelivery (a crash, a producer that sends
+twice, requests and labels sent again) never costs a second judge call or gradient step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from actprm.daemon.run import synthetic_trajectories
+from actprm.streams.messages import Trajectory
+from actprm.streams.tools import produce_trajectories
+from actprm.streams.topics import Topics
+from helpers_daemon import Daemon, JudgeServer, consumed_ids, manifests, read_topic, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _stream(n: int, tag: str) -> list[Trajectory]:
+    items = [t.model_copy(update={"id": f"{tag}-{t.id}"}) for t in synthetic_trajectories(n, seed=7)]
+    assert len({t.problem for t in items}) == n, "the judge server counts calls by problem text"
+    return items
+
+
+def _rewards_for(bootstrap: str, topics: Topics, ids: set[str], timeout_s: float = 60) -> list:
+    return read_topic(bootstrap, topics.rewards, until=lambda got: ids <= {r.id for r in got}, timeout_s=timeout_s)
+
+
+def test_every_trajectory_is_rewarded_judged_trained_once_and_scored_by_new_versions(broker, topic_prefix, tmp_path):
+    topics = Topics(topic_prefix)
+    stream = _stream(48, "e2e")
+    first, second = stream[:24], stream[24:]
+    daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path, "--max-trajectories", "48").start()
+    try:
+        produce_trajectories(broker.bootstrap, topic_prefix, first)
+        # The second half arrives after an update, so some rewards must come from a new version.
+        wait_until(lambda: (daemon.store.latest() or 0) >= 1, 180, what="the first update")
+        produce_trajectories(broker.bootstrap, topic_prefix, second)
+        assert daemon.wait(300) == 0, daemon.stderr()[-3000:]
+    finally:
+        daemon.kill()
+
+    ids = {t.id for t in stream}
+    rewards = _rewards_for(broker.bootstrap, topics, ids)
+    per_id = Counter(r.id for r in rewards)
+    assert set(per_id) == ids
+    assert max(per_id.values()) == 1, "no crash happened, so nothing may be scored twice"
+    versions = {r.model_version for r in rewards}
+    assert 0 in versions and max(versions) >= 1, versions
+    for r in rewards:
+        assert len(r.mu) == len(r.sigma) <= r.n_steps
+
+    # Judged with the gold label (oracle), each selected id once; every label trained exactly once.
+    gold = {t.id: t.gold_first_error for t in stream}
+    labels = read_topic(broker.bootstrap, topics.labels)
+    assert labels and all(l.first_error == gold[l.id] for l in labels)
+    selected = {r.id for r in rewards if r.selected}
+    assert {l.id for l in labels} == selected
+    trained = consumed_ids(daemon.store)
+    assert set(trained) == selected and max(trained.values()) == 1
+    updates = [m for m in manifests(daemon.store) if m.kind == "update"]
+    assert len(updates) >= 2
+    assert [m.version for m in manifests(daemon.store)] == list(range(len(updates) + 1))
+
+    status = daemon.final_status()
+    assert status["scored"] == 48 and status["dead_lettered"] == 0
+    assert status["judged"] == status["annotation_requests"] == len(selected)
+    assert status["updates"] == len(updates)
+
+
+def test_crash_and_redelivery_cost_no_second_judge_call_or_gradient_step(broker, topic_prefix, tmp_path):
+    topics = Topics(topic_prefix)
+    stream = _stream(24, "redo")
+    gold = {t.problem: t.gold_first_error for t in stream}
+    env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_JUDGE__KIND": "openai", "ACTPRM_JUDGE__CONCURRENCY": "2",
+           "ACTPRM_JUDGE__MAX_RETRIES": "0", "ACTPRM_JUDGE__TIMEOUT_S": "30"}
+    with JudgeServer(gold, delay_s=0.05) as server:
+        env["ACTPRM_JUDGE__BASE_URL"] = server.base_url
+        daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path, env=env).start()
+        try:
+            produce_trajectories(broker.bootstrap, topic_prefix, stream)
+            everything_trained = lambda: set(consumed_ids(daemon.store)) == {t.id for t in stream}
+            wait_until(everything_trained, 240, what="all 24 labels trained")
+            assert server.total() == 24 and max(server.calls.values()) == 1
+
+            # A crash (no clean shutdown, offsets maybe uncommitted), then a restart on the same state.
+            daemon.kill()
+            daemon.start()
+            # Everything is sent again: trajectories by a producer retrying, annotation requests
+            # and labels as Kafka would redeliver them.
+            requests = read_topic(broker.bootstrap, topics.annotations)
+            labels = read_topic(broker.bootstrap, topics.labels)
+            assert len({r.id for r in requests}) == 24 and len({l.id for l in labels}) == 24
+            produce_trajectories(broker.bootstrap, topic_prefix, stream)
+            _produce_raw(broker.bootstrap, topics.annotations, requests)
+            _produce_raw(broker.bootstrap, topics.labels, labels)
+            # 24 first labels + 24 sent by this test + 24 the judge sends again from its ledger.
+            wait_until(lambda: len(read_topic(broker.bootstrap, topics.labels, settle_s=0.2)) >= 72, 120,
+                       interval=2, what="the judge to re-send the stored labels")
+            assert daemon.terminate(90) == 0, daemon.stderr()[-3000:]
+        finally:
+            daemon.kill()
+
+    status = daemon.final_status()
+    assert status["duplicates_skipped"] == 24  # the re-sent trajectories were not scored again
+    assert server.total() == 24, f"second judge calls: {+server.calls - Counter(gold.keys())}"
+    assert max(consumed_ids(daemon.store).values()) == 1
+    assert status["updates"] == 0, "no label may be trained a second time"
+    rewards = _rewards_for(broker.bootstrap, topics, {t.id for t in stream})
+    assert {r.id for r in rewards} == {t.id for t in stream}
+
+
+def _produce_raw(bootstrap: str, topic: str, items: list) -> None:
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from actprm.streams import messages
+
+    async def go():
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for m in items:
+                await producer.send_and_wait(topic, key=m.id.encode(), value=messages.encode(m))
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
