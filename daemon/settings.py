@@ -78,6 +78,8 @@ class UpdateSettings(_Section):
     batch_size: int = Field(16, ge=1, description="labels per incremental update")
     max_wait_s: float = Field(30.0, gt=0, description="update with fewer labels after this long")
     min_batch: int = Field(1, ge=1, description="fewest labels worth an update when the wait runs out")
+    canary_size: int = Field(0, ge=0, description="hold back the first N judged labels as a canary set (0: off)")
+    canary_tolerance: float = Field(0.05, ge=0, le=1, description="refuse an update that lowers canary F1 by more than this")
 
 
 class MetricsSettings(_Section):

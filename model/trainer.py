@@ -23,7 +23,7 @@ Mode = Literal["heads", "lora", "full"]
 
 
 class TrainerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Mode = Field("heads", description="what trains: heads on a frozen backbone (CPU default), +LoRA, or everything (GPU)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate; heads alone take a higher rate than the published full fine-tune (1e-5)")

@@ -40,6 +40,7 @@ LIVE_SETTINGS: dict[str, str] = {
     "update.batch_size": "labels per incremental update",
     "update.max_wait_s": "update with fewer labels after this long",
     "update.min_batch": "fewest labels worth an update when the wait runs out",
+    "update.canary_tolerance": "largest canary F1 drop an update may cause",
     "round.budget": "annotation budget (also of the current round)",
 }
 SCOPES = ("annotate", "train", "all")

@@ -22,7 +22,8 @@ SCORED = "scored"  # trajectory id -> model version that scored it
 ADMITTED = "admitted"  # trajectory id -> round id it was sent to the judge in
 JUDGED = "judged"  # trajectory id -> {"first_error"} or {"dead": reason}
 PENDING = "pending"  # label id -> the Label, received but not yet trained on
-TRAINED = "trained"  # label id -> model version that consumed it
+TRAINED = "trained"  # label id -> model version that consumed it (None: refused batch)
+CANARY = "canary"  # label id -> the Label, held back from training to check each update
 META = "meta"  # small singletons: round state, counters
 
 

@@ -108,7 +108,9 @@ class Runtime:
             if self.store.latest() is None:
                 publish_initial(self.store, template, s.trainer)
             trainer = Trainer(template, s.trainer)
-            self.updates = UpdateLoop(trainer, self.store, self.ledger, s.update.batch_size, s.update.max_wait_s, s.update.min_batch)
+            u = s.update
+            self.updates = UpdateLoop(trainer, self.store, self.ledger, u.batch_size, u.max_wait_s, u.min_batch,
+                                      canary_size=u.canary_size, canary_tolerance=u.canary_tolerance)
         if "scorer" in self.roles:
             deadline = time.monotonic() + 600
             while self.store.latest() is None:  # the trainer (maybe elsewhere) publishes version 0
@@ -319,8 +321,8 @@ class Runtime:
             log.error("update failed; serving continues", reason=outcome.error)
         elif outcome.manifest is None:
             self.counters["updates_rejected"] += 1
-            self.last_error = f"update rejected: {outcome.result.reason}"
-            log.warning("update rejected", reason=outcome.result.reason, labels=len(outcome.label_ids))
+            self.last_error = f"update rejected: {outcome.rejected}"
+            log.warning("update rejected; the served version stays", reason=outcome.rejected, labels=len(outcome.label_ids))
         else:
             m = outcome.manifest
             self.counters["updates"] += 1

@@ -12,9 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.trainer import LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
-from actprm.streams.ledger import META, PENDING, TRAINED, Ledger
+from actprm.model.metrics import processbench_scores
+from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger
 from actprm.streams.messages import Label
 
 
@@ -24,12 +27,19 @@ class UpdateOutcome:
     manifest: Manifest | None  # the published version, None when nothing was published
     label_ids: list[str]
     error: str | None = None  # e.g. the checkpoint could not be written
+    rejected: str | None = None  # why the update was refused (non-finite loss, canary F1 drop)
 
 
 class UpdateLoop:
-    def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float, min_batch: int = 1):
+    def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float,
+                 min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05):
         self.trainer, self.store, self.ledger = trainer, store, ledger
         self.batch_size, self.max_wait_s, self.min_batch = batch_size, max_wait_s, min_batch
+        # The canary: the first labels judged are held back (never trained) to catch an update
+        # that makes the model worse; it is kept in the ledger so a restart keeps the same set.
+        self.canary_size, self.canary_tolerance = canary_size, canary_tolerance
+        self.canary = [Label.model_validate(v) for _, v in ledger.items(CANARY)]
+        self._canary_f1: dict[int, float] = {}  # version -> canary F1
         self.version = self._reconcile()
         self.rejected = 0
 
@@ -55,8 +65,12 @@ class UpdateLoop:
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""
-        if self.ledger.has(TRAINED, label.id) or self.ledger.has(PENDING, label.id):
+        if self.ledger.has(TRAINED, label.id) or self.ledger.has(PENDING, label.id) or self.ledger.has(CANARY, label.id):
             return False
+        if len(self.canary) < self.canary_size:
+            self.ledger.put(CANARY, label.id, label.model_dump(mode="json"))
+            self.canary.append(label)
+            return True
         self.ledger.put(PENDING, label.id, {"label": label.model_dump(mode="json"), "received": time.time()})
         return True
 
@@ -81,21 +95,37 @@ class UpdateLoop:
         ids = [label_id for label_id, _ in chosen]
         labels = [Label.model_validate(item["label"]) for _, item in chosen]
         samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error) for l in labels]
-        result = self.trainer.update(samples)
-        if not result.applied:
-            # A rejected batch changes no weight; its labels are retired so they are not retried forever.
+        before = self.canary_f1(self.version)
+        try:
+            result = self.trainer.update(samples)
+            refused = None if result.applied else result.reason
+        except (RuntimeError, ValueError) as err:  # e.g. an overflow inside the optimizer step
+            result = UpdateResult(False, f"update failed: {str(err).splitlines()[0]}")
+            refused = result.reason
+            self._follow(self.version)
+        if refused is None and not all(torch.isfinite(t).all() for t in trainable_state(self.trainer.prm, self.trainer.config.mode).values()):
+            refused = "the update made weights non-finite"
+            self._follow(self.version)
+        after = self.canary_f1(None) if refused is None else None
+        if before is not None and after is not None and before - after > self.canary_tolerance:
+            refused = f"canary F1 fell from {before:.3f} to {after:.3f} (tolerance {self.canary_tolerance:g})"
+            self._follow(self.version)  # back to the weights that are serving
+        if refused is not None:
+            # A refused batch leaves the served weights as they were; its labels are retired so
+            # they are not retried forever (their ids stay in the ledger as trained by no version).
             self.rejected += 1
             with self.ledger.transaction():
                 for label_id in ids:
                     self.ledger.put(TRAINED, label_id, None)
                     self.ledger.delete(PENDING, label_id)
-            return UpdateOutcome(result, None, ids)
+            return UpdateOutcome(result, None, ids, rejected=refused)
         prm = self.trainer.prm
         cfg = self.trainer.config
         fields = {"kind": "update", "parent": self.version, "mode": cfg.mode, "backbone": prm.backbone.reference(),
                   "prm": asdict(prm.config), "settings": cfg.model_dump(mode="json"), "consumed_label_ids": ids,
                   "metrics": {"loss": result.loss, "bce": result.bce, "grad_norm": result.grad_norm, "lr": result.lr,
-                              "n_samples": result.n_samples, "n_labelled_steps": result.n_labelled_steps}}
+                              "n_samples": result.n_samples, "n_labelled_steps": result.n_labelled_steps,
+                              "canary_f1": after}}
         try:
             manifest = self.store.save(trainable_state(prm, cfg.mode), fields)
         except CheckpointError as err:
@@ -108,4 +138,20 @@ class UpdateLoop:
                 self.ledger.delete(PENDING, label_id)
             self.ledger.put(META, "trained_through", manifest.version)
         self.version = manifest.version
+        if after is not None:
+            self._canary_f1[manifest.version] = after
         return UpdateOutcome(result, manifest, ids)
+
+    def canary_f1(self, version: int | None) -> float | None:
+        """ProcessBench F1 of the trainer's current weights on the canary (None when it is not full yet).
+
+        `version` names the weights when they are a stored version, so the figure is reused."""
+        if self.canary_size == 0 or len(self.canary) < self.canary_size:
+            return None
+        if version is not None and version in self._canary_f1:
+            return self._canary_f1[version]
+        scores = self.trainer.prm.score([(l.problem, l.steps) for l in self.canary])
+        f1 = processbench_scores([s.first_error for s in scores], [l.first_error for l in self.canary])["f1"]
+        if version is not None:
+            self._canary_f1[version] = f1
+        return f1
