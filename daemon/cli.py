@@ -150,12 +150,14 @@ def bench_pipeline_cmd(
     backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",
     trajectories: Annotated[int, typer.Option(help="trajectories pushed through the broker")] = 256,
     swaps: Annotated[int, typer.Option(help="versions published while the stream runs")] = 20,
+    batch: Annotated[int, typer.Option(help="scorer batch size (scorer.max_batch)")] = 8,
+    threads: Annotated[int, typer.Option(help="torch threads, the same for the model alone and the scorer")] = 1,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Model-alone vs through-the-broker tokens/s, swap stalls, lost and duplicated rewards."""
     from actprm.streams.bench import bench_pipeline
 
-    _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps), as_json)
+    _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps, max_batch=batch, threads=threads), as_json)
 
 
 @app.command()

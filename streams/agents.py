@@ -16,6 +16,8 @@ from actprm.streams.runtime import Event, Runtime
 
 log = structlog.get_logger("actprm")
 
+SCORER_TAKE = 64  # trajectories taken from the stream at most at once; scored in chunks of scorer.max_batch
+
 
 def _events(batch) -> list[Event]:
     return [Event(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.value) for e in batch]
@@ -87,17 +89,20 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
     producers = {name: raw_topic(name) for name in
                  (t.rewards, t.candidates, t.annotations, t.labels, t.versions, t.acks, t.dead_letters)}
 
-    async def send(topic: str, key: str | None, value: bytes) -> None:
-        fut = await producers[topic].send(key=key.encode() if key else None, value=value)
-        await fut  # wait for the broker's ack before the input offset can be committed
+    async def enqueue(topic: str, key: str | None, value: bytes) -> asyncio.Future:
+        """Hand a record to the producer; the returned future resolves on the broker's ack."""
+        return await producers[topic].send(key=key.encode() if key else None, value=value)
 
-    rt.send = send
+    async def send(topic: str, key: str | None, value: bytes) -> None:
+        await (await enqueue(topic, key, value))  # acked before the input offset can be committed
+
+    rt.send, rt.enqueue = send, enqueue
 
     if "scorer" in rt.roles:
         @app.agent(raw_topic(t.trajectories, k.partitions))
         async def score(stream):
             # Take generously; on_trajectories scores in chunks of the live scorer.max_batch.
-            async for batch in stream.take_events(max(64, s.scorer.max_batch), within=s.scorer.max_wait_s):
+            async for batch in stream.take_events(max(SCORER_TAKE, s.scorer.max_batch), within=s.scorer.max_wait_s):
                 async with rt.busy("scorer"):
                     await rt.on_trajectories(_events(batch))
 

@@ -34,6 +34,9 @@ from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.topics import Topics, ensure_topics
 
 
+from actprm.streams.agents import SCORER_TAKE as TAKE
+
+
 def _trajectories(n: int, seed: int):
     from actprm.daemon.run import synthetic_trajectories
 
@@ -103,7 +106,10 @@ async def _stream(bootstrap: str, topics: Topics, items, store, prm, trainer, sw
         await producer.stop()
 
 
-def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batch: int = 8, seed: int = 0) -> dict:
+def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batch: int = 8, seed: int = 0,
+                   threads: int = 1, repeats: int = 2) -> dict:
+    """`threads` torch threads in both measurements (the same for a fair ratio); the model-alone
+    figure is the best of `repeats` runs, so a busy machine does not flatter the ratio."""
     items = _trajectories(trajectories, seed)
     warmup = _trajectories(1, seed + 1)[0]
     warmup.id = "bench-warmup"
@@ -114,11 +120,15 @@ def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batc
         store = CheckpointStore(tmp / "checkpoints")
         publish_initial(store, prm, trainer)
 
-        # The model alone, same trajectories, same batch size.
+        # The model alone, same trajectories, same batch size, same threads.
+        torch.set_num_threads(threads)
         prm.score([(warmup.problem, warmup.steps)])
-        t0 = time.perf_counter()
-        scores = prm.score([(t.problem, t.steps) for t in items])
-        model_s = time.perf_counter() - t0
+        model_s = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            # In takes of TAKE trajectories, as the scorer consumes them (each take sorted by length).
+            scores = [sc for i in range(0, len(items), TAKE) for sc in prm.score([(t.problem, t.steps) for t in items[i:i + TAKE]])]
+            model_s = min(model_s, time.perf_counter() - t0)
         tokens = sum(s.n_tokens for s in scores)
 
         topics = Topics(f"bench{os.getpid()}")
@@ -126,7 +136,8 @@ def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batc
         env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": broker.bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": topics.prefix,
                "ACTPRM_STATE_DIR": str(tmp / "state"), "ACTPRM_CHECKPOINT_DIR": str(store.root),
                "ACTPRM_MODEL__BACKBONE": spec, "ACTPRM_SCORER__MAX_BATCH": str(max_batch),
-               "ACTPRM_SCORER__VERSION_POLL_S": "0.05", "ACTPRM_LOG_FORMAT": "json"}
+               "ACTPRM_SCORER__VERSION_POLL_S": "0.05", "ACTPRM_LOG_FORMAT": "json", "ACTPRM_METRICS__PORT": "0",
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         scorer = subprocess.Popen([sys.executable, "-m", "actprm.daemon.cli", "run", "--role", "scorer", "--heldout", "0"],
                                   env=env, stdout=subprocess.PIPE, stderr=open(tmp / "scorer.log", "w"), text=True)
         try:
@@ -143,11 +154,13 @@ def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batc
     model_tps = tokens / model_s
     e2e_tps = tokens / stream["elapsed_s"]
     return {
-        "backbone": spec, "trajectories": trajectories, "tokens": tokens, "max_batch": max_batch,
+        "backbone": spec, "trajectories": trajectories, "tokens": tokens, "max_batch": max_batch, "threads": threads,
         "model_tokens_per_s": round(model_tps, 1), "pipeline_tokens_per_s": round(e2e_tps, 1),
         "ratio": round(e2e_tps / model_tps, 3),
         "swaps_published": swaps, "swaps_applied": final.get("swaps"), "versions_seen": stream["versions_seen"],
         "swap_stall_ms_max": final.get("swap_stall_ms_max"),
+        "stream_s": round(stream["elapsed_s"], 3), "model_alone_s": round(model_s, 3),
+        "scorer_model_s": final.get("score_seconds"),  # time the scorer spent inside the model
         "lost": stream["lost"], "duplicated": stream["duplicated"],
         "goal": {"ratio_min": 0.85, "swap_stall_ms_max": 50, "lost": 0, "duplicated": 0},
     }

@@ -59,6 +59,7 @@ class Runtime:
     roles: tuple[str, ...]
     topics: Topics
     send: object = None  # async (topic_name, key: str|None, value: bytes) -> None, set by the app
+    enqueue: object = None  # async (topic, key, value) -> future of the ack: many sends in flight at once
     counters: Counter = field(default_factory=Counter)
     served: ServedModel | None = None
     swap_stalls_ms: list[float] = field(default_factory=list)
@@ -176,23 +177,32 @@ class Runtime:
             msg = self._decode(Trajectory, event)
             if isinstance(msg, Exception):
                 await self.dead_letter(event, msg)
+            elif any(t.id == msg.id for t in batch):
+                self.counters["duplicates_skipped"] += 1  # the same id twice in one take
             else:
                 batch.append(msg)
         self.counters["consumed"] += len(events)
         size = self.settings.scorer.max_batch  # live: `ctl set scorer.max_batch` applies to the next chunk
+        # Chunks of similar length waste less compute on padding; rewards carry ids, not order.
+        batch.sort(key=lambda t: len(t.problem) + sum(len(x) for x in t.steps))
+        acks, scored = [], []
         for start in range(0, len(batch), size):
-            await self._score_chunk(batch[start:start + size])
+            # Each chunk's records go out while the next chunk is scored; all acks are awaited
+            # before any id is marked scored, so a crash re-scores rather than drops.
+            result = await self._score_chunk(batch[start:start + size])
+            for r in result.rewards:
+                acks.append(await self.enqueue(self.topics.rewards, r.id, messages.encode(r)))
+            for c in result.candidates:
+                acks.append(await self.enqueue(self.topics.candidates, c.id, messages.encode(c)))
+            scored += result.rewards
+        await asyncio.gather(*acks)
+        mark_scored(self.ledger, scored)
 
-    async def _score_chunk(self, batch: list[Trajectory]) -> None:
+    async def _score_chunk(self, batch: list[Trajectory]):
         served = self.served  # this chunk is scored by exactly this version; swaps land between chunks
         round_id = self.keeper.state.round_id if self.keeper else 0
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.model_pool, score_batch, served, self.selector, self.ledger, batch, round_id)
-        for r in result.rewards:
-            await self.send(self.topics.rewards, r.id, messages.encode(r))
-        for c in result.candidates:
-            await self.send(self.topics.candidates, c.id, messages.encode(c))
-        mark_scored(self.ledger, result.rewards)  # after the sends: a crash re-scores, never drops
         self.counters["scored"] += len(result.rewards)
         self.counters["selected"] += len(result.candidates)
         self.counters["duplicates_skipped"] += len(result.duplicates)
@@ -200,6 +210,7 @@ class Runtime:
         self.counters["score_seconds_x1000"] += int(result.seconds * 1000)
         if self.metrics is not None:
             self.metrics.observe_scores([r.mu for r in result.rewards])
+        return result
 
     async def follow_versions(self) -> None:
         """Load a newer version in the background, then switch between batches."""
