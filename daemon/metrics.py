@@ -35,6 +35,11 @@ def predicted_first_error(mu: Sequence[float], threshold: float = 0.5) -> int:
     return next((i for i, m in enumerate(mu) if m < threshold), -1)
 
 
+ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judged", "judge_failures", "dead_lettered",
+                  "labels_received", "updates", "updates_rejected", "update_failures", "swaps", "swap_failures",
+                  "duplicates_skipped")
+
+
 class _RuntimeCollector:
     """Reads rt.counters and rt.status() at scrape time."""
 
@@ -45,7 +50,9 @@ class _RuntimeCollector:
         rt = self.metrics.rt
         if rt is None:
             return
-        for name, value in sorted(rt.counters.items()):
+        # The named counters exist from the start (at 0), so dashboards and alerts never miss them.
+        counters = {name: 0 for name in ALWAYS_COUNTED} | dict(rt.counters)
+        for name, value in sorted(counters.items()):
             if name.endswith("_x1000"):  # milli-units kept as integers by the handlers
                 name, value = name.removesuffix("_x1000"), value / 1000
             yield CounterMetricFamily(f"actprm_{name}", f"rt.counters[{name!r}]", value=value)
