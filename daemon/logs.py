@@ -11,6 +11,20 @@ import sys
 import structlog
 
 
+# What every record of this process carries (role, round, model version); values may be
+# callables, read when the record is written, so they are always current.
+PROCESS_CONTEXT: dict[str, object] = {}
+
+
+def _add_process_context(_logger, _method, event: dict) -> dict:
+    for key, value in PROCESS_CONTEXT.items():
+        if key not in event:
+            value = value() if callable(value) else value
+            if value is not None:
+                event[key] = value
+    return event
+
+
 def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     level = logging.DEBUG if verbose else logging.INFO
@@ -19,6 +33,7 @@ def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info if use_json else structlog.processors.StackInfoRenderer(),

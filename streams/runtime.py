@@ -80,6 +80,12 @@ class Runtime:
         self.started_at = time.time()
         self.busy_since: dict[str, float | None] = {role: None for role in self.roles}
         self.rebuild_selector()
+        from actprm.daemon.logs import PROCESS_CONTEXT
+
+        PROCESS_CONTEXT.update(
+            role=",".join(self.roles),
+            round=lambda: self.keeper.state.round_id if self.keeper else None,
+            model_version=lambda: self.served.version if self.served else (self.updates.version if self.updates else None))
         self.follower = VersionFollower(self.store)
         self.keeper = RoundKeeper(self.ledger, s.round.budget) if "trainer" in self.roles else None
         self.judge = None
@@ -150,7 +156,9 @@ class Runtime:
         dl = messages.dead_letter(event.topic, event.partition, event.offset, event.key, event.value, reason)
         await self.send(self.topics.dead_letters, None, messages.encode(dl))
         self.counters["dead_lettered"] += 1
-        log.warning("dead letter", topic=event.topic, offset=event.offset, reason=str(reason)[:200])
+        key = event.key.decode("utf-8", "replace") if event.key else None
+        log.warning("dead letter", id=key, topic=event.topic, partition=event.partition, offset=event.offset,
+                    reason=str(reason)[:200])
 
     @asynccontextmanager
     async def busy(self, role: str):

@@ -7,6 +7,7 @@ twice, requests and labels sent again) never costs a second judge call or gradie
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -65,6 +66,11 @@ def test_every_trajectory_is_rewarded_judged_trained_once_and_scored_by_new_vers
     updates = [m for m in manifests(daemon.store) if m.kind == "update"]
     assert len(updates) >= 2
     assert [m.version for m in manifests(daemon.store)] == list(range(len(updates) + 1))
+
+    # Every structured log record names the process's roles, round and model version.
+    records = [json.loads(line) for line in daemon.stderr().splitlines() if line.startswith('{"')]
+    after_start = [r for r in records if r.get("event") == "published"]
+    assert after_start and all({"role", "round", "model_version"} <= set(r) for r in after_start)
 
     status = daemon.final_status()
     assert status["scored"] == 48 and status["dead_lettered"] == 0
