@@ -137,3 +137,40 @@ def _produce_raw(bootstrap: str, topic: str, items: list) -> None:
             await producer.stop()
 
     asyncio.run(go())
+
+
+def test_two_scorers_share_the_stream_and_the_budget_holds(broker, topic_prefix, tmp_path):
+    topics = Topics(topic_prefix)
+    shared = {"ACTPRM_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "ACTPRM_SELECTION__STRATEGY": "full",
+              "ACTPRM_ROUND__BUDGET": "10"}
+    keeper = Daemon(broker.bootstrap, topic_prefix, tmp_path / "trainer", "--role", "trainer,judge", env=shared).start()
+    scorers = [Daemon(broker.bootstrap, topic_prefix, tmp_path / f"scorer{i}", "--role", "scorer", env=shared).start()
+               for i in range(2)]
+    stream = _stream(40, "scale")
+    ids = {t.id for t in stream}
+    try:
+        for s in scorers:
+            wait_until(lambda: '"serving"' in s.stderr(), 120, what="a scorer to load its model")
+        wait_until(lambda: all('"control commands' in s.stderr() for s in scorers), 60, what="scorers to start")
+        import time
+
+        time.sleep(6)  # both join the group (a join takes session_timeout/2) before the stream starts
+        produce_trajectories(broker.bootstrap, topic_prefix, stream)
+        rewards = _rewards_for(broker.bootstrap, topics, ids, timeout_s=180)
+        wait_until(lambda: len(read_topic(broker.bootstrap, topics.labels, settle_s=0.3)) >= 10, 120, interval=1,
+                   what="the judge to label the budget's worth")
+        finals = []
+        for s in scorers:
+            assert s.terminate(60) == 0, s.stderr()[-2000:]
+            finals.append(s.final_status())
+    finally:
+        keeper.terminate(60)
+        for d in (keeper, *scorers):
+            d.kill()
+
+    per_id = Counter(r.id for r in rewards)
+    assert set(per_id) == ids and max(per_id.values()) == 1
+    assert sum(f["scored"] for f in finals) == 40 and all(f["scored"] > 0 for f in finals), finals
+    requests = read_topic(broker.bootstrap, topics.annotations)
+    assert len({r.id for r in requests}) == 10  # 40 selected by two scorers, the budget let 10 through
+    assert keeper.final_status()["budget_used"] == 10
