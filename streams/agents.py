@@ -10,6 +10,7 @@ import asyncio
 
 import faust
 import structlog
+from aiokafka.errors import KafkaError
 
 from actprm.streams.control import run_control_consumer
 from actprm.streams.runtime import Event, Runtime
@@ -32,6 +33,24 @@ async def _guarded(rt: Runtime, what: str, work) -> None:
     except Exception as err:  # noqa: BLE001  (the loop must go on; the error is reported)
         rt.last_error = f"{what}: {type(err).__name__}: {err}"
         log.exception("timer failed", timer=what)
+
+
+async def _handle(rt: Runtime, role: str, handler, events: list[Event]) -> None:
+    """Run one batch; a Kafka error on the way out (broker down, topic lost) retries the whole
+    batch with backoff instead of crashing the agent, which would stop the role for good. The
+    handlers dedupe by id, so a retry at most re-sends what already went out."""
+    delay = 0.5
+    while True:
+        try:
+            async with rt.busy(role):
+                await handler(events)
+            return
+        except KafkaError as err:
+            rt.counters["batch_retries"] += 1
+            rt.last_error = f"{role}: {type(err).__name__}: {err}"[:300]
+            log.warning("batch failed on a Kafka error; retrying", role=role, retry_in_s=delay, error=rt.last_error)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 def aiokafka_options(k) -> dict:
@@ -103,8 +122,7 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         async def score(stream):
             # Take generously; on_trajectories scores in chunks of the live scorer.max_batch.
             async for batch in stream.take_events(max(SCORER_TAKE, s.scorer.max_batch), within=s.scorer.max_wait_s):
-                async with rt.busy("scorer"):
-                    await rt.on_trajectories(_events(batch))
+                await _handle(rt, "scorer", rt.on_trajectories, _events(batch))
 
         @app.timer(s.scorer.version_poll_s)
         async def follow_versions():
@@ -118,14 +136,12 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         @app.agent(raw_topic(t.candidates, 1))
         async def keep_round(stream):
             async for batch in stream.take_events(64, within=0.1):
-                async with rt.busy("trainer"):
-                    await rt.on_candidates(_events(batch))
+                await _handle(rt, "trainer", rt.on_candidates, _events(batch))
 
         @app.agent(raw_topic(t.labels))
         async def collect_labels(stream):
             async for batch in stream.take_events(64, within=0.2):
-                async with rt.busy("trainer"):
-                    await rt.on_labels(_events(batch))
+                await _handle(rt, "trainer", rt.on_labels, _events(batch))
 
         @app.timer(0.5)
         async def update():
@@ -135,8 +151,7 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         @app.agent(raw_topic(t.annotations))
         async def judge(stream):
             async for batch in stream.take_events(s.judge.concurrency, within=0.2):
-                async with rt.busy("judge"):
-                    await rt.on_annotations(_events(batch))
+                await _handle(rt, "judge", rt.on_annotations, _events(batch))
 
     @app.task
     async def obey_control_commands():
