@@ -137,12 +137,13 @@ def bench_model_cmd(
     batch: int = 8,
     tokens: int = 256,
     repeats: int = 3,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's; 1 is steadier on a busy machine)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Forward time and peak memory per head count (goal: 32 heads <= 1.05x time, 1.10x memory of 1)."""
     from actprm.model.bench import bench_model
 
-    _emit(bench_model(backbone, heads=_int_list(heads), batch=batch, tokens=tokens, repeats=repeats), as_json)
+    _emit(bench_model(backbone, heads=_int_list(heads), batch=batch, tokens=tokens, repeats=repeats, threads=threads), as_json)
 
 
 @bench_app.command("pipeline")
