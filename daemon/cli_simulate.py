@@ -56,6 +56,7 @@ def _atomic_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is meant to be read
     os.replace(tmp, path)
 
 
