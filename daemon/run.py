@@ -54,11 +54,11 @@ def synthetic_trajectories(n: int, seed: int) -> list[Trajectory]:
             for r in arithmetic_trajectories(n, seed=seed)]
 
 
-def heldout_f1(served, records) -> float | None:
+def heldout_scores(served, records) -> dict:
     from actprm.model.metrics import processbench_scores
 
     scores = served.prm.score([(r.problem, r.steps) for r in records])
-    return processbench_scores([s.first_error for s in scores], [r.label for r in records])["f1"]
+    return processbench_scores([s.first_error for s in scores], [r.label for r in records])
 
 
 def pipeline_settled(rt: Runtime) -> bool:
@@ -80,7 +80,7 @@ class StatusService(faust.Service):
     def __init__(self, rt: Runtime, options: RunOptions, **kwargs):
         super().__init__(**kwargs)
         self.rt, self.options = rt, options
-        self.f1: float | None = None
+        self.f1: dict | None = None  # ProcessBench f1, acc_error, acc_correct of the served version
         self.f1_version: int | None = None
         self._heldout = []
         if options.heldout and rt.served is not None:
@@ -115,7 +115,12 @@ class StatusService(faust.Service):
         if "budget_left" in st:
             parts.append(f"budget left {st['budget_left']}")
         if self._heldout:
-            parts.append(f"held-out F1 {self.f1:.3f} (v{self.f1_version})" if self.f1 is not None else "held-out F1 -")
+            if self.f1 is not None and self.f1["f1"] is not None:
+                # Both accuracies: an F1 of 0 is usually a model that calls every step correct.
+                parts.append(f"held-out F1 {self.f1['f1']:.3f} (acc err {self.f1['acc_error']:.2f}, "
+                             f"corr {self.f1['acc_correct']:.2f}; v{self.f1_version})")
+            else:
+                parts.append("held-out F1 -")
         if st["dead_lettered"]:
             parts.append(f"dead letters {st['dead_lettered']}")
         return " | ".join(parts)
@@ -133,7 +138,7 @@ class StatusService(faust.Service):
             served = self.rt.served
             if served is not None and served.version != self.f1_version:
                 # Its own thread: the held-out set never delays scoring of the live stream.
-                self.f1 = await loop.run_in_executor(None, heldout_f1, served, self._heldout)
+                self.f1 = await loop.run_in_executor(None, heldout_scores, served, self._heldout)
                 self.f1_version = served.version
             await self.sleep(1.0)
 
