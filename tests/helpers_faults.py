@@ -8,7 +8,10 @@ only in the daemon's own PYTHONPATH) injects them inside the daemon process:
 - ACTPRM_FAULT_NAN_MARKER: a label batch with this text in a problem makes the step logits
   NaN, so the trainer's own finiteness check has to catch it;
 - ACTPRM_FAULT_POISON_MARKER: an update on such a batch is applied and then its heads are
-  wrecked (every step scored "correct"), so the canary check has to catch the F1 drop.
+  wrecked (every step scored "correct"), so the canary check has to catch the F1 drop;
+- ACTPRM_FAULT_FIT_MARKER: an update on a batch with this text in a label id is repeated
+  ACTPRM_FAULT_FIT_STEPS times, a model that has learnt its batch by heart (the canary test
+  uses it to give the canary, the same texts under other ids, a known F1 before the wreck).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ _SITECUSTOMIZE = '''
 import os
 
 _nan, _poison = os.environ.get("ACTPRM_FAULT_NAN_MARKER"), os.environ.get("ACTPRM_FAULT_POISON_MARKER")
-if _nan or _poison:
+_fit, _fit_steps = os.environ.get("ACTPRM_FAULT_FIT_MARKER"), int(os.environ.get("ACTPRM_FAULT_FIT_STEPS", "300"))
+if _nan or _poison or _fit:
     import torch
     from actprm.model import trainer as _t
 
@@ -51,6 +55,9 @@ if _nan or _poison:
             finally:
                 del self.prm.step_logits
         result = _update(self, samples)
+        if _fit and any(_fit in s.id for s in samples):
+            for _ in range(_fit_steps - 1):
+                result = _update(self, samples)
         if hit(_poison) and result.applied:
             with torch.no_grad():
                 self.prm.heads.w3.zero_()
@@ -62,7 +69,7 @@ if _nan or _poison:
 
 
 def fault_hook_env(tmp: Path, **markers: str) -> dict[str, str]:
-    """Environment that installs the in-daemon fault hook; markers: nan=..., poison=..."""
+    """Environment that installs the in-daemon fault hook; markers: nan=..., poison=..., fit=..."""
     hook = Path(tmp) / "fault_hook"
     hook.mkdir(parents=True, exist_ok=True)
     (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
@@ -71,6 +78,8 @@ def fault_hook_env(tmp: Path, **markers: str) -> dict[str, str]:
         env["ACTPRM_FAULT_NAN_MARKER"] = markers["nan"]
     if "poison" in markers:
         env["ACTPRM_FAULT_POISON_MARKER"] = markers["poison"]
+    if "fit" in markers:
+        env["ACTPRM_FAULT_FIT_MARKER"] = markers["fit"]
     return env
 
 
