@@ -1,7 +1,8 @@
 """Bad input: generated malformed payloads are each refused by the codec with a reason, and
 every refusal makes a dead letter that itself encodes within Kafka's limits.
 
-CI runs 2,000 generated payloads; the long suite (`make test-faults`) runs 10,000.
+CI runs 2,000 generated payloads; the long suite (`make test-faults`) runs 10,000. Through a
+running daemon: 300 generated payloads and one of 10 MB (Tansu takes it) among valid ones.
 """
 
 from __future__ import annotations
@@ -111,3 +112,60 @@ def test_huge_and_oversized_payloads_are_refused_and_their_dead_letters_stay_sma
     # Separator tokens inside otherwise valid text are data, not structure: accepted as is.
     ok = messages.decode(Trajectory, json.dumps(VALID | {"steps": [f"a {s} b" for s in SEPARATORS[:6]]}).encode())
     assert ok.steps[0] == "a <|im_end|> b"
+
+
+def _generated(n: int) -> list[bytes]:
+    found: list[bytes] = []
+
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(malformed())
+    def each(raw: bytes) -> None:
+        found.append(raw)
+
+    each()
+    return found
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_malformed_messages_through_a_running_daemon_become_dead_letters_and_the_worker_goes_on(broker, topic_prefix, tmp_path):
+    """A few hundred generated malformed payloads and one 10 MB payload, interleaved with valid
+    trajectories on the trajectories topic: each malformed one is a dead letter with a reason,
+    every valid one is rewarded, and the worker never stops."""
+    from actprm.daemon.run import synthetic_trajectories
+    from actprm.streams.topics import Topics
+    from helpers_daemon import Daemon, read_topic
+    from helpers_faults import produce_raw
+
+    topics, bs = Topics(topic_prefix), broker.bootstrap
+    bad = _generated(300)
+    bad.append(json.dumps(VALID | {"id": "huge", "problem": "x" * (10 * 1024 * 1024)}).encode())  # 10 MB
+    good = [t.model_copy(update={"id": f"ok-{t.id}"}) for t in synthetic_trajectories(30, seed=3)]
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, raw in enumerate(bad):
+        records.append((f"bad-{i}".encode(), raw))
+        if i % 10 == 0 and good[i // 10:i // 10 + 1]:
+            t = good[i // 10]
+            records.append((t.id.encode(), messages.encode(t)))
+    records += [(t.id.encode(), messages.encode(t)) for t in good[len(bad) // 10 + 1:]]
+    assert {k for k, _ in records} >= {t.id.encode() for t in good}
+
+    daemon = Daemon(bs, topic_prefix, tmp_path, env={"ACTPRM_KAFKA__PARTITIONS": "2"}).start()
+    try:
+        produce_raw(bs, topics.trajectories, records)  # the broker took the 10 MB record: no error here
+        want_bad = {f"bad-{i}" for i in range(len(bad))}
+        dead = read_topic(bs, topics.dead_letters, until=lambda got: want_bad <= {d.key for d in got}, timeout_s=120)
+        rewards = read_topic(bs, topics.rewards, until=lambda got: {t.id for t in good} <= {r.id for r in got},
+                             timeout_s=120)
+        assert daemon.proc.poll() is None, f"the worker stopped:\n{daemon.stderr()[-3000:]}"
+        assert daemon.terminate(60) == 0, daemon.stderr()[-3000:]
+    finally:
+        daemon.kill()
+    mine = [d for d in dead if d.key in want_bad]
+    assert {d.key for d in mine} == want_bad and len(mine) == len(want_bad), "a malformed message was lost or doubled"
+    assert all(d.reason and d.source_topic == topics.trajectories for d in mine)
+    huge = next(d for d in mine if d.key == f"bad-{len(bad) - 1}")
+    assert huge.raw_bytes > 10 * 1024 * 1024 and huge.raw_truncated
+    assert {r.id for r in rewards} == {t.id for t in good}
+    final = daemon.final_status()
+    assert final["dead_lettered"] == len(bad) and final["scored"] == len(good), final
