@@ -91,6 +91,8 @@ class Runtime:
         self.judge = None
         self.updates: UpdateLoop | None = None
         self._updating = False
+        self._update_retry_at = 0.0  # after a failed write, the next try waits (backoff)
+        self._update_failures_in_row = 0
         self._swap_lag_ms: float | None = None
         self._swap_lock = asyncio.Lock()
 
@@ -326,6 +328,8 @@ class Runtime:
     async def maybe_update(self, force: bool = False) -> None:
         if self._updating or self.updates is None or self.keeper.state.paused_train:
             return
+        if time.monotonic() < self._update_retry_at:
+            return
         if not (self.updates.ready() or (force and self.updates.pending())):
             return
         self._updating = True
@@ -335,6 +339,9 @@ class Runtime:
         finally:
             self._updating = False
         if outcome.error:
+            # e.g. a full disk: each try costs a gradient step, so back off 1, 2, 4 ... 60 s.
+            self._update_failures_in_row += 1
+            self._update_retry_at = time.monotonic() + min(60.0, 2.0 ** (self._update_failures_in_row - 1))
             self.counters["update_failures"] += 1
             self.last_error = outcome.error
             log.error("update failed; serving continues", reason=outcome.error)
@@ -344,6 +351,7 @@ class Runtime:
             log.warning("update rejected; the served version stays", reason=outcome.rejected, labels=len(outcome.label_ids))
         else:
             m = outcome.manifest
+            self._update_failures_in_row = 0
             self.counters["updates"] += 1
             self.counters["labels_trained"] += len(outcome.label_ids)
             await self.publish_version(m)
