@@ -20,6 +20,7 @@ import structlog
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.agents import aiokafka_options, build_app
+from actprm.streams.epoch import claim_epoch
 from actprm.streams.messages import Trajectory
 from actprm.streams.runtime import ROLES, Runtime
 from actprm.streams.topics import Topics, ensure_topics
@@ -181,6 +182,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         asyncio.run(ensure_topics(bootstrap, topics, partitions=settings.kafka.partitions,
                                   replication_factor=settings.kafka.replication_factor, **aiokafka_options(settings.kafka)))
         rt = Runtime(settings, options.roles, topics)
+        rt.broker_epoch = asyncio.run(claim_epoch(bootstrap, topics.epoch, **aiokafka_options(settings.kafka)))
         rt.prepare_models()
         rt.prepare_judge()
         app = build_app(rt, bootstrap)

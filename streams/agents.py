@@ -7,16 +7,20 @@ reason instead of a crashed agent. Micro-batches always use ``take_events(n, wit
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 import faust
 import structlog
 from aiokafka.errors import KafkaError
 
 from actprm.streams.control import run_control_consumer
+from actprm.streams.epoch import read_epoch
 from actprm.streams.runtime import Event, Runtime
 
 log = structlog.get_logger("actprm")
 
+EPOCH_CHECK_S = 10.0  # how often the broker's data epoch is checked
 SCORER_TAKE = 64  # trajectories taken from the stream at most at once; scored in chunks of scorer.max_batch
 
 
@@ -87,7 +91,10 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
     s, t = rt.settings, rt.topics
     k = s.kafka
     app = faust.App(
-        f"{k.topic_prefix}-{'-'.join(rt.roles)}",  # the consumer group: processes with the same roles share work
+        # The consumer group: processes with the same roles share work. The broker data's epoch
+        # is part of it, so after the broker loses its data no stale committed offset (a process
+        # that had not noticed yet may commit old ones) can make the new group skip messages.
+        f"{k.topic_prefix}-{'-'.join(rt.roles)}" + (f"-{rt.broker_epoch[:8]}" if rt.broker_epoch else ""),
         broker=[f"kafka://{host}" for host in bootstrap.split(",")],
         broker_credentials=_credentials(k),
         store="memory://",  # durable state lives in our own ledger, not in faust tables
@@ -152,6 +159,33 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         async def judge(stream):
             async for batch in stream.take_events(s.judge.concurrency, within=0.2):
                 await _handle(rt, "judge", rt.on_annotations, _events(batch))
+
+    missed = 0
+
+    @app.timer(EPOCH_CHECK_S)
+    async def watch_broker_epoch():
+        nonlocal missed
+        if rt.broker_epoch is None or rt.restart_requested:
+            return
+        try:
+            now = await read_epoch(bootstrap, t.epoch, **aiokafka_options(k))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001  (the broker is down: the clients retry with backoff)
+            log.warning("broker unreachable; retrying", bootstrap=bootstrap, error=f"{type(err).__name__}: {err}"[:200])
+            return
+        # Twice in a row, so one slow fetch on a busy machine never restarts a healthy worker.
+        missed = missed + 1 if now != rt.broker_epoch else 0
+        if missed >= 2:
+            log.error("the broker lost its data (it restarted empty?); restarting this worker",
+                      epoch_was=rt.broker_epoch, epoch_now=now)
+            rt.restart_requested = True
+            # Not faust's clean stop: its consumers would retry commits to the vanished partitions
+            # for ever. Everything durable is in the ledger and the checkpoint store (written
+            # through to the kernel), and every handler is idempotent, so a fresh process with the
+            # same command line picks up as after a crash, against the broker as it is now.
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, *sys.argv])
 
     @app.task
     async def obey_control_commands():

@@ -191,10 +191,20 @@ class DeadLetter(Message):
     at: float = Field(default_factory=_now)
 
 
+class BrokerEpoch(Message):
+    """The first record of the epoch topic: which life of the broker's data this is.
+
+    A broker that comes back without its data (the embedded one keeps it in memory) has lost
+    this record too, so a process that finds another epoch, or none, knows to start over."""
+
+    epoch: str
+    created_at: float = Field(default_factory=_now)
+
+
 M = TypeVar("M", bound=Message)
 
 ALL_SCHEMAS: tuple[type[Message], ...] = (
-    Trajectory, Reward, AnnotationRequest, Label, ModelVersion, ControlCommand, ControlAck, DeadLetter,
+    Trajectory, Reward, AnnotationRequest, Label, ModelVersion, ControlCommand, ControlAck, DeadLetter, BrokerEpoch,
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from .messages import (
     AnnotationRequest,
+    BrokerEpoch,
     ControlAck,
     ControlCommand,
     DeadLetter,
@@ -76,6 +77,10 @@ class Topics:
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead_letters"
 
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}.epoch"
+
     def all(self) -> tuple[str, ...]:
         return tuple(schemas_by_topic(self))
 
@@ -92,6 +97,7 @@ def schemas_by_topic(topics: Topics) -> dict[str, type[Message]]:
         topics.control: ControlCommand,
         topics.acks: ControlAck,
         topics.dead_letters: DeadLetter,
+        topics.epoch: BrokerEpoch,
     }
 
 
@@ -101,7 +107,7 @@ def topic_specs(topics: Topics, partitions: int = 1, replication_factor: int = 1
         raise ValueError("partitions and replication_factor must be at least 1")
     # Control, acks and versions stay on one partition so every reader sees them in one order;
     # candidates too, so the single round keeper admits them in one order against one budget.
-    single = {topics.control, topics.acks, topics.versions, topics.candidates}
+    single = {topics.control, topics.acks, topics.versions, topics.candidates, topics.epoch}
     # Compaction keeps the latest record per key (the version number) forever. Tansu 0.6 accepts
     # and stores cleanup.policy=compact (checked with describe_configs); readers still dedupe.
     configs = {topics.versions: {"cleanup.policy": "compact"}}

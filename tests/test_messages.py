@@ -14,6 +14,7 @@ from actprm.streams.messages import (
     ALL_SCHEMAS,
     MAX_REASON_CHARS,
     AnnotationRequest,
+    BrokerEpoch,
     ControlAck,
     ControlCommand,
     DeadLetter,
@@ -44,6 +45,7 @@ EXAMPLES: list[Message] = [
     ControlCommand(command="set", args={"budget": 64, "pause": False}, signature="abc"),
     ControlAck(command_id="c-1", role="scorer", process_id="host:123", ok=True, state={"paused": False, "queue": [1, 2]}),
     DeadLetter(source_topic="actprm.trajectories", partition=0, offset=7, key=None, raw_b64="e30=", reason="bad", error_type="MessageError"),
+    BrokerEpoch(epoch="3f2a"),
 ]  # fmt: skip
 
 
