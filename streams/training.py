@@ -96,9 +96,11 @@ class UpdateLoop:
         labels = [Label.model_validate(item["label"]) for _, item in chosen]
         samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error) for l in labels]
         before = self.canary_f1(self.version)
+        poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
         try:
-            result = self.trainer.update(samples)
-            refused = None if result.applied else result.reason
+            result, kept, poisoned = self._train(samples)
+            refused = None if kept else result.reason
+            ids = [s.id for s in kept] if kept else ids
         except (RuntimeError, ValueError) as err:  # e.g. an overflow inside the optimizer step
             result = UpdateResult(False, f"update failed: {str(err).splitlines()[0]}")
             refused = result.reason
@@ -115,10 +117,10 @@ class UpdateLoop:
             # they are not retried forever (their ids stay in the ledger as trained by no version).
             self.rejected += 1
             with self.ledger.transaction():
-                for label_id in ids:
+                for label_id in ids + poisoned:
                     self.ledger.put(TRAINED, label_id, None)
                     self.ledger.delete(PENDING, label_id)
-            return UpdateOutcome(result, None, ids, rejected=refused)
+            return UpdateOutcome(result, None, list(dict.fromkeys(ids + poisoned)), rejected=refused)
         prm = self.trainer.prm
         cfg = self.trainer.config
         fields = {"kind": "update", "parent": self.version, "mode": cfg.mode, "backbone": prm.backbone.reference(),
@@ -129,18 +131,45 @@ class UpdateLoop:
         try:
             manifest = self.store.save(trainable_state(prm, cfg.mode), fields)
         except CheckpointError as err:
-            # Serving goes on with the last version; the labels stay pending for the next try.
+            # Serving goes on with the last version; the labels stay pending for the next try
+            # (all but poisoned ones, which would only be refused again).
             self._follow(self.version)
+            self._retire(poisoned)
             return UpdateOutcome(result, None, ids, error=str(err))
         with self.ledger.transaction():
             for label_id in ids:
                 self.ledger.put(TRAINED, label_id, manifest.version)
+                self.ledger.delete(PENDING, label_id)
+            for label_id in poisoned:
+                self.ledger.put(TRAINED, label_id, None)
                 self.ledger.delete(PENDING, label_id)
             self.ledger.put(META, "trained_through", manifest.version)
         self.version = manifest.version
         if after is not None:
             self._canary_f1[manifest.version] = after
         return UpdateOutcome(result, manifest, ids)
+
+    def _train(self, samples: list[LabelledSample]) -> tuple[UpdateResult, list[LabelledSample], list[str]]:
+        """Step on the samples; a batch refused as non-finite is split in halves and each half
+        tried again, so one poisoned label cannot take good ones down with it.
+
+        Returns the last step's result, the samples trained on, and the ids refused alone."""
+        result = self.trainer.update(samples)
+        if result.applied:
+            return result, list(samples), []
+        if len(samples) == 1:
+            return result, [], [samples[0].id]
+        mid = len(samples) // 2
+        first, kept_a, bad_a = self._train(samples[:mid])
+        second, kept_b, bad_b = self._train(samples[mid:])
+        last = second if second.applied or not first.applied else first
+        return last, kept_a + kept_b, bad_a + bad_b
+
+    def _retire(self, label_ids: list[str]) -> None:
+        with self.ledger.transaction():
+            for label_id in label_ids:
+                self.ledger.put(TRAINED, label_id, None)
+                self.ledger.delete(PENDING, label_id)
 
     def canary_f1(self, version: int | None) -> float | None:
         """ProcessBench F1 of the trainer's current weights on the canary (None when it is not full yet).

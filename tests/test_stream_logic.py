@@ -247,3 +247,35 @@ def test_scoring_skips_ids_already_scored_and_swaps_build_a_new_model_aside(tmp_
     assert follower.try_load(new, 2) is None and 2 in follower.failed
     assert follower.newer_than(1) is None
     assert math.isfinite(new.prm.score([("p", ["a", "b"])])[0].mu[0])
+
+
+class NaNOnMarkedTrainer(Trainer):
+    """Fault injection: a batch holding a marked problem gets NaN logits, as a corrupt input would."""
+
+    def update(self, samples):
+        if not any("POISON" in s.problem for s in samples):
+            return super().update(samples)
+        real = self.prm.step_logits
+        self.prm.step_logits = lambda *a, **k: real(*a, **k) * float("nan")
+        try:
+            return super().update(samples)
+        finally:
+            del self.prm.step_logits
+
+
+def test_one_poisoned_label_does_not_take_the_good_ones_in_its_batch_down(tmp_path, ledger):
+    cfg = TrainerConfig(warmup_steps=0)
+    store = CheckpointStore(tmp_path / "ckpt")
+    prm = tiny_prm()
+    publish_initial(store, prm, cfg)
+    loop = UpdateLoop(NaNOnMarkedTrainer(prm, cfg), store, ledger, 8, 60)
+    samples = synthetic_samples(8, seed=9)
+    samples[5] = type(samples[5])(samples[5].id, "POISON " + samples[5].problem, samples[5].steps, samples[5].first_error)
+    for s in samples:
+        loop.receive(_label(s))
+    out = loop.update()
+    assert out.manifest is not None and out.manifest.version == 1
+    good = sorted(s.id for i, s in enumerate(samples) if i != 5)
+    assert sorted(out.manifest.consumed_label_ids) == good
+    assert ledger.has(TRAINED, samples[5].id) and ledger.get(TRAINED, samples[5].id) is None  # retired alone
+    assert loop.pending() == []
