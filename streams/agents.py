@@ -165,7 +165,7 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
     @app.timer(EPOCH_CHECK_S)
     async def watch_broker_epoch():
         nonlocal missed
-        if rt.broker_epoch is None or rt.restart_requested:
+        if rt.broker_epoch is None:
             return
         try:
             now = await read_epoch(bootstrap, t.epoch, **aiokafka_options(k))
@@ -179,7 +179,6 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         if missed >= 2:
             log.error("the broker lost its data (it restarted empty?); restarting this worker",
                       epoch_was=rt.broker_epoch, epoch_now=now)
-            rt.restart_requested = True
             # Not faust's clean stop: its consumers would retry commits to the vanished partitions
             # for ever. Everything durable is in the ledger and the checkpoint store (written
             # through to the kernel), and every handler is idempotent, so a fresh process with the
@@ -193,12 +192,3 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         await run_control_consumer(rt, bootstrap, **aiokafka_options(k))
 
     return app
-
-
-async def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True

@@ -65,7 +65,6 @@ class Runtime:
     swap_stalls_ms: list[float] = field(default_factory=list)
     last_error: str | None = None
     broker_epoch: str | None = None  # the broker data's life this process started in (streams/epoch.py)
-    restart_requested: bool = False  # the broker lost its data: this process starts over (agents.py)
     paused_consume: bool = False  # `ctl pause --scope all`: agents stop taking messages, nothing is committed
     metrics: object = None  # daemon.metrics.Metrics when serving metrics
 
