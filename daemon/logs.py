@@ -45,8 +45,12 @@ def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     # Library chatter (weight-loading bars, broker retries) stays out of the daemon's output.
-    for name in ("aiokafka", "faust", "mode", "transformers", "httpx"):
+    for name in ("faust", "mode", "transformers", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
+    # While a broker is down, aiokafka logs every reconnect attempt at ERROR, ~100 lines a
+    # second. The daemon says it once per check instead ("broker unreachable; retrying", from
+    # the epoch watcher); --verbose shows aiokafka's own lines.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if not verbose else logging.INFO)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -18,7 +18,7 @@ from typing import Any
 from rocksdict import Options, Rdict, WriteBatch
 
 # Namespaces; a key is b"<namespace>/<id>".
-SCORED = "scored"  # trajectory id -> model version that scored it
+SCORED = "scored"  # trajectory id -> {"version" that scored it, "epoch" of the broker data it was sent in}
 ADMITTED = "admitted"  # trajectory id -> round id it was sent to the judge in
 JUDGED = "judged"  # trajectory id -> {"first_error"} or {"dead": reason}
 PENDING = "pending"  # label id -> the Label, received but not yet trained on

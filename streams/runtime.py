@@ -207,13 +207,14 @@ class Runtime:
                 acks.append(await self.enqueue(self.topics.candidates, c.id, messages.encode(c)))
             scored += result.rewards
         await asyncio.gather(*acks)
-        mark_scored(self.ledger, scored)
+        mark_scored(self.ledger, scored, self.broker_epoch)
 
     async def _score_chunk(self, batch: list[Trajectory]):
         served = self.served  # this chunk is scored by exactly this version; swaps land between chunks
         round_id = self.keeper.state.round_id if self.keeper else 0
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.model_pool, score_batch, served, self.selector, self.ledger, batch, round_id)
+        result = await loop.run_in_executor(self.model_pool, score_batch, served, self.selector, self.ledger, batch,
+                                            round_id, self.broker_epoch)
         self.counters["scored"] += len(result.rewards)
         self.counters["selected"] += len(result.candidates)
         self.counters["duplicates_skipped"] += len(result.duplicates)

@@ -35,11 +35,19 @@ class ScoredBatch:
     tokens: int = 0
 
 
-def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: list[Trajectory], round_id: int = 0) -> ScoredBatch:
+def scored_before(ledger: Ledger, trajectory_id: str, epoch: str | None) -> bool:
+    """Was a reward for this id sent in this life of the broker's data? A reward sent before the
+    broker lost its data is gone with it, so that id is scored again."""
+    mark = ledger.get(SCORED, trajectory_id)
+    return mark is not None and mark.get("epoch") == epoch
+
+
+def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: list[Trajectory], round_id: int = 0,
+                epoch: str | None = None) -> ScoredBatch:
     """Score trajectories not scored before; the caller marks them scored once rewards are sent."""
     fresh, duplicates, seen = [], [], set()
     for t in batch:
-        if ledger.has(SCORED, t.id) or t.id in seen:
+        if scored_before(ledger, t.id, epoch) or t.id in seen:
             duplicates.append(t.id)
         else:
             seen.add(t.id)
@@ -63,10 +71,10 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
     return ScoredBatch(rewards, candidates, duplicates, served.version, seconds, sum(s.n_tokens for s in scores))
 
 
-def mark_scored(ledger: Ledger, rewards: list[Reward]) -> None:
+def mark_scored(ledger: Ledger, rewards: list[Reward], epoch: str | None = None) -> None:
     with ledger.transaction():
         for r in rewards:
-            ledger.put(SCORED, r.id, r.model_version)
+            ledger.put(SCORED, r.id, {"version": r.model_version, "epoch": epoch})
 
 
 def load_for_swap(current: ServedModel, store: CheckpointStore, version: int) -> ServedModel:

@@ -279,3 +279,17 @@ def test_one_poisoned_label_does_not_take_the_good_ones_in_its_batch_down(tmp_pa
     assert sorted(out.manifest.consumed_label_ids) == good
     assert ledger.has(TRAINED, samples[5].id) and ledger.get(TRAINED, samples[5].id) is None  # retired alone
     assert loop.pending() == []
+
+
+def test_an_id_scored_before_the_broker_lost_its_data_is_scored_again(tmp_path, ledger):
+    cfg = TrainerConfig(warmup_steps=0)
+    store = CheckpointStore(tmp_path / "ckpt")
+    publish_initial(store, tiny_prm(), cfg)
+    served = load_for_swap(ServedModel(-1, tiny_prm()), store, 0)
+    batch = [Trajectory(id=s.id, problem=s.problem, steps=s.steps) for s in synthetic_samples(3, seed=10)]
+    first = score_batch(served, make_selector("full"), ledger, batch, epoch="e1")
+    mark_scored(ledger, first.rewards, epoch="e1")
+    assert score_batch(served, make_selector("full"), ledger, batch, epoch="e1").rewards == []  # a redelivery
+    # The broker came back without its data (a new epoch): the rewards sent before are gone with it.
+    again = score_batch(served, make_selector("full"), ledger, batch, epoch="e2")
+    assert [r.id for r in again.rewards] == [t.id for t in batch]
