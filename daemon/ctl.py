@@ -247,24 +247,27 @@ def _check_scope(scope: str) -> str:
     return scope
 
 
+def _scoped(command: str, scope: str, bootstrap: str, topic_prefix: str, timeout: float, as_json: bool) -> None:
+    # Only the trainer answers annotate/train (it keeps the round); every process answers "all".
+    scope = _check_scope(scope)
+    just_trainer = scope != "all"
+    acks = _send(bootstrap, topic_prefix, timeout, command, {"scope": scope}, expect=1 if just_trainer else None,
+                 hint=TRAINER_HINT if just_trainer else None, secret=_secret())
+    _report(acks, as_json)
+
+
 @ctl_app.command()
 def pause(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
           timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
     """Pause annotation, training, or all consumption (no message is lost)."""
-    scope = _check_scope(scope)
-    acks = _send(bootstrap, topic_prefix, timeout, "pause", {"scope": scope}, expect=1 if scope != "all" else None,
-                 hint=TRAINER_HINT if scope != "all" else None, secret=_secret())
-    _report(acks, as_json)
+    _scoped("pause", scope, bootstrap, topic_prefix, timeout, as_json)
 
 
 @ctl_app.command()
 def resume(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
            timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
     """Undo a pause (resume all also resumes annotation and training)."""
-    scope = _check_scope(scope)
-    acks = _send(bootstrap, topic_prefix, timeout, "resume", {"scope": scope}, expect=1 if scope != "all" else None,
-                 hint=TRAINER_HINT if scope != "all" else None, secret=_secret())
-    _report(acks, as_json)
+    _scoped("resume", scope, bootstrap, topic_prefix, timeout, as_json)
 
 
 @ctl_app.command("reset-round")
