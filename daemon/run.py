@@ -20,7 +20,7 @@ import structlog
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.agents import aiokafka_options, build_app
-from actprm.streams.epoch import claim_epoch
+from actprm.streams.epoch import claim_epoch, restart_this_process
 from actprm.streams.messages import Trajectory
 from actprm.streams.runtime import ROLES, Runtime
 from actprm.streams.topics import Topics, ensure_topics
@@ -166,6 +166,23 @@ class StatusService(faust.Service):
                 return
 
 
+def supervise_embedded_broker(app: faust.App, broker) -> None:
+    """When the embedded broker dies (the OOM killer is the likely one: it keeps everything in
+    RAM), start over as a whole process on the same port: a fresh broker, and no client left
+    that remembers the old one's topics (see streams/epoch.py for why that matters)."""
+
+    @app.timer(1.0)
+    async def embedded_broker_alive():
+        if broker.running:
+            return
+        code, port = broker.exit_code, broker.port
+        os.environ["ACTPRM_KAFKA__EMBEDDED_PORT"] = str(port)
+        broker.stop()  # removes its temporary directory; exec would skip every finally block
+        restart_this_process("the embedded broker stopped; restarting the daemon with a new one on the same port "
+                             "(everything the broker held is lost: it keeps data in memory only)",
+                             exit_code=code, port=port)
+
+
 def run_daemon(settings: Settings, options: RunOptions) -> dict:
     """Run until stopped (Ctrl-C / SIGTERM) or until max_trajectories are done; returns the final status."""
     broker = None
@@ -173,7 +190,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
     if not bootstrap:
         from actprm.streams.broker import EmbeddedBroker
 
-        broker = EmbeddedBroker()
+        broker = EmbeddedBroker(port=settings.kafka.embedded_port)
         broker.start()
         bootstrap = broker.bootstrap
         log.warning("no Kafka configured: started the embedded broker (memory only, lost on exit)", bootstrap=bootstrap)
@@ -188,15 +205,16 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         app = build_app(rt, bootstrap)
         status = StatusService(rt, options)
         app.service(status)
+        if broker is not None:
+            supervise_embedded_broker(app, broker)
 
         if options.synthetic:
             stream = synthetic_trajectories(options.synthetic, seed=settings.model.seed)
-            source = app.topic(topics.trajectories, value_type=bytes, value_serializer="raw", key_serializer="raw")
 
             @app.task
             async def produce_builtin_stream():
-                for t in stream:
-                    await source.send(key=t.id.encode(), value=messages.encode(t))
+                acks = [await rt.enqueue(topics.trajectories, t.id, messages.encode(t)) for t in stream]
+                await asyncio.gather(*acks)
                 log.info("built-in stream produced", n=len(stream))
 
         worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, stdout=sys.stderr)

@@ -24,6 +24,7 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     bootstrap: str | None = Field(None, description="host:port[,host:port]; empty starts the embedded broker (memory only: everything is lost when it stops)")
     topic_prefix: str = Field("actprm", pattern=r"^[A-Za-z0-9._-]+$", description="prefix of every topic name")
+    embedded_port: int | None = Field(None, ge=1, le=65535, description="port of the embedded broker (default: a free one; a daemon that restarts it keeps it)")
     partitions: int = Field(4, ge=1, description="partitions of the trajectories topic (the most scorer processes that can share it)")
     replication_factor: int = Field(1, ge=1, description="replication of the topics actprm creates (3 on a production cluster)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -7,15 +7,13 @@ reason instead of a crashed agent. Micro-batches always use ``take_events(n, wit
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 
 import faust
 import structlog
 from aiokafka.errors import KafkaError
 
 from actprm.streams.control import run_control_consumer
-from actprm.streams.epoch import read_epoch
+from actprm.streams.epoch import BrokerLink, guard_epoch, read_epoch, restart_this_process
 from actprm.streams.runtime import Event, Runtime
 
 log = structlog.get_logger("actprm")
@@ -113,10 +111,11 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         return app.topic(name, value_type=bytes, value_serializer="raw", key_serializer="raw", partitions=partitions)
 
     producers = {name: raw_topic(name) for name in
-                 (t.rewards, t.candidates, t.annotations, t.labels, t.versions, t.acks, t.dead_letters)}
+                 (t.trajectories, t.rewards, t.candidates, t.annotations, t.labels, t.versions, t.acks, t.dead_letters)}
 
     async def enqueue(topic: str, key: str | None, value: bytes) -> asyncio.Future:
         """Hand a record to the producer; the returned future resolves on the broker's ack."""
+        await rt.write_gate.wait()  # held while the broker's data is in doubt (streams/epoch.py)
         return await producers[topic].send(key=key.encode() if key else None, value=value)
 
     async def send(topic: str, key: str | None, value: bytes) -> None:
@@ -160,31 +159,17 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
             async for batch in stream.take_events(s.judge.concurrency, within=0.2):
                 await _handle(rt, "judge", rt.on_annotations, _events(batch))
 
-    missed = 0
+    if rt.broker_epoch is not None:
+        @app.task
+        async def guard_broker_data():
+            async def read(wait_ms: int) -> str | None:
+                return await read_epoch(bootstrap, t.epoch, wait_ms=wait_ms, **aiokafka_options(k))
 
-    @app.timer(EPOCH_CHECK_S)
-    async def watch_broker_epoch():
-        nonlocal missed
-        if rt.broker_epoch is None:
-            return
-        try:
-            now = await read_epoch(bootstrap, t.epoch, **aiokafka_options(k))
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # noqa: BLE001  (the broker is down: the clients retry with backoff)
-            log.warning("broker unreachable; retrying", bootstrap=bootstrap, error=f"{type(err).__name__}: {err}"[:200])
-            return
-        # Twice in a row, so one slow fetch on a busy machine never restarts a healthy worker.
-        missed = missed + 1 if now != rt.broker_epoch else 0
-        if missed >= 2:
-            log.error("the broker lost its data (it restarted empty?); restarting this worker",
-                      epoch_was=rt.broker_epoch, epoch_now=now)
-            # Not faust's clean stop: its consumers would retry commits to the vanished partitions
-            # for ever. Everything durable is in the ledger and the checkpoint store (written
-            # through to the kernel), and every handler is idempotent, so a fresh process with the
-            # same command line picks up as after a crash, against the broker as it is now.
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, *sys.argv])
+            def lost(now: str | None) -> None:
+                restart_this_process("the broker lost its data (it restarted empty?); restarting this worker",
+                                     epoch_was=rt.broker_epoch, epoch_now=now)
+
+            await guard_epoch(rt.broker_epoch, read, BrokerLink(bootstrap), rt.write_gate, lost, EPOCH_CHECK_S)
 
     @app.task
     async def obey_control_commands():

@@ -129,6 +129,11 @@ class EmbeddedBroker:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def exit_code(self) -> int | None:
+        """The broker process's exit status once it has exited on its own; None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
     def log_path(self) -> Path | None:
         return self._log_dir / "tansu.log" if self._log_dir is not None else None
 

@@ -29,6 +29,7 @@ from actprm.model.trainer import Trainer
 from actprm.model.uncertainty import make_selector, predicted_first_error
 from actprm.streams import messages
 from actprm.streams.control import accept_label
+from actprm.streams.epoch import WriteGate
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import Ledger
 from actprm.streams.messages import AnnotationRequest, Label, ModelVersion, Trajectory
@@ -65,6 +66,7 @@ class Runtime:
     swap_stalls_ms: list[float] = field(default_factory=list)
     last_error: str | None = None
     broker_epoch: str | None = None  # the broker data's life this process started in (streams/epoch.py)
+    write_gate: WriteGate = field(default_factory=WriteGate)  # sends wait while that life is in doubt
     paused_consume: bool = False  # `ctl pause --scope all`: agents stop taking messages, nothing is committed
     metrics: object = None  # daemon.metrics.Metrics when serving metrics
 

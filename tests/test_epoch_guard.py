@@ -1,0 +1,165 @@
+"""The broker guard (streams/epoch.py) against a real broker process: sends are held the moment
+the broker goes away, released when it comes back with our data, and a broker that came back
+empty is reported as lost while nothing has been sent to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+
+import pytest
+
+from actprm.streams.broker import EmbeddedBroker
+from actprm.streams.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch, read_epoch
+
+pytestmark = pytest.mark.broker
+
+TOPIC = "guard-epoch"
+
+
+class CuttableLink:
+    """A TCP relay in front of the broker that can cut every connection through it and refuse new
+    ones for a while: a network outage, after which the broker still has all its data."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._pipes: set[asyncio.Task] = set()
+
+    async def open(self) -> None:
+        with socket.socket() as probe:  # keep the same port across cuts
+            probe.bind(("127.0.0.1", self.port))
+            self.port = probe.getsockname()[1]
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
+
+    async def cut(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(r, w):
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        task = asyncio.current_task()
+        self._pipes.add(task)
+        try:
+            await asyncio.gather(pump(client_r, broker_w), pump(broker_r, client_w))
+        finally:
+            self._pipes.discard(task)
+            client_w.close()
+            broker_w.close()
+
+
+def in_a_loop(scenario):
+    """Run an async test body in a fresh event loop (the suite's tests are plain functions)."""
+    @functools.wraps(scenario)
+    def test():
+        asyncio.run(scenario())
+    return test
+
+
+async def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@in_a_loop
+async def test_a_link_to_nothing_is_no_news_and_does_not_spin():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await BrokerLink(f"127.0.0.1:{port}").dropped_within(0.5) is False
+    assert loop.time() - t0 >= 0.5  # it waited instead of retrying at once
+
+
+@in_a_loop
+async def test_a_link_uses_the_first_server_that_answers():
+    async with EmbeddedBroker() as broker:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        link = BrokerLink(f"127.0.0.1:{dead},{broker.bootstrap}")
+        assert await link.dropped_within(0.2) is False
+        await broker.astop()
+        assert await link.dropped_within(5) is True
+
+
+@in_a_loop
+async def test_a_restart_holds_sends_at_once_and_an_empty_broker_is_reported_lost():
+    async with EmbeddedBroker() as broker:
+        epoch = await claim_epoch(broker.bootstrap, TOPIC)
+        gate, lost = WriteGate(), asyncio.get_running_loop().create_future()
+
+        async def read(wait_ms: int):
+            return await read_epoch(broker.bootstrap, TOPIC, wait_ms=wait_ms)
+
+        guard = asyncio.create_task(guard_epoch(epoch, read, BrokerLink(broker.bootstrap), gate,
+                                                lambda now: lost.set_result(now), check_every_s=60))
+        try:
+            await asyncio.sleep(0.5)
+            assert not gate.held
+            await broker.astop()
+            # The periodic check is a minute away: only the dropped link can have held the gate.
+            await _wait_for(lambda: gate.held, 2, "the gate to close after the broker stopped")
+            await broker.astart()  # same port, empty
+            assert await asyncio.wait_for(lost, 30) is None
+            assert gate.held, "nothing may be sent to a broker that lost our data"
+        finally:
+            guard.cancel()
+
+
+class RecordingGate(WriteGate):
+    def __init__(self):
+        super().__init__()
+        self.history: list[str] = []
+
+    def hold(self, why: str) -> None:
+        self.history.append("hold")
+        super().hold(why)
+
+    def release(self) -> None:
+        self.history.append("release")
+        super().release()
+
+
+@in_a_loop
+async def test_a_dropped_link_to_a_broker_that_kept_its_data_holds_sends_only_until_the_epoch_reads_back():
+    """A network blip: the guard's own connection (through a relay) is cut while the broker and
+    its data stay up. Sends are held, the epoch reads the same, sends go on; nothing is 'lost'."""
+    async with EmbeddedBroker() as broker:
+        epoch = await claim_epoch(broker.bootstrap, TOPIC)
+        link = CuttableLink(broker.port)
+        await link.open()
+        gate, lost = RecordingGate(), []
+
+        async def read(wait_ms: int):
+            return await read_epoch(broker.bootstrap, TOPIC, wait_ms=wait_ms)
+
+        guard = asyncio.create_task(guard_epoch(epoch, read, BrokerLink(f"127.0.0.1:{link.port}"), gate,
+                                                lost.append, check_every_s=60))
+        try:
+            await asyncio.sleep(0.5)
+            assert gate.history == []
+            await link.cut()
+            await _wait_for(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release")
+            assert not gate.held and lost == []
+        finally:
+            guard.cancel()
+            await link.cut()
