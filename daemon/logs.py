@@ -48,7 +48,7 @@ def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
     for name in ("faust", "mode", "transformers", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR if not verbose else logging.INFO)
     # While a broker is down, aiokafka logs every reconnect attempt at ERROR, ~100 lines a
-    # second. The daemon says it once per check instead ("broker unreachable; retrying", from
+    # second. The daemon says it once per check instead ("broker unreachable; holding sends and retrying", from
     # the epoch watcher); --verbose shows aiokafka's own lines.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL if not verbose else logging.INFO)
     try:

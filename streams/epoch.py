@@ -166,7 +166,7 @@ async def guard_epoch(expected: str, read, link: BrokerLink, gate: WriteGate, on
             raise
         except Exception as err:  # noqa: BLE001  (the broker is down: keep holding, back off)
             gate.hold("the broker is unreachable")
-            log.warning("broker unreachable; retrying", retry_in_s=delay, error=f"{type(err).__name__}: {err}"[:200])
+            log.warning("broker unreachable; holding sends and retrying", retry_in_s=delay, error=f"{type(err).__name__}: {err}"[:200])
             delay = min(2 * delay, max_backoff_s)
             continue
         delay = 0.5

@@ -250,6 +250,14 @@ def listen_addresses(pid: int) -> set[tuple[str, int]]:
     return found
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (all its threads'), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def sigkill(proc) -> bool:
     """SIGKILL a Popen if it runs; False when it had already exited (a crash of its own)."""
     if proc is None or proc.poll() is not None:
