@@ -66,6 +66,10 @@ class _RuntimeCollector:
                 flags.add_metric([name.removeprefix("paused_")], float(st[name]))
         flags.add_metric(["consume"], float(rt.paused_consume))
         yield flags
+        yield GaugeMetricFamily("actprm_sends_held", "1 while sends wait for the broker's data to be confirmed",
+                                value=float(rt.write_gate.held))
+        yield CounterMetricFamily("actprm_sends_held_times", "times sends were held (broker outages)",
+                                  value=rt.write_gate.holds)
         busy = GaugeMetricFamily("actprm_busy_seconds", "how long each role's current handler call has run (0: idle)",
                                  labels=["role"])
         now = time.time()

@@ -81,12 +81,15 @@ class WriteGate:
         self._open = asyncio.Event()
         self._open.set()
         self.held_because: str | None = None
+        self.holds = 0  # times sends were held (each broker outage or doubt counts once)
 
     @property
     def held(self) -> bool:
         return not self._open.is_set()
 
     def hold(self, why: str) -> None:
+        if not self.held:
+            self.holds += 1
         self.held_because = why
         self._open.clear()
 

@@ -383,7 +383,8 @@ class Runtime:
                "swap_stall_ms_max": round(max(self.swap_stalls_ms), 3) if self.swap_stalls_ms else None,
                "swap_failures": c["swap_failures"], "duplicates_skipped": c["duplicates_skipped"],
                "score_tokens": c["score_tokens"], "score_seconds": c["score_seconds_x1000"] / 1000,
-               "last_error": self.last_error}
+               "last_error": self.last_error,
+               "sends_held": self.write_gate.held_because, "sends_held_times": self.write_gate.holds}
         if self.keeper:
             st = self.keeper.state
             out |= {"round": st.round_id, "budget_used": st.used, "budget_left": st.left,
