@@ -116,6 +116,14 @@ RETRYABLE_MODES = {"http500", "timeout", "reset"}  # the client retries these (a
 _MODE = re.compile(r"^\[fault:(\w+)\] ")
 
 
+def tagged_stream(n: int, tag: str, seed: int = 7) -> list:
+    """n synthetic trajectories whose ids and problems carry `tag`, so streams never collide."""
+    from actprm.daemon.run import synthetic_trajectories
+
+    return [t.model_copy(update={"id": f"{tag}-{t.id}", "problem": f"({tag} {i}) {t.problem}"})
+            for i, t in enumerate(synthetic_trajectories(n, seed=seed))]
+
+
 def with_mode(problem: str, mode: str) -> str:
     return problem if mode == "ok" else f"[fault:{mode}] {problem}"
 
