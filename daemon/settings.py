@@ -81,6 +81,7 @@ class UpdateSettings(_Section):
     min_batch: int = Field(1, ge=1, description="fewest labels worth an update when the wait runs out")
     canary_size: int = Field(0, ge=0, description="hold back the first N judged labels as a canary set (0: off)")
     canary_tolerance: float = Field(0.05, ge=0, le=1, description="refuse an update that lowers canary F1 by more than this")
+    keep_versions: int = Field(50, ge=0, description="weights of the newest N versions (and v0) are kept; older versions keep only their manifest (0: keep all)")
 
 
 class MetricsSettings(_Section):

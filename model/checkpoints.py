@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+PRUNED = "PRUNED"  # marks a version whose weights retention removed; its manifest stays
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -74,13 +75,14 @@ class CheckpointStore:
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
 
-    def versions(self) -> list[int]:
+    def versions(self, with_weights: bool = False) -> list[int]:
+        """Every published version (a pruned one keeps its manifest); `with_weights`: loadable ones."""
         if not self.root.is_dir():
             return []
         found = []
         for child in self.root.iterdir():
             m = _VERSION_DIR.match(child.name)
-            if m and (child / MANIFEST).is_file():
+            if m and (child / MANIFEST).is_file() and not (with_weights and (child / PRUNED).exists()):
                 found.append(int(m.group(1)))
         return sorted(found)
 
@@ -105,6 +107,9 @@ class CheckpointStore:
                 raise CheckpointError(f"no checkpoint versions in {self.root}")
         manifest = self.manifest(version)
         weights = self._dir(version) / WEIGHTS
+        if (self._dir(version) / PRUNED).exists():
+            raise CheckpointError(f"version {version}'s weights were pruned (update.keep_versions keeps the newest); "
+                                  f"versions with weights: {self.versions(with_weights=True)}")
         if not weights.is_file():
             raise CheckpointError(f"version {version} has no {WEIGHTS}")
         if _sha256(weights) != manifest.sha256:
@@ -161,6 +166,24 @@ class CheckpointStore:
         fields = old.model_dump()
         fields.update(kind="rollback", parent=version, rolled_back_from=version, created=time.time(), consumed_label_ids=[])
         return self.save(tensors, fields)
+
+    def prune(self, keep_last: int) -> list[int]:
+        """Remove the weights of every version but version 0 and the newest `keep_last`; returns
+        the versions pruned now. Manifests stay: the history of parents, metrics and consumed
+        label ids (what makes "trained once" checkable) never shrinks. 0 keeps everything.
+
+        Why: an update every minute for weeks is tens of thousands of versions; only the newest
+        are ever served or rolled back to."""
+        if keep_last <= 0:
+            return []
+        pruned = []
+        with self._writer_lock():
+            for v in self.versions(with_weights=True)[1:-keep_last]:  # [0] is the initial version
+                folder = self._dir(v)
+                (folder / PRUNED).touch()  # first: a crash between the two steps leaves a clear error, not a bad file
+                (folder / WEIGHTS).unlink(missing_ok=True)
+                pruned.append(v)
+        return pruned
 
     def clean_partial(self) -> int:
         """Remove temporary directories left by a crashed writer; returns how many."""

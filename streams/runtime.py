@@ -122,7 +122,8 @@ class Runtime:
             trainer = Trainer(template, s.trainer)
             u = s.update
             self.updates = UpdateLoop(trainer, self.store, self.ledger, u.batch_size, u.max_wait_s, u.min_batch,
-                                      canary_size=u.canary_size, canary_tolerance=u.canary_tolerance)
+                                      canary_size=u.canary_size, canary_tolerance=u.canary_tolerance,
+                                      keep_versions=u.keep_versions)
         if "scorer" in self.roles:
             deadline = time.monotonic() + 600
             while self.store.latest() is None:  # the trainer (maybe elsewhere) publishes version 0

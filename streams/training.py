@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import structlog
 import torch
 
 from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
@@ -19,6 +20,8 @@ from actprm.model.trainer import LabelledSample, Trainer, UpdateResult, load_tra
 from actprm.model.metrics import processbench_scores
 from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger
 from actprm.streams.messages import Label
+
+log = structlog.get_logger("actprm")
 
 
 @dataclass
@@ -32,8 +35,9 @@ class UpdateOutcome:
 
 class UpdateLoop:
     def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float,
-                 min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05):
+                 min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05, keep_versions: int = 0):
         self.trainer, self.store, self.ledger = trainer, store, ledger
+        self.keep_versions = keep_versions
         self.batch_size, self.max_wait_s, self.min_batch = batch_size, max_wait_s, min_batch
         # The canary: the first labels judged are held back (never trained) to catch an update
         # that makes the model worse; it is kept in the ledger so a restart keeps the same set.
@@ -147,6 +151,10 @@ class UpdateLoop:
         self.version = manifest.version
         if after is not None:
             self._canary_f1[manifest.version] = after
+        try:
+            self.store.prune(self.keep_versions)
+        except OSError as err:  # retention is housekeeping: the update itself has succeeded
+            log.warning("could not prune old checkpoint weights", error=str(err))
         return UpdateOutcome(result, manifest, ids)
 
     def _train(self, samples: list[LabelledSample]) -> tuple[UpdateResult, list[LabelledSample], list[str]]:

@@ -95,6 +95,28 @@ def test_rollback_is_a_new_version_with_the_old_weights(tmp_path):
     assert store.manifest(2).rolled_back_from == 0
 
 
+def test_prune_keeps_v0_the_newest_weights_and_every_manifest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save(_tensors(0), {"kind": "init", "parent": None, "consumed_label_ids": []})
+    for v in range(1, 7):
+        store.save(_tensors(v), {"kind": "update", "consumed_label_ids": [f"l{v}"]})
+    assert store.prune(2) == [1, 2, 3, 4]
+    assert store.prune(2) == []  # idempotent
+    assert store.versions() == [0, 1, 2, 3, 4, 5, 6]  # the history stays
+    assert store.versions(with_weights=True) == [0, 5, 6]
+    assert [l for v in store.versions() for l in store.manifest(v).consumed_label_ids] == [f"l{v}" for v in range(1, 7)]
+    _assert_same(_tensors(0), store.load(0)[1])
+    _assert_same(_tensors(6), store.load()[1])
+    with pytest.raises(CheckpointError, match=r"version 3's weights were pruned .*\[0, 5, 6\]"):
+        store.load(3)
+    with pytest.raises(CheckpointError, match="pruned"):
+        store.rollback(2)  # nothing is published from weights that are gone
+    assert store.latest() == 6
+    store.save(_tensors(7), {"kind": "update", "consumed_label_ids": ["l7"]})
+    assert store.prune(2) == [5] and store.versions(with_weights=True) == [0, 6, 7]
+    assert store.prune(0) == []  # 0 keeps everything
+
+
 def test_altered_weights_fail_the_checksum(tmp_path):
     store = CheckpointStore(tmp_path)
     store.save(_tensors(0), {})

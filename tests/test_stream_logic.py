@@ -137,6 +137,22 @@ def test_labels_are_trained_once_and_each_version_lists_what_it_consumed(tmp_pat
     assert sorted(consumed) == sorted(s.id for s in samples)
 
 
+def test_old_weights_are_pruned_after_each_update_and_a_restart_still_knows_every_trained_label(tmp_path):
+    ledger = Ledger(tmp_path / "ledger")
+    loop = _loop(tmp_path, ledger, batch_size=2, keep_versions=2)
+    samples = synthetic_samples(8, seed=5)
+    for s in samples:
+        loop.receive(_label(s))
+    while loop.pending():
+        loop.update()
+    assert loop.store.versions() == [0, 1, 2, 3, 4]
+    assert loop.store.versions(with_weights=True) == [0, 3, 4]
+    ledger.close()
+    # The ledger is gone (a new disk, say): the manifests alone still say what was trained.
+    restarted = _loop(tmp_path, Ledger(tmp_path / "ledger-new"), batch_size=2, keep_versions=2)
+    assert restarted.version == 4 and not any(restarted.receive(_label(s)) for s in samples)
+
+
 def test_a_crash_between_saving_a_version_and_marking_its_labels_is_reconciled(tmp_path):
     ledger = Ledger(tmp_path / "ledger")
     loop = _loop(tmp_path, ledger)
