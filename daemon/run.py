@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import faust
 import structlog
 
+from actprm.daemon.logs import PROCESS_CONTEXT
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.agents import aiokafka_options, build_app
 from actprm.streams.epoch import claim_epoch, restart_this_process
-from actprm.streams.messages import Trajectory
 from actprm.streams.runtime import ROLES, Runtime
+from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.topics import Topics, ensure_topics
 
 log = structlog.get_logger("actprm")
@@ -46,13 +47,6 @@ def parse_roles(role: str) -> tuple[str, ...]:
     if unknown or not roles:
         raise ValueError(f"unknown role {', '.join(unknown) or role!r}; choose from all, {', '.join(ROLES)}")
     return roles
-
-
-def synthetic_trajectories(n: int, seed: int) -> list[Trajectory]:
-    from actprm.model.synthetic import arithmetic_trajectories
-
-    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label)
-            for r in arithmetic_trajectories(n, seed=seed)]
 
 
 def heldout_scores(served, records) -> dict:
@@ -199,6 +193,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         asyncio.run(ensure_topics(bootstrap, topics, partitions=settings.kafka.partitions,
                                   replication_factor=settings.kafka.replication_factor, **aiokafka_options(settings.kafka)))
         rt = Runtime(settings, options.roles, topics)
+        PROCESS_CONTEXT.update(rt.log_context())
         rt.broker_epoch = asyncio.run(claim_epoch(bootstrap, topics.epoch, **aiokafka_options(settings.kafka)))
         rt.prepare_models()
         rt.prepare_judge()

@@ -38,7 +38,7 @@ from actprm.streams.agents import SCORER_TAKE as TAKE
 
 
 def _trajectories(n: int, seed: int):
-    from actprm.daemon.run import synthetic_trajectories
+    from actprm.streams.tools import synthetic_trajectories
 
     return synthetic_trajectories(n, seed=seed)
 

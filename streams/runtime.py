@@ -83,12 +83,6 @@ class Runtime:
         self.started_at = time.time()
         self.busy_since: dict[str, float | None] = {role: None for role in self.roles}
         self.rebuild_selector()
-        from actprm.daemon.logs import PROCESS_CONTEXT
-
-        PROCESS_CONTEXT.update(
-            role=",".join(self.roles),
-            round=lambda: self.keeper.state.round_id if self.keeper else None,
-            model_version=lambda: self.served.version if self.served else (self.updates.version if self.updates else None))
         self.follower = VersionFollower(self.store)
         self.keeper = RoundKeeper(self.ledger, s.round.budget) if "trainer" in self.roles else None
         self.judge = None
@@ -372,6 +366,12 @@ class Runtime:
             await self.follow_versions()
 
     # --- status --------------------------------------------------------------------------
+
+    def log_context(self) -> dict:
+        """What every log line of this process carries: roles, round, model version (read when logged)."""
+        return {"role": ",".join(self.roles),
+                "round": lambda: self.keeper.state.round_id if self.keeper else None,
+                "model_version": lambda: self.served.version if self.served else (self.updates.version if self.updates else None)}
 
     def status(self) -> dict:
         c = self.counters

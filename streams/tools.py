@@ -19,11 +19,17 @@ TAILABLE = {"rewards": "rewards", "labels": "labels", "annotations": "annotation
             "control": "control", "acks": "acks"}
 
 
+def synthetic_trajectories(n: int, seed: int) -> list[Trajectory]:
+    """The built-in stream: arithmetic word problems with a known first wrong step (gold labels)."""
+    from actprm.model.synthetic import arithmetic_trajectories
+
+    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label)
+            for r in arithmetic_trajectories(n, seed=seed)]
+
+
 def trajectories_from(file: Path | None, synthetic: int | None) -> tuple[list[Trajectory], list[tuple[str, str]]]:
     """Trajectories from a labelled file (gold labels carried for the oracle judge) or the built-in generator."""
     if synthetic is not None:
-        from actprm.daemon.run import synthetic_trajectories
-
         return synthetic_trajectories(synthetic, seed=0), []
     from actprm.model.data import load_records
 

@@ -118,7 +118,7 @@ _MODE = re.compile(r"^\[fault:(\w+)\] ")
 
 def tagged_stream(n: int, tag: str, seed: int = 7) -> list:
     """n synthetic trajectories whose ids and problems carry `tag`, so streams never collide."""
-    from actprm.daemon.run import synthetic_trajectories
+    from actprm.streams.tools import synthetic_trajectories
 
     return [t.model_copy(update={"id": f"{tag}-{t.id}", "problem": f"({tag} {i}) {t.problem}"})
             for i, t in enumerate(synthetic_trajectories(n, seed=seed))]
@@ -333,7 +333,7 @@ def run_crash_trials(bootstrap: str, prefix: str, tmp: Path, *, n_traj: int, n_k
     flows in while a random role is SIGKILLed and restarted `n_kills` times; then everything
     drains and the invariants are checked. Selection is `full`, so every trajectory must end as
     a reward, a label and a trained label."""
-    from actprm.daemon.run import synthetic_trajectories
+    from actprm.streams.tools import synthetic_trajectories
     from actprm.model.checkpoints import CheckpointStore
     from actprm.streams.tools import produce_trajectories
     from actprm.streams.topics import Topics

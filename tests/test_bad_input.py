@@ -132,7 +132,7 @@ def test_malformed_messages_through_a_running_daemon_become_dead_letters_and_the
     """A few hundred generated malformed payloads and one 10 MB payload, interleaved with valid
     trajectories on the trajectories topic: each malformed one is a dead letter with a reason,
     every valid one is rewarded, and the worker never stops."""
-    from actprm.daemon.run import synthetic_trajectories
+    from actprm.streams.tools import synthetic_trajectories
     from actprm.streams.topics import Topics
     from helpers_daemon import Daemon, read_topic
     from helpers_faults import produce_raw

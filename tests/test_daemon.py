@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from actprm.daemon.run import synthetic_trajectories
+from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.messages import Trajectory
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics

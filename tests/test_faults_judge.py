@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from actprm.daemon.run import synthetic_trajectories
+from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, read_topic

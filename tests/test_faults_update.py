@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from actprm.daemon.run import synthetic_trajectories
+from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, consumed_ids, read_topic, wait_until

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from actprm.daemon.run import synthetic_trajectories
+from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
