@@ -161,8 +161,8 @@ async def guard_epoch(expected: str, read, link: BrokerLink, gate: WriteGate, on
         if gate.held:
             await asyncio.sleep(delay)
         elif await link.dropped_within(check_every_s):
+            gate.hold("the connection to the broker dropped")  # before anything else can fail
             log.warning("lost the connection to the broker; holding sends until its data is confirmed")
-            gate.hold("the connection to the broker dropped")
         try:
             now = await read(5000 if misses else 1500)
         except asyncio.CancelledError:

@@ -7,8 +7,17 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from actprm.streams.broker import EmbeddedBroker
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog to print to pytest's captured
+    stream, which is closed after that test; later tests must not log into it."""
+    yield
+    structlog.reset_defaults()
 
 
 def _require_broker_binary() -> None:

@@ -56,6 +56,8 @@ class CuttableLink:
         self._pipes.add(task)
         try:
             await asyncio.gather(pump(client_r, broker_w), pump(broker_r, client_w))
+        except asyncio.CancelledError:
+            pass  # cut: the connection ends here, which is the point
         finally:
             self._pipes.discard(task)
             client_w.close()
@@ -70,9 +72,12 @@ def in_a_loop(scenario):
     return test
 
 
-async def _wait_for(predicate, timeout: float, what: str) -> None:
+async def _wait_for(predicate, timeout: float, what: str, guard: asyncio.Task | None = None) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
+        if guard is not None and guard.done():
+            guard.result()  # the guard died: its error is the test's failure
+            raise AssertionError(f"the guard returned while waiting for {what}")
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
@@ -117,7 +122,7 @@ async def test_a_restart_holds_sends_at_once_and_an_empty_broker_is_reported_los
             assert not gate.held
             await broker.astop()
             # The periodic check is a minute away: only the dropped link can have held the gate.
-            await _wait_for(lambda: gate.held, 2, "the gate to close after the broker stopped")
+            await _wait_for(lambda: gate.held, 2, "the gate to close after the broker stopped", guard)
             await broker.astart()  # same port, empty
             assert await asyncio.wait_for(lost, 30) is None
             assert gate.held, "nothing may be sent to a broker that lost our data"
@@ -158,7 +163,7 @@ async def test_a_dropped_link_to_a_broker_that_kept_its_data_holds_sends_only_un
             await asyncio.sleep(0.5)
             assert gate.history == []
             await link.cut()
-            await _wait_for(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release")
+            await _wait_for(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release", guard)
             assert not gate.held and lost == []
         finally:
             guard.cancel()
