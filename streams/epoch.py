@@ -156,28 +156,31 @@ async def guard_epoch(expected: str, read, link: BrokerLink, gate: WriteGate, on
     twice in a row (the second read waits longer, so one slow fetch on a busy machine never
     restarts a healthy worker) calls `on_lost(now)` with the gate still held. While the broker
     is unreachable the gate stays held and reads back off from 0.5 s to `max_backoff_s`."""
-    delay, misses = 0.5, 0
+    delay, misses, outage = 0.5, 0, False
     while True:
         if gate.held:
             await asyncio.sleep(delay)
         elif await link.dropped_within(check_every_s):
             gate.hold("the connection to the broker dropped")  # before anything else can fail
-            log.warning("lost the connection to the broker; holding sends until its data is confirmed")
+            # Quiet unless the broker stays away: a Kafka cluster closes idle connections
+            # (connections.max.idle.ms), and a read a moment later finds all well.
+            log.debug("the connection to the broker dropped; holding sends until its data is confirmed")
         try:
             now = await read(5000 if misses else 1500)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001  (the broker is down: keep holding, back off)
             gate.hold("the broker is unreachable")
+            outage = True
             log.warning("broker unreachable; holding sends and retrying", retry_in_s=delay, error=f"{type(err).__name__}: {err}"[:200])
             delay = min(2 * delay, max_backoff_s)
             continue
         delay = 0.5
         if now == expected:
             if gate.held:
-                log.info("the broker is back with our data; sending again")
+                (log.info if outage else log.debug)("the broker is back with our data; sending again")
                 gate.release()
-            misses = 0
+            misses, outage = 0, False
             continue
         misses += 1
         gate.hold("the broker's data epoch is not ours")
