@@ -9,9 +9,11 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from actprm.model.checkpoints import CheckpointStore
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
@@ -61,15 +63,57 @@ def _feed_until_stopped(bootstrap: str, prefix: str, batches: list, stop: thread
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
-def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes(fresh_broker, topic_prefix, tmp_path, busy):
+class Deployment:
+    """One daemon with every role, or (split) a process per role sharing a checkpoint directory."""
+
+    def __init__(self, bootstrap: str, prefix: str, tmp: Path, env: dict[str, str], split: bool):
+        if split:
+            env = {**env, "ACTPRM_CHECKPOINT_DIR": str(tmp / "checkpoints")}
+            self.daemons = [Daemon(bootstrap, prefix, tmp / role, "--role", role, env=env)
+                            for role in ("trainer", "scorer", "judge")]  # the trainer publishes v0
+        else:
+            self.daemons = [Daemon(bootstrap, prefix, tmp, env=env)]
+        self.store = CheckpointStore(tmp / "checkpoints")
+
+    def start(self) -> Deployment:
+        for d in self.daemons:
+            d.start()
+        return self
+
+    def stderr(self, marks: list[int] | None = None) -> str:
+        return "".join(d.stderr()[m:] for d, m in zip(self.daemons, marks or [0] * len(self.daemons)))
+
+    def marks(self) -> list[int]:
+        return [len(d.stderr()) for d in self.daemons]
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(d.proc.pid) for d in self.daemons)
+
+    def all_alive(self) -> bool:
+        return all(d.proc.poll() is None for d in self.daemons)
+
+    def all_said(self, text: str) -> bool:
+        return all(text in d.stderr() for d in self.daemons)
+
+    def terminate(self) -> list[int]:
+        return [d.terminate(90) for d in self.daemons]
+
+    def kill(self) -> None:
+        for d in self.daemons:
+            d.kill()
+
+
+@pytest.mark.parametrize("busy,split", [(False, False), (True, False), (True, True)], ids=["idle", "busy", "busy-split"])
+def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes(fresh_broker, topic_prefix, tmp_path,
+                                                                                 busy, split):
     """Stop the broker under a running daemon, start it again. The embedded broker is memory
     only, so it comes back empty: the hardest case, as a durable Kafka keeps its data. The daemon
     stays up, holds its sends, logs the outage with backoff and does not spin; it then finds
     the broker's data gone, restarts its worker in the new epoch, and the whole loop resumes:
     everything sent afterwards is rewarded, judged once, trained once into a new version, and no
     send fails on a partition poisoned by a stale client. `busy`: a stream is flowing through
-    every topic at the moment the broker dies."""
+    every topic at the moment the broker dies. `split`: scorer, judge and trainer are separate
+    processes, each finding the loss on its own."""
     broker = fresh_broker
     topics = Topics(topic_prefix)
     before, after = tagged_stream(8, "pre"), tagged_stream(8, "post", seed=11)
@@ -79,10 +123,10 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
     with FaultyJudge(gold, delay_s=0.02).start() as judge:
         env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_JUDGE__KIND": "openai", "ACTPRM_JUDGE__BASE_URL": judge.base_url,
                "ACTPRM_JUDGE__CONCURRENCY": "2", "ACTPRM_JUDGE__MAX_RETRIES": "3", "ACTPRM_JUDGE__TIMEOUT_S": "20"}
-        daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path, env=env).start()
+        daemon = Deployment(broker.bootstrap, topic_prefix, tmp_path, env, split).start()
         try:
             produce_trajectories(broker.bootstrap, topic_prefix, before)
-            wait_until(lambda: {t.id for t in before} <= set(consumed_ids(daemon.store)), 120, interval=1,
+            wait_until(lambda: {t.id for t in before} <= set(consumed_ids(daemon.store)), 180, interval=1,
                        what="the labels of the first stream trained")
             versions_before = daemon.store.versions()
             stop_feeding = threading.Event()
@@ -91,7 +135,7 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
                                           args=(broker.bootstrap, topic_prefix, feed, stop_feeding, fed))
                 feeder.start()
                 wait_until(lambda: len(topic_ids(broker.bootstrap, topics.rewards)) > 24, 60, interval=0.2, what="the flow")
-            log_mark = len(daemon.stderr())
+            log_marks = daemon.marks()
             broker.stop()
             stop_feeding.set()
             in_flight, restarted = set(), threading.Event()  # judge calls under way until the worker is replaced
@@ -102,13 +146,13 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
                     time.sleep(0.02)
 
             threading.Thread(target=watch_judge_calls, daemon=True).start()
-            cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+            cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
             time.sleep(OUTAGE_S)
-            cpu_share = (cpu_seconds(daemon.proc.pid) - cpu0) / (time.monotonic() - t0)
-            assert daemon.proc.poll() is None, f"the daemon died with the broker:\n{daemon.stderr()[-3000:]}"
-            outage_log = daemon.stderr()[log_mark:]
+            cpu_share = (daemon.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            assert daemon.all_alive(), f"a process died with the broker:\n{daemon.stderr()[-3000:]}"
+            outage_log = daemon.stderr(log_marks)
             broker.start()  # same port, empty
-            wait_until(lambda: "the broker lost its data" in daemon.stderr(), 60, what="the empty broker noticed")
+            wait_until(lambda: daemon.all_said("the broker lost its data"), 60, what="the empty broker noticed")
             restarted.set()
             produce_trajectories(broker.bootstrap, topic_prefix, after)
             want = {t.id for t in after}
@@ -119,25 +163,28 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
             settle_mark, t1 = len(daemon.stderr().splitlines()), time.monotonic()
             time.sleep(5)
             settled_rate = (len(daemon.stderr().splitlines()) - settle_mark) / (time.monotonic() - t1)
-            assert daemon.proc.poll() is None
-            assert daemon.terminate(90) == 0, daemon.stderr()[-3000:]
+            assert daemon.all_alive()
+            assert daemon.terminate() == [0] * len(daemon.daemons), daemon.stderr()[-3000:]
         finally:
             daemon.kill()
         calls = dict(judge.calls)
     log = daemon.stderr()
+    n = len(daemon.daemons)
     trained = consumed_ids(daemon.store)
-    judged_twice = [p for p, n in calls.items() if n > 1]
-    row = SummaryRow(f"broker outage ({'busy' if busy else 'idle'})", faults=1, sent=len(before) + len(after),
+    judged_twice = [p for p, k in calls.items() if k > 1]
+    scenario = f"broker outage ({'busy' if busy else 'idle'}{', 3 processes' if split else ''})"
+    row = SummaryRow(scenario, faults=1, sent=len(before) + len(after),
                      rewards=len(before) + len(rewarded_after), lost=len(want - rewarded_after),
-                     judged_twice=len(judged_twice), trained_twice=sum(1 for n in trained.values() if n > 1))
+                     judged_twice=len(judged_twice), trained_twice=sum(1 for k in trained.values() if k > 1))
     row.notes.append(f"{OUTAGE_S}s down, back empty; CPU {cpu_share:.2f} of a core and "
-                     f"{len(outage_log.splitlines())} log lines during the outage; versions {max(versions_before)} -> "
-                     f"{max(daemon.store.versions())}" + (f"; {len(fed)} more fed under load, those not rewarded before "
-                                                           f"the broker died went with its memory" if busy else ""))
+                     f"{len(outage_log.splitlines())} log lines during the outage ({n} process{'es' if n > 1 else ''}); "
+                     f"versions {max(versions_before)} -> {max(daemon.store.versions())}"
+                     + (f"; {len(fed)} more fed under load, those not rewarded before the broker died went with its "
+                        f"memory" if busy else ""))
     ROWS.append(row)
     assert cpu_share < 0.5, f"the daemon spins while the broker is down ({cpu_share:.0%} of a core)"
     assert "holding sends" in outage_log, outage_log[-2000:]
-    assert len(outage_log.splitlines()) < OUTAGE_S * 3, f"retries without backoff flood the log:\n{outage_log[-3000:]}"
+    assert len(outage_log.splitlines()) < n * OUTAGE_S * 3, f"retries without backoff flood the log:\n{outage_log[-3000:]}"
     assert "UnknownError" not in log, "a send failed on a partition a stale client poisoned"
     assert max(daemon.store.versions()) > max(versions_before), "no update after the restart"
     assert row.trained_twice == 0, "a label was trained twice"
