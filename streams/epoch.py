@@ -57,8 +57,8 @@ async def claim_epoch(bootstrap: str, topic: str, **kafka_options) -> str:
     if found is not None:
         return found
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options)
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(topic, messages.encode(BrokerEpoch(epoch=uuid.uuid4().hex)), partition=0)
     finally:
         await producer.stop()

@@ -45,8 +45,8 @@ def trajectories_from(file: Path | None, synthetic: int | None) -> tuple[list[Tr
 
 async def _produce(bootstrap: str, topic: str, items: list[Trajectory]) -> int:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
     try:
+        await producer.start()
         futures = []
         for t in tqdm(items, desc="produce", unit="traj", disable=None):
             futures.append(await producer.send(topic, key=t.id.encode(), value=messages.encode(t)))
@@ -63,9 +63,9 @@ def produce_trajectories(bootstrap: str, topic_prefix: str, items: list[Trajecto
 async def _tail(bootstrap: str, topic: str, limit: int | None, from_beginning: bool, out: TextIO) -> int:
     # No consumer group: tailing must never steal partitions from the daemon's workers.
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    await consumer.start()
     seen = 0
     try:
+        await consumer.start()
         if topic not in await consumer.topics():  # also loads the metadata partitions_for_topic reads
             raise ValueError(f"topic {topic} does not exist on {bootstrap}")
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
