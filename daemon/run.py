@@ -8,9 +8,11 @@ produced by a task inside the same worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -160,6 +162,24 @@ class StatusService(faust.Service):
                 return
 
 
+class BoundedStopWorker(faust.Worker):
+    """faust's worker, with a stop that cannot hang.
+
+    With the broker gone, faust's consumers and producer wait up to a minute each for it while
+    stopping (mode's shutdown_timeout), so Ctrl-C or a SIGTERM seemed to do nothing. Once a stop
+    begins, a timer gives it `stop_timeout()` seconds, then calls `on_timeout` (which exits)."""
+
+    def __init__(self, app: faust.App, *, stop_timeout, on_timeout, **kwargs):
+        super().__init__(app, **kwargs)
+        self._stop_timeout, self._on_timeout = stop_timeout, on_timeout
+
+    async def on_stop(self) -> None:
+        timer = threading.Timer(self._stop_timeout(), self._on_timeout)
+        timer.daemon = True
+        timer.start()
+        await super().on_stop()
+
+
 def supervise_embedded_broker(app: faust.App, broker) -> None:
     """When the embedded broker dies (the OOM killer is the likely one: it keeps everything in
     RAM), start over as a whole process on the same port: a fresh broker, and no client left
@@ -212,7 +232,19 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
                 await asyncio.gather(*acks)
                 log.info("built-in stream produced", n=len(stream))
 
-        worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False, stdout=sys.stderr)
+        def stop_now() -> None:
+            log.error("the stop did not finish in time (is the broker unreachable?); exiting now: what is durable "
+                      "is on disk, and whatever was not acknowledged is delivered again after the restart",
+                      sends_held=rt.write_gate.held_because)
+            print(json.dumps(rt.status(), indent=2, default=str), flush=True)
+            if broker is not None:
+                broker.stop()
+            sys.stderr.flush()
+            os._exit(0)  # as safe as a crash, which the fault suite proves; the stop was asked for
+
+        worker = BoundedStopWorker(app, stop_timeout=lambda: 5.0 if rt.write_gate.held else settings.stop_timeout_s,
+                                   on_timeout=stop_now, loglevel="warning", quiet=True, redirect_stdouts=False,
+                                   stdout=sys.stderr)
         worker.spinner = None  # its cursor codes would end up in the final JSON on stdout
         try:
             worker.execute_from_commandline()

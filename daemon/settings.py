@@ -100,6 +100,7 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
     checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
+    stop_timeout_s: float = Field(30.0, gt=0, description="a stop (SIGTERM, Ctrl-C) that has not finished after this long exits at once; 5 s while the broker is unreachable")
     kafka: KafkaSettings = KafkaSettings()
     model: ModelSettings = ModelSettings()
     selection: SelectionSettings = SelectionSettings()

@@ -22,7 +22,9 @@ from typing import Annotated, Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from actprm.streams import messages
 from actprm.streams.ledger import META, PENDING, TRAINED
@@ -293,15 +295,31 @@ async def receive(rt, raw: bytes | None, secret: str | None, seen_nonces: Mutabl
     return await handle_command(rt, cmd)
 
 
+async def _started_consumer(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
+    """A started consumer without a group. The broker may be away right now (an outage, a
+    restart): wait for it with backoff rather than let the error crash the whole app."""
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(KafkaError), wait=wait_exponential(0.5, max=10),
+                                       before_sleep=lambda state: log.warning(
+                                           "control consumer cannot reach the broker; retrying",
+                                           error=str(state.outcome.exception())[:200])):
+        with attempt:
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                        fetch_max_wait_ms=100, **kafka_options)
+            try:
+                await consumer.start()
+            except BaseException:
+                await consumer.stop()
+                raise
+    return consumer
+
+
 async def run_control_consumer(rt, bootstrap: str, **kafka_options: Any) -> None:
     """Read every control command from the start of the topic, obey, ack; runs until cancelled."""
     s = rt.settings
     secret = s.control_secret.get_secret_value() if s.control_secret else None
     if not secret:
         log.warning("control commands are not authenticated: set ACTPRM_CONTROL_SECRET on daemons and ctl")
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=100, **kafka_options)
-    await consumer.start()
+    consumer = await _started_consumer(bootstrap, **kafka_options)
     try:
         tp = TopicPartition(rt.topics.control, 0)
         consumer.assign([tp])
