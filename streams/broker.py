@@ -98,6 +98,7 @@ class EmbeddedBroker:
         log_dir: Path | None = None,
         start_timeout_s: float = 10.0,
         port_attempts: int = 5,
+        advertised_port: int | None = None,
     ) -> None:
         self.cluster_id = cluster_id or f"actprm-{uuid.uuid4().hex[:12]}"
         self._requested_port = port
@@ -107,6 +108,8 @@ class EmbeddedBroker:
         self._start_timeout_s = start_timeout_s
         self._port_attempts = port_attempts
         self._proc: subprocess.Popen[bytes] | None = None
+        # Clients reach the broker through another port (a relay that tests cut to make an outage).
+        self._advertised_port = advertised_port
 
     # -- what clients need ------------------------------------------------------------------
 
@@ -236,11 +239,12 @@ class EmbeddedBroker:
         env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV}
         env["NO_COLOR"] = "1"  # plain text in the log file, not terminal colour codes
         url = f"tcp://{_HOST}:{port}"
+        advertised = f"tcp://{_HOST}:{self._advertised_port}" if self._advertised_port else url
         argv = [
             str(binary), "broker",
             "--cluster-id", self.cluster_id,
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
         with open(log_path, "ab") as log:  # the child keeps its own descriptor

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from actprm.model.checkpoints import CheckpointStore
+from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
-from helpers_faults import (SUMMARY_FILE, FaultyJudge, SummaryRow, cpu_seconds, format_summary, run_crash_trials,
-                            tagged_stream, topic_ids)
+from helpers_faults import (SUMMARY_FILE, FaultyJudge, SummaryRow, TcpRelay, cpu_seconds, format_summary, free_port,
+                            run_crash_trials, tagged_stream, topic_ids)
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow]
 
@@ -192,3 +193,70 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
     # other repeat is a real second judgement.
     assert set(judged_twice) <= in_flight, f"judged twice: {sorted(set(judged_twice) - in_flight)}"
     assert settled_rate < 2, f"{settled_rate:.1f} log lines/s after recovery:\n{log[-2000:]}"
+
+
+def test_a_network_outage_with_the_data_kept_holds_sends_and_then_loses_nothing(topic_prefix, tmp_path):
+    """The durable case, as with a real Kafka cluster: every connection between the daemon and
+    the broker is cut for a while (a relay the broker advertises), and the broker keeps its data.
+    The daemon holds its sends, logs the outage with backoff and does not spin; when the link is
+    back it finds the same data epoch, sends again without restarting, and every trajectory
+    acknowledged before, during the flow and after is rewarded, judged once and trained once."""
+    broker_port = free_port()
+    relay = TcpRelay(broker_port).restore()
+    broker = EmbeddedBroker(port=broker_port, advertised_port=relay.port).start()
+    bootstrap = f"127.0.0.1:{relay.port}"
+    topics = Topics(topic_prefix)
+    before, after = tagged_stream(8, "pre"), tagged_stream(8, "post", seed=11)
+    feed = [tagged_stream(2, f"busy{i}", seed=100 + i) for i in range(300)]
+    gold = {t.problem: t.gold_first_error for t in [*before, *after, *(t for b in feed for t in b)]}
+    fed: list = []
+    try:
+        with FaultyJudge(gold, delay_s=0.02).start() as judge:
+            env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_JUDGE__KIND": "openai", "ACTPRM_JUDGE__BASE_URL": judge.base_url,
+                   "ACTPRM_JUDGE__CONCURRENCY": "2", "ACTPRM_JUDGE__MAX_RETRIES": "3", "ACTPRM_JUDGE__TIMEOUT_S": "20"}
+            daemon = Deployment(bootstrap, topic_prefix, tmp_path, env, split=False).start()
+            try:
+                produce_trajectories(bootstrap, topic_prefix, before)
+                wait_until(lambda: {t.id for t in before} <= set(consumed_ids(daemon.store)), 180, interval=1,
+                           what="the labels of the first stream trained")
+                stop_feeding = threading.Event()
+                threading.Thread(target=_feed_until_stopped, daemon=True,
+                                 args=(bootstrap, topic_prefix, feed, stop_feeding, fed)).start()
+                wait_until(lambda: len(topic_ids(bootstrap, topics.rewards)) > 24, 60, interval=0.2, what="the flow")
+                log_marks = daemon.marks()
+                relay.cut()
+                cpu0, t0 = daemon.cpu_seconds(), time.monotonic()
+                time.sleep(OUTAGE_S)
+                cpu_share = (daemon.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                stop_feeding.set()
+                assert daemon.all_alive(), f"the daemon died in the outage:\n{daemon.stderr()[-3000:]}"
+                outage_log = daemon.stderr(log_marks)
+                relay.restore()
+                wait_until(lambda: "the broker is back with our data" in daemon.stderr(log_marks), 60,
+                           what="sends released")
+                produce_trajectories(bootstrap, topic_prefix, after)
+                want = {t.id for t in [*before, *fed, *after]}
+                wait_until(lambda: want <= topic_ids(bootstrap, topics.rewards), 180, interval=2, what="every reward")
+                wait_until(lambda: want <= set(consumed_ids(daemon.store)), 180, interval=1, what="every label trained")
+                rewarded = topic_ids(bootstrap, topics.rewards) & want
+                assert daemon.all_alive()
+                assert daemon.terminate() == [0], daemon.stderr()[-3000:]
+            finally:
+                daemon.kill()
+            calls = dict(judge.calls)
+    finally:
+        broker.stop()
+        relay.close()
+    log = daemon.stderr()
+    trained = consumed_ids(daemon.store)
+    row = SummaryRow("network outage (busy, data kept)", faults=1, sent=len(want), rewards=len(rewarded),
+                     lost=len(want - rewarded), judged_twice=sum(1 for k in calls.values() if k > 1),
+                     trained_twice=sum(1 for k in trained.values() if k > 1))
+    row.notes.append(f"{OUTAGE_S}s with every connection cut; CPU {cpu_share:.2f} of a core and "
+                     f"{len(outage_log.splitlines())} log lines during the outage; no restart")
+    ROWS.append(row)
+    assert cpu_share < 0.5, f"the daemon spins while the broker is away ({cpu_share:.0%} of a core)"
+    assert "holding sends" in outage_log, outage_log[-2000:]
+    assert len(outage_log.splitlines()) < OUTAGE_S * 3, f"retries without backoff flood the log:\n{outage_log[-3000:]}"
+    assert "the broker lost its data" not in log, "a broker that kept its data was taken for an empty one"
+    assert row.lost == 0 and row.trained_twice == 0 and row.judged_twice == 0, row
