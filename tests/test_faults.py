@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -62,3 +63,24 @@ def test_the_embedded_broker_dying_restarts_the_daemon_on_the_same_port_and_the_
         daemon.kill()
     assert max(consumed_ids(daemon.store).values()) == 1, "a label was trained twice"
     assert "UnknownError" not in daemon.stderr()
+
+
+def test_a_stop_while_the_broker_is_down_finishes_at_once_with_the_status(fresh_broker, topic_prefix, tmp_path):
+    """Ctrl-C or SIGTERM with the broker gone: faust alone would wait a minute per client for it.
+    The daemon gives the stop 5 s, then prints its status and exits 0."""
+    daemon = Daemon(fresh_broker.bootstrap, topic_prefix, tmp_path).start()
+    try:
+        produce_trajectories(fresh_broker.bootstrap, topic_prefix, tagged_stream(8, "pre"))
+        wait_until(lambda: len(consumed_ids(daemon.store)) == 8, 120, interval=1, what="labels trained")
+        fresh_broker.stop()
+        wait_until(lambda: "holding sends" in daemon.stderr(), 30, what="the outage noticed")
+        t0 = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.wait(60)
+        took = time.monotonic() - t0
+    finally:
+        daemon.kill()
+    print(f"stop with the broker down took {took:.1f} s")
+    assert code == 0 and took < 30, (code, took)
+    assert "the stop did not finish in time" in daemon.stderr()
+    assert daemon.final_status()["updates"] >= 1  # the status still reaches stdout
