@@ -5,7 +5,6 @@ empty is reported as lost while nothing has been sent to it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import socket
 
@@ -13,55 +12,11 @@ import pytest
 
 from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch, read_epoch
+from helpers_faults import TcpRelay
 
 pytestmark = pytest.mark.broker
 
 TOPIC = "guard-epoch"
-
-
-class CuttableLink:
-    """A TCP relay in front of the broker that can cut every connection through it and refuse new
-    ones for a while: a network outage, after which the broker still has all its data."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._pipes: set[asyncio.Task] = set()
-
-    async def open(self) -> None:
-        with socket.socket() as probe:  # keep the same port across cuts
-            probe.bind(("127.0.0.1", self.port))
-            self.port = probe.getsockname()[1]
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
-
-    async def cut(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pump(r, w):
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
-
-        task = asyncio.current_task()
-        self._pipes.add(task)
-        try:
-            await asyncio.gather(pump(client_r, broker_w), pump(broker_r, client_w))
-        except asyncio.CancelledError:
-            pass  # cut: the connection ends here, which is the point
-        finally:
-            self._pipes.discard(task)
-            client_w.close()
-            broker_w.close()
 
 
 def in_a_loop(scenario):
@@ -150,8 +105,7 @@ async def test_a_dropped_link_to_a_broker_that_kept_its_data_holds_sends_only_un
     its data stay up. Sends are held, the epoch reads the same, sends go on; nothing is 'lost'."""
     async with EmbeddedBroker() as broker:
         epoch = await claim_epoch(broker.bootstrap, TOPIC)
-        link = CuttableLink(broker.port)
-        await link.open()
+        link = TcpRelay(broker.port).restore()
         gate, lost = RecordingGate(), []
 
         async def read(wait_ms: int):
@@ -162,9 +116,9 @@ async def test_a_dropped_link_to_a_broker_that_kept_its_data_holds_sends_only_un
         try:
             await asyncio.sleep(0.5)
             assert gate.history == []
-            await link.cut()
+            link.cut()  # every connection through it ends; the broker is untouched
             await _wait_for(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release", guard)
             assert not gate.held and lost == []
         finally:
             guard.cancel()
-            await link.cut()
+            link.close()
