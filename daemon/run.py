@@ -172,11 +172,12 @@ class BoundedStopWorker(faust.Worker):
     def __init__(self, app: faust.App, *, stop_timeout, on_timeout, **kwargs):
         super().__init__(app, **kwargs)
         self._stop_timeout, self._on_timeout = stop_timeout, on_timeout
+        self.stop_timer: threading.Timer | None = None
 
     async def on_stop(self) -> None:
-        timer = threading.Timer(self._stop_timeout(), self._on_timeout)
-        timer.daemon = True
-        timer.start()
+        self.stop_timer = threading.Timer(self._stop_timeout(), self._on_timeout)
+        self.stop_timer.daemon = True
+        self.stop_timer.start()
         await super().on_stop()
 
 
@@ -250,6 +251,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
             worker.execute_from_commandline()
         except SystemExit:
             pass
+        if worker.stop_timer is not None:
+            worker.stop_timer.cancel()  # the stop finished in time
         final = rt.status()
         rt.close()
         return final
