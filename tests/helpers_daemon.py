@@ -1,7 +1,7 @@
-"""Drive the real daemon in tests: a subprocess `actprm run`, topic readers, a local judge server.
+"""Drive the real daemon in tests: a subprocess `actprm run`, topic readers and waits.
 
 Everything here is real: the daemon is the console script in its own process (so it can be
-SIGKILLed), the broker is Tansu, the judge server speaks the OpenAI chat-completions protocol.
+SIGKILLed) and the broker is Tansu. The judge server is FaultyJudge in helpers_faults.py.
 """
 
 from __future__ import annotations
@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -142,58 +139,3 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-class JudgeServer:
-    """An OpenAI-compatible chat server that answers with the gold first error and counts calls.
-
-    `gold` maps a problem text to its first-error index; the answer is "\\boxed{k}". Calls are
-    counted per problem, so a test can prove that no trajectory was judged twice.
-    """
-
-    def __init__(self, gold: dict[str, int], delay_s: float = 0.0):
-        self.gold, self.delay_s = gold, delay_s
-        self.calls: Counter = Counter()
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                problem = re.search(r"\[Problem\]\n\n(.*?)\n\n\[Solution\]", prompt, re.S).group(1)
-                with server._lock:
-                    server.calls[problem] += 1
-                time.sleep(server.delay_s)
-                answer = f"Checked every paragraph.\n\\boxed{{{server.gold.get(problem, -1)}}}"
-                reply = {"id": "x", "object": "chat.completion", "model": body.get("model", "m"),
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": answer}}]}
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.calls.values())
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -268,7 +268,7 @@ def test_unwritable_directory_is_a_one_line_checkpoint_error(tmp_path):
     root.chmod(0o555)
     try:
         if os.access(root, os.W_OK):
-            pytest.skip("running as root: chmod 555 does not stop writes")
+            pytest.skip(reason="running as root: chmod 555 does not stop writes")
         with pytest.raises(CheckpointError) as info:
             CheckpointStore(root).save(_tensors(0), {})
         assert "\n" not in str(info.value) and str(root) in str(info.value)

@@ -16,7 +16,8 @@ from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.messages import Trajectory
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
-from helpers_daemon import Daemon, JudgeServer, consumed_ids, manifests, read_topic, wait_until
+from helpers_daemon import Daemon, consumed_ids, manifests, read_topic, wait_until
+from helpers_faults import FaultyJudge
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -84,7 +85,7 @@ def test_crash_and_redelivery_cost_no_second_judge_call_or_gradient_step(broker,
     gold = {t.problem: t.gold_first_error for t in stream}
     env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_JUDGE__KIND": "openai", "ACTPRM_JUDGE__CONCURRENCY": "2",
            "ACTPRM_JUDGE__MAX_RETRIES": "0", "ACTPRM_JUDGE__TIMEOUT_S": "30"}
-    with JudgeServer(gold, delay_s=0.05) as server:
+    with FaultyJudge(gold, delay_s=0.05).start() as server:
         env["ACTPRM_JUDGE__BASE_URL"] = server.base_url
         daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path, env=env).start()
         try:

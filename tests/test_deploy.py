@@ -192,7 +192,7 @@ def test_compose_shares_checkpoints_and_keeps_one_trainer():
 def test_docker_compose_config():
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip("docker compose plugin not installed")
+        pytest.skip(reason="docker compose plugin not installed")
     for profiles in ([], ["--profile", "gpu", "--profile", "demo"]):
         result = subprocess.run(["docker", "compose", "-f", str(COMPOSE), *profiles, "config", "-q"],
                                 capture_output=True, text=True, timeout=60)
@@ -307,7 +307,7 @@ def test_systemd_analyze_verify(tmp_path: Path):
     # Verify an instance; ExecStart must exist here, so point it at this checkout's actprm.
     actprm = ROOT / ".venv" / "bin" / "actprm"
     if not actprm.exists():
-        pytest.skip("no .venv/bin/actprm to stand in for /opt/actprm/.venv/bin/actprm")
+        pytest.skip(reason="no .venv/bin/actprm to stand in for /opt/actprm/.venv/bin/actprm")
     unit = tmp_path / "actprm@scorer.service"
     unit.write_text(UNIT.read_text().replace("/opt/actprm/.venv/bin/actprm", str(actprm)))
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
