@@ -375,7 +375,7 @@ def test_metrics_names_are_settings():
     names = sorted(n for n in _names_in_deploy() if _field_path(n)[0] == "metrics")
     assert names == ["ACTPRM_METRICS__HOST", "ACTPRM_METRICS__PORT"]
     if not _has_metrics():
-        pytest.skip("Settings has no `metrics` section yet (the metrics/health server lands separately)")
+        pytest.skip(reason="Settings has no `metrics` section yet (the metrics/health server lands separately)")
     assert all(_is_setting(n) for n in names)
 
 

@@ -138,7 +138,7 @@ def test_ssl_and_plaintext_settings_and_the_ca_file(tmp_path):
     assert aiokafka_options(KafkaSettings()) == {} and _credentials(KafkaSettings()) is None
     ca = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
     if not ca.is_file():
-        pytest.skip("no system CA bundle to load")
+        pytest.skip(reason="no system CA bundle to load")
     k = KafkaSettings(security_protocol="SSL", ssl_cafile=ca)
     opts = aiokafka_options(k)
     assert opts["security_protocol"] == "SSL" and "sasl_mechanism" not in opts

@@ -437,7 +437,7 @@ def test_vllm_judge_without_vllm_says_how_to_install():
     except ImportError:
         pass
     else:
-        pytest.skip("vllm is installed here; the GPU path is not exercised by unit tests")
+        pytest.skip(reason="vllm is installed here; the GPU path is not exercised by unit tests")
     with pytest.raises(JudgeError, match=r"pip install actprm\[vllm\]` on a GPU host") as info:
         make_judge("vllm", model="Qwen/QwQ-32B", base_url="http://x/v1", concurrency=8)
     assert not info.value.retryable
