@@ -76,6 +76,9 @@ class StepScores:
     n_steps: int  # steps in the input; len(mu) may be smaller when truncated
     truncated: bool
     n_tokens: int = 0  # tokens the backbone read for this trajectory
+    # (S_kept, H) hidden states the heads read, when asked for: on a frozen backbone they are
+    # all a later update of the heads needs, so the trainer can skip a second backbone pass.
+    features: torch.Tensor | None = field(default=None, repr=False)
 
 
 class EnsemblePRM(nn.Module):
@@ -119,8 +122,11 @@ class EnsemblePRM(nn.Module):
         return collate(encoded, self.backbone.tokenizer.pad_token_id)
 
     @torch.inference_mode()
-    def score(self, trajectories: list[tuple[str, list[str]]], threshold: float = 0.5) -> list[StepScores]:
-        """Score (problem, steps) pairs in batches; results keep the input order."""
+    def score(self, trajectories: list[tuple[str, list[str]]], threshold: float = 0.5, *,
+              keep_features: bool = False) -> list[StepScores]:
+        """Score (problem, steps) pairs in batches; results keep the input order.
+
+        keep_features: also return each trajectory's hidden states at its steps (float32, CPU)."""
         self.eval()
         encoded = [self.encode(problem, steps) for problem, steps in trajectories]
         # Batching similar lengths together wastes less compute on padding.
@@ -130,11 +136,14 @@ class EnsemblePRM(nn.Module):
         for start in range(0, len(order), size):
             idx = order[start : start + size]
             batch = self.collate([encoded[i] for i in idx])
-            probs = torch.sigmoid(self.step_logits(batch)).float()  # (E, B, S)
+            at_steps = self.hidden_at_steps(batch)  # (B, S, H)
+            probs = torch.sigmoid(self.head_logits(at_steps)).float()  # (E, B, S)
             kept = [encoded[i] for i in idx]
             got = summarise(probs, [e.n_scored for e in kept], [e.n_steps for e in kept],
                             [e.truncated for e in kept], [len(e.input_ids) for e in kept], threshold)
-            for i, sc in zip(idx, got):
+            for b, (i, sc) in enumerate(zip(idx, got)):
+                if keep_features:
+                    sc.features = at_steps[b, : kept[b].n_scored].float().cpu().clone()  # (S_i, H)
                 results[i] = sc
         return results  # type: ignore[return-value]
 

@@ -24,7 +24,8 @@ class JudgeOutcome:
 def _label(request: AnnotationRequest, first_error: int, judge: str, latency_s: float) -> Label:
     return Label(id=request.id, first_error=first_error, n_steps=len(request.steps), judge=judge,
                  round_id=request.round_id, problem=request.problem, steps=request.steps,
-                 judged_at=time.time(), latency_s=latency_s)
+                 judged_at=time.time(), latency_s=latency_s, scored_version=request.model_version,
+                 mu=request.mu, metadata=request.metadata)
 
 
 async def judge_once(judge: Judge, ledger: Ledger, request: AnnotationRequest) -> JudgeOutcome:

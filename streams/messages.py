@@ -112,6 +112,7 @@ class AnnotationRequest(Message):
     round_id: Count
     model_version: Count
     mu: list[float]
+    metadata: dict[str, Scalar] = {}  # the trajectory's own (e.g. its error kind, policy step), for reports
     requested_at: float = Field(default_factory=_now)
 
     @model_validator(mode="after")
@@ -132,6 +133,11 @@ class Label(Message):
     steps: Steps
     judged_at: float = Field(default_factory=_now)
     latency_s: Annotated[float, Field(ge=0)] = 0.0
+    # What the version that asked for this label predicted: every label is first a test of
+    # that version (prequential evaluation), then a training example.
+    scored_version: Count | None = None
+    mu: list[float] | None = None
+    metadata: dict[str, Scalar] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

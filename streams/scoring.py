@@ -67,7 +67,8 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
         if picked:
             candidates.append(AnnotationRequest(id=t.id, problem=t.problem, steps=t.steps,
                                                 gold_first_error=t.gold_first_error, round_id=round_id,
-                                                model_version=served.version, mu=s.mu, requested_at=now))
+                                                model_version=served.version, mu=s.mu, metadata=t.metadata,
+                                                requested_at=now))
     return ScoredBatch(rewards, candidates, duplicates, served.version, seconds, sum(s.n_tokens for s in scores))
 
 
