@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -40,6 +40,13 @@ StepIndex = Annotated[int, Field(ge=-1)]  # -1 means every step is correct
 Count = Annotated[int, Field(ge=0)]
 
 
+def _exact_int(value: Any) -> Any:
+    # Literal[1] alone takes 1.0 and True (they compare equal to 1), even in strict mode.
+    if type(value) is not int:
+        raise ValueError(f"must be the integer {SCHEMA_VERSION}, got {value!r}")
+    return value
+
+
 class MessageError(ValueError):
     """A payload that is not a valid message; `reason` says why, in at most MAX_REASON_CHARS."""
 
@@ -53,7 +60,7 @@ class Message(BaseModel):
     # allow_inf_nan=False: JSON has no NaN, and a NaN reward is a bug at the producer.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Annotated[Literal[1], BeforeValidator(_exact_int)] = SCHEMA_VERSION
 
 
 def _check_step_index(name: str, value: int | None, n_steps: int) -> None:
@@ -242,7 +249,7 @@ def decode(schema: type[M], raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_B
     if not isinstance(obj, dict):
         raise MessageError(f"{name}: expected a JSON object, got {_json_type(obj)}")
     version = obj.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and true are not 1
         raise MessageError(f"{name}: unsupported schema_version {version!r} (this build reads {SCHEMA_VERSION})")
     try:
         return schema.model_validate(obj)

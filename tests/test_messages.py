@@ -102,6 +102,15 @@ def test_decode_failure_reasons(raw: bytes, expected: str) -> None:
     assert len(caught.value.reason) <= MAX_REASON_CHARS
 
 
+@pytest.mark.parametrize("version", [1.0, "1", True, 1.5], ids=repr)
+def test_schema_version_must_be_the_integer_1(version: object) -> None:
+    # 1.0 and true compare equal to 1; strict means the JSON integer 1 and nothing else.
+    with pytest.raises(MessageError, match="unsupported schema_version"):
+        decode(Trajectory, _raw(_trajectory_dict(schema_version=version)))
+    with pytest.raises(ValueError, match="must be the integer 1"):
+        Trajectory.model_validate(_trajectory_dict(schema_version=version))
+
+
 def test_too_big_is_refused_before_parsing() -> None:
     raw = _raw(_trajectory_dict(problem="x" * 2000))
     with pytest.raises(MessageError, match="over the 1000-byte limit"):
