@@ -159,7 +159,8 @@ class Metrics:
             await site.start()
         except OSError as err:
             await runner.cleanup()
-            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
+            # Still an OSError (with its errno), so the caller's "run on without metrics" catches it.
+            raise OSError(err.errno, f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from None
         return MetricsServer(runner, runner.addresses[0][1])
 
 

@@ -142,8 +142,25 @@ def test_serve_reports_a_taken_port(rt):
         m = Metrics(rt)
         first = await m.serve("127.0.0.1", 0, lambda: (True, {}))
         try:
-            with pytest.raises(RuntimeError, match=f"cannot serve metrics on 127.0.0.1:{first.port}"):
+            with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{first.port}"):
                 await Metrics(rt).serve("127.0.0.1", first.port, lambda: (True, {}))
+        finally:
+            await first.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_status_service_runs_on_without_metrics_when_the_port_is_taken(rt):
+    from actprm.daemon.run import RunOptions, StatusService
+
+    async def scenario():
+        first = await Metrics(rt).serve("127.0.0.1", 0, lambda: (True, {}))
+        try:
+            rt.settings.metrics.port = first.port
+            service = StatusService(rt, RunOptions(heldout=0))
+            await service.on_start()  # must not raise: the daemon serves on, without metrics
+            assert service.metrics_server is None
+            assert f"metrics server on 127.0.0.1:{first.port} not started" in rt.last_error
         finally:
             await first.close()
 
