@@ -199,9 +199,14 @@ def summarise(
     n_tokens: list[int],
     threshold: float,
 ) -> list[StepScores]:
-    """Per-head probabilities (E, B, S) -> one StepScores per row, cut to its scored steps."""
+    """Per-head probabilities (E, B, S) -> one StepScores per row, cut to its scored steps.
+
+    sigma is the sample (unbiased, divide by E - 1) std over heads, the convention of the
+    official ActPRM trainer (``torch.std``). The population std is smaller by sqrt((E-1)/E)
+    and selects fewer trajectories near delta_std.
+    """
     mu = probs.mean(dim=0)  # (B, S)
-    sigma = probs.std(dim=0, unbiased=False) if probs.shape[0] > 1 else torch.zeros_like(mu)  # (B, S)
+    sigma = probs.std(dim=0, unbiased=True) if probs.shape[0] > 1 else torch.zeros_like(mu)  # (B, S)
     out = []
     for b, n in enumerate(n_scored):
         mu_b = mu[b, :n].tolist()

@@ -40,18 +40,19 @@ def scores(prm):
     return prm.score(TRAJ)
 
 
-def test_mu_and_population_sigma_are_recomputed_from_probs(prm, scores):
+def test_mu_and_sample_sigma_are_recomputed_from_probs(prm, scores):
     E = prm.config.n_heads
     for (_, steps), sc in zip(TRAJ, scores):
         assert len(sc.probs) == E and all(len(row) == len(steps) for row in sc.probs)
         assert len(sc.mu) == len(sc.sigma) == len(steps)
         for i in range(len(steps)):
             column = [sc.probs[e][i] for e in range(E)]
-            # mu = mean over heads; sigma = POPULATION std over heads (divide by E, not E-1).
+            # mu = mean over heads; sigma = SAMPLE std over heads (divide by E-1), as the official
+            # trainer's torch.std: the population std would select fewer near delta_std.
             assert sc.mu[i] == pytest.approx(statistics.fmean(column), abs=1e-6)
-            assert sc.sigma[i] == pytest.approx(statistics.pstdev(column), abs=1e-6)
-            # and visibly not the sample std (factor sqrt(E / (E - 1)) ~ 1.069 for E = 8)
-            assert sc.sigma[i] != pytest.approx(statistics.stdev(column), abs=1e-4)
+            assert sc.sigma[i] == pytest.approx(statistics.stdev(column), abs=1e-6)
+            # and visibly not the population std (factor sqrt(E / (E - 1)) ~ 1.069 for E = 8)
+            assert sc.sigma[i] != pytest.approx(statistics.pstdev(column), abs=1e-4)
             assert all(0.0 < p < 1.0 for p in column)
 
 
