@@ -69,7 +69,11 @@ def _check_step_index(name: str, value: int | None, n_steps: int) -> None:
 
 
 class Trajectory(Message):
-    """One policy rollout split into steps, sent by the RL run to be scored."""
+    """One policy rollout split into steps, sent by the RL run to be scored.
+
+    A producer may send `response` (raw text) instead of `steps`, with an optional `split` mode
+    (model.steps.split_steps: a separator, default a blank line, "lines" or "re:PATTERN"); the
+    text is split here, so every reader gets `steps` and nothing else."""
 
     id: MessageId
     problem: str
@@ -78,6 +82,32 @@ class Trajectory(Message):
     policy_step: int | None = None
     metadata: dict[str, Scalar] = {}
     created_at: float = Field(default_factory=_now)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_response(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        has_steps, has_response = "steps" in data, "response" in data
+        if has_steps and has_response:
+            raise ValueError("give steps or response, not both")
+        if not has_response:
+            if "split" in data:
+                raise ValueError("split applies to response only; this message has steps")
+            if not has_steps:
+                raise ValueError("give steps (a list of strings) or response (text to split into steps)")
+            return data
+        from actprm.model.steps import DEFAULT_SPLIT, StepSplitError, split_steps  # torch: only when needed
+
+        data = dict(data)
+        response, mode = data.pop("response"), data.pop("split", DEFAULT_SPLIT)
+        if not isinstance(mode, str):
+            raise ValueError(f"split must be a string, got {_json_type(mode)}")
+        try:
+            data["steps"] = split_steps(response, mode, max_steps=MAX_STEPS)
+        except StepSplitError as err:
+            raise ValueError(str(err)) from None
+        return data
 
     @model_validator(mode="after")
     def _gold_in_range(self) -> Self:
