@@ -9,16 +9,24 @@ steps that is evaluated, `error_steps` lists the wrong steps 1-based, `modified_
 list of step NUMBERS that were edited (not step texts), `modified_question` is the question
 used for evaluation, `idx` the identifier, `classification` the error category. The official
 release ships JSONL, so a PRMBench file is recognised by its content, not by its suffix.
+It numbers records with `idx` within each error class, so classes share idx values: a
+record's identity is (classification, idx), its id "<classification>_<idx>". As the official
+evaluation does, each record of class "redundency" (its spelling) also yields the fully
+correct sample "correct_<idx>": `original_question` with `original_process`, no wrong step.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("auto", "processbench", "jsonl", "prmbench")
+# The official PRMBench evaluation builds its "correct" samples from this class's records.
+PRMBENCH_CORRECT_SOURCE = "redundency"
 
 
 class DataError(ValueError):
@@ -196,6 +204,20 @@ def _prmbench_record(obj: dict, rid: str) -> Record:
     return Record(id=rid, problem=problem, steps=steps, label=error_steps[0] if error_steps else -1, extra=extra)
 
 
+def _prmbench_correct_record(obj: dict, rid: str) -> Record:
+    """The fully correct sample of a PRMBench record: its original question and process."""
+    steps = _check_steps(obj.get("original_process"), "original_process")
+    problem = _check_problem(obj, ("original_question", "question"))
+    extra = {"error_steps": [], "classification": "correct", "source": "original_process"}
+    return Record(id=rid, problem=problem, steps=steps, label=-1, extra=extra)
+
+
+def skip_reasons(skipped: list[tuple[str, str]]) -> dict[str, int]:
+    """How many records were skipped for each reason, numbers in reasons folded to N."""
+    counts = Counter(re.sub(r"\d+(?!-based)", "N", reason) for _, reason in skipped)
+    return dict(counts.most_common())
+
+
 def _detect(path: Path, items: list[tuple[str, Any]]) -> str:
     first = next((obj for _, obj in items if isinstance(obj, dict)), None)
     if first is not None and "error_steps" in first and "steps" not in first:
@@ -232,18 +254,25 @@ def load_records(path: str | Path, format: str = "auto") -> LoadResult:
         if not isinstance(obj, dict):
             skipped.append((where, f"not a JSON object (a {type(obj).__name__})"))
             continue
-        rid = _record_id(obj, id_keys)
+        rid = raw_id = _record_id(obj, id_keys)
+        if kind == "prmbench" and rid is not None and isinstance(obj.get("classification"), str):
+            rid = f"{obj['classification']}_{rid}"  # idx is only unique within a class
         name = rid if rid is not None else where
-        try:
-            rec = build(obj, rid if rid is not None else f"{path.stem}:{where.replace(' ', '-')}")
-        except _Skip as e:
-            skipped.append((name, str(e)))
-            continue
-        if rec.id in seen:
-            skipped.append((name, "duplicate id"))
-            continue
-        seen.add(rec.id)
-        records.append(rec)
+        # (name in skip lists, builder, id of the record it builds)
+        wanted = [(name, build, rid if rid is not None else f"{path.stem}:{where.replace(' ', '-')}")]
+        if kind == "prmbench" and raw_id is not None and obj.get("classification") == PRMBENCH_CORRECT_SOURCE:
+            wanted.append((f"correct_{raw_id}", _prmbench_correct_record, f"correct_{raw_id}"))
+        for label, make, record_id in wanted:
+            try:
+                rec = make(obj, record_id)
+            except _Skip as e:
+                skipped.append((label, str(e)))
+                continue
+            if rec.id in seen:
+                skipped.append((label, "duplicate id"))
+                continue
+            seen.add(rec.id)
+            records.append(rec)
     if not records:
         why = f"; first reason: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DataError(f"{path}: no usable record ({len(skipped)} skipped{why})")

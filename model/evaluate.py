@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from actprm.model.data import Record, load_records
+from actprm.model.data import Record, load_records, skip_reasons
 from actprm.model.metrics import predicted_first_errors, prmbench_by_class, processbench_scores
 
 # Maps records to one list of step scores (p(step correct)) per record. A list shorter than
@@ -31,6 +31,8 @@ ScoreFn = Callable[[Sequence[Record]], Sequence[Sequence[float]]]
 # out of its overall PRMScore; excluding them here keeps "overall" comparable to published
 # numbers (the "correct" class still gets its own row).
 PRMBENCH_EXCLUDE_FROM_OVERALL = ("correct",)
+# This class has no wrong steps; the official evaluation scores it by the F1 of correct steps.
+PRMBENCH_CORRECT_STEPS_ONLY = ("multi_solutions",)
 UNCLASSIFIED = "unclassified"
 
 
@@ -86,6 +88,7 @@ def evaluate_records(
             [r.extra.get("classification") or UNCLASSIFIED for r in records],
             threshold,
             exclude_from_overall=PRMBENCH_EXCLUDE_FROM_OVERALL,
+            correct_steps_only=PRMBENCH_CORRECT_STEPS_ONLY,
         )
     return result
 
@@ -99,7 +102,8 @@ def evaluate_file(
     limit: int | None = None,
 ) -> dict:
     """Load a labelled file (`data.load_records`), score it with `prm` (an EnsemblePRM), and
-    return the metrics of `evaluate_records` plus "skipped" (records the loader could not use).
+    return the metrics of `evaluate_records` plus "skipped" (records the loader could not use)
+    and "skip_reasons" (how many for each reason).
 
     limit: evaluate only the first `limit` usable records (quick checks, tests).
     PRMBench metrics are added when format is "prmbench", or "auto" and the file is PRMBench.
@@ -119,6 +123,7 @@ def evaluate_file(
     chunk = max(1, 4 * getattr(getattr(prm, "config", None), "score_batch_size", 8))
     result = evaluate_records(score_fn, records, threshold, prmbench=is_prmbench, chunk_size=chunk, progress=progress)
     result["skipped"] = len(loaded.skipped)
+    result["skip_reasons"] = skip_reasons(loaded.skipped)
     return result
 
 
@@ -135,7 +140,9 @@ def format_eval_table(result: dict) -> str:
     ]
     notes = [f"threshold {result.get('threshold')}"]
     if result.get("skipped"):
-        notes.append(f"{result['skipped']} records skipped by the loader")
+        reasons = result.get("skip_reasons") or {}
+        why = ": " + ", ".join(f"{n} {reason}" for reason, n in reasons.items()) if reasons else ""
+        notes.append(f"{result['skipped']} records skipped by the loader{why}")
     if result.get("truncated"):
         notes.append(f"{result['truncated']} records truncated (dropped steps are not scored)")
     if result.get("f1") is None:

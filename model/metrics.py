@@ -178,11 +178,14 @@ def prmbench_by_class(
     classes: Sequence[str],
     threshold: float = 0.5,
     exclude_from_overall: Collection[str] = (),
+    correct_steps_only: Collection[str] = (),
 ) -> dict[str, dict]:
     """`prmbench_score` per error class plus "overall" (pooled over every record whose class is
     not in `exclude_from_overall`). The official toolkit builds fully correct samples of class
     "correct" and leaves them out of its overall score: pass exclude_from_overall=("correct",)
-    to reproduce that."""
+    to reproduce that. A class in `correct_steps_only` has no wrong steps by construction
+    (PRMBench's "multi_solutions"), so its PRMScore is the F1 of correct steps alone, as the
+    official evaluation scores it; averaging in the F1 of an absent class would halve it."""
     if not (len(records_scores) == len(error_steps) == len(classes)):
         raise ValueError(
             f"lengths differ: {len(records_scores)} score lists, {len(error_steps)} error-step lists, "
@@ -200,6 +203,9 @@ def prmbench_by_class(
             if cls not in exclude_from_overall:
                 total[j] += c[j]
     out = {cls: _prmbench_from_counts(*c) for cls, c in sorted(counts.items())}
+    for cls in correct_steps_only:
+        if cls in out:
+            out[cls]["prmscore"] = out[cls]["f1_correct"]
     out["overall"] = _prmbench_from_counts(*total)
     return out
 

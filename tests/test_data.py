@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from actprm.model.data import DataError, LoadResult, Record, load_records
+from actprm.model.data import DataError, LoadResult, Record, load_records, skip_reasons
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -183,24 +184,45 @@ def test_prmbench_official_layout(tmp_path):
         r = load_records(path)  # auto: the records carry error_steps
         assert load_records(path, format="prmbench").records == r.records
         recs = {x.id: x for x in r.records}
-        assert list(recs) == ["m1", "none", "orig", "texts"]
-        m1 = recs["m1"]
+        # ids are <classification>_<idx>: the official release numbers records within a class
+        assert list(recs) == ["circular_m1", "circular_none", "correct_orig", "counterfactual_texts"]
+        m1 = recs["circular_m1"]
         # error_steps [3, 2] (1-based) -> [1, 2] (0-based, sorted); first error 1
         assert (m1.problem, m1.steps, m1.label) == ("mod q", ["1. a", "2. B", "3. C", "4. D"], 1)
         assert m1.extra == {"error_steps": [1, 2], "classification": "circular",
                             "source": "modified_process", "reason": "why"}
-        assert (recs["none"].label, recs["none"].extra["error_steps"]) == (-1, [])
-        orig = recs["orig"]
+        assert (recs["circular_none"].label, recs["circular_none"].extra["error_steps"]) == (-1, [])
+        orig = recs["correct_orig"]
         assert (orig.problem, orig.steps, orig.label, orig.extra["source"]) == ("oq", ["x", "y"], -1, "original_process")
-        texts = recs["texts"]
+        texts = recs["counterfactual_texts"]
         assert (texts.steps, texts.label, texts.extra["error_steps"]) == (["u", "v"], 1, [1])
         why = _reasons(r)
         assert len(r.skipped) == 5
-        assert "error step 5 out of range for 4 steps" in why["range"]
-        assert "error step 0 out of range" in why["zero"]
-        assert "'error_steps' missing or not a list" == why["noerr"]
-        assert "step 1 is a NoneType" in why["badstep"]
+        assert "error step 5 out of range for 4 steps" in why["circular_range"]
+        assert "error step 0 out of range" in why["circular_zero"]
+        assert "'error_steps' missing or not a list" == why["circular_noerr"]
+        assert "step 1 is a NoneType" in why["circular_badstep"]
         assert why["nothing"].startswith("no steps")
+
+
+def test_prmbench_classes_share_idx_values_and_redundency_yields_the_correct_samples(tmp_path):
+    # The official release numbers idx within each class: three classes of 90 records share
+    # idx 0..89. All 270 are distinct records; nothing is a duplicate.
+    classes = ("circular", "confidence", "counterfactual")
+    items = [_prm(i, classification=c) for c in classes for i in range(90)]
+    items += [_prm(i, classification="redundency") for i in range(3)]
+    items += [_prm(1, classification="circular"), _prm(7, classification="circular", error_steps=[9])]
+    r = load_records(_write_jsonl(tmp_path / "prm.jsonl", items))
+    by_class = Counter(x.extra["classification"] for x in r.records)
+    assert by_class == {"circular": 90, "confidence": 90, "counterfactual": 90, "redundency": 3, "correct": 3}
+    assert "circular_5" in {x.id for x in r.records} and "confidence_5" in {x.id for x in r.records}
+    # The correct samples are built from the original question and process, as the official evaluation does.
+    correct = next(x for x in r.records if x.id == "correct_2")
+    assert (correct.problem, correct.steps, correct.label) == ("orig q", ["1. a", "2. b", "3. c"], -1)
+    assert correct.extra == {"error_steps": [], "classification": "correct", "source": "original_process"}
+    # Only a real repeat of (classification, idx) is a duplicate; reasons are counted by kind.
+    assert r.skipped == [("circular_1", "duplicate id"), ("circular_7", "error step 9 out of range for 4 steps (1-based: 1..4)")]
+    assert skip_reasons(r.skipped) == {"duplicate id": 1, "error step N out of range for N steps (1-based: N..N)": 1}
 
 
 def test_auto_detection(tmp_path):

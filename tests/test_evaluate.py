@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actprm.model.build import build_prm
-from actprm.model.data import DataError, load_records
+from actprm.model.data import DataError, Record, load_records
 from actprm.model.evaluate import evaluate_file, evaluate_records, format_eval_table
 from actprm.model.prm import EnsemblePRM, PRMConfig
 
@@ -125,7 +125,7 @@ def test_prmbench_scores_by_class(tmp_path):
     ]
     path = tmp_path / "prmbench.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    scores = {"p1": [0.9, 0.3, 0.2], "p2": [0.7, 0.6], "p3": [0.8, 0.4]}
+    scores = {"circular_p1": [0.9, 0.3, 0.2], "counterfactual_p2": [0.7, 0.6], "correct_p3": [0.8, 0.4]}
     records = load_records(path).records
     r = evaluate_records(lambda chunk: [scores[x.id] for x in chunk], records, prmbench=True)
     # Steps (positive class = correct step; said correct when >= 0.5):
@@ -143,6 +143,33 @@ def test_prmbench_scores_by_class(tmp_path):
     assert r["acc_error"] == pytest.approx(0.5) and r["acc_correct"] == 0.0 and r["f1"] == 0.0
     table = format_eval_table(r)
     assert "PRMBench" in table and "circular" in table and "0.583" in table
+
+
+def test_prmbench_multi_solutions_is_scored_by_the_f1_of_correct_steps():
+    # multi_solutions has no wrong steps: the official evaluation scores it by F1 of correct
+    # steps alone. [0.9, 0.2, 0.8]: tp 2, fn 1 -> F1 ok 0.8 (averaging in F1 wrong = 0 gave 0.4).
+    records = [Record("multi_solutions_0", "q", ["a", "b", "c"], -1,
+                      {"error_steps": [], "classification": "multi_solutions", "source": "modified_process"}),
+               Record("circular_0", "q", ["a", "b"], 1,
+                      {"error_steps": [1], "classification": "circular", "source": "modified_process"})]
+    scores = {"multi_solutions_0": [0.9, 0.2, 0.8], "circular_0": [0.9, 0.9]}
+    pb = evaluate_records(lambda chunk: [scores[x.id] for x in chunk], records, prmbench=True)["prmbench"]
+    assert pb["multi_solutions"]["prmscore"] == pytest.approx(0.8)
+    # Other classes keep the mean of both F1s: circular tp 1, fp 1 -> F1 ok 2/3, F1 wrong 0.
+    assert pb["circular"]["prmscore"] == pytest.approx(1 / 3)
+
+
+def test_the_table_names_skip_reasons_with_counts(tiny_prm, tmp_path):
+    rows = [{"idx": i, "modified_question": "Q", "modified_process": ["a", "b"], "error_steps": [2],
+             "classification": c} for c in ("circular", "confidence") for i in range(3)]
+    rows += [rows[0], rows[1], {"idx": 9, "modified_question": "Q", "modified_process": ["a"], "error_steps": [4],
+                                "classification": "circular"}]
+    path = tmp_path / "prm.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = evaluate_file(tiny_prm, path, progress=False)
+    assert r["n"] == 6 and r["skipped"] == 3  # both classes' idx 0..2 kept: (classification, idx) is the identity
+    assert r["skip_reasons"] == {"duplicate id": 2, "error step N out of range for N steps (1-based: N..N)": 1}
+    assert "3 records skipped by the loader: 2 duplicate id, 1 error step N out of range" in format_eval_table(r)
 
 
 def test_evaluate_file_with_tiny_prm(tiny_prm, pb_file, capsys):
