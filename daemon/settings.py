@@ -8,6 +8,7 @@ Precedence, highest first: CLI flags, environment variables (``ACTPRM_...``, nes
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from actprm.model.trainer import TrainerConfig
+
+# The TOML file of the load_settings call under way: passed to the settings sources without
+# writing ACTPRM_CONFIG into the caller's environment (a library call changes no global state).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("actprm_config_file", default=None)
 
 
 class _Section(BaseModel):
@@ -117,7 +122,7 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml = os.environ.get("ACTPRM_CONFIG")
+        toml = _CONFIG_FILE.get() or os.environ.get("ACTPRM_CONFIG")
         if toml:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
@@ -132,5 +137,8 @@ def load_settings(config_file: Path | None = None, **overrides) -> Settings:
     if config_file is not None:
         if not config_file.is_file():
             raise FileNotFoundError(f"config file {config_file} does not exist")
-        os.environ["ACTPRM_CONFIG"] = str(config_file)
-    return Settings(**overrides)
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)
