@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from actprm.streams import messages
-from actprm.streams.control import LIVE_SETTINGS, SCOPES, parse_setting, round_state, sign
+from actprm.streams.control import LABEL_COUNTERS, LIVE_SETTINGS, SCOPES, parse_setting, round_state, sign
 from actprm.streams.messages import ControlAck, ControlCommand
 from actprm.streams.topics import Topics
 
@@ -126,6 +126,8 @@ def overall(acks: list[ControlAck]) -> dict[str, Any]:
            "judged": total("judged"), "judge_failures": total("judge_failures"), "updates": total("updates"),
            "dead_lettered": total("dead_lettered"), "served_versions": served,
            "errors": sum(1 for s in states if s.get("last_error"))}
+    if any("labels_received" in s for s in states):  # a trainer answered: why it trains or not
+        out |= {key: total(key) for key in LABEL_COUNTERS}
     if keeper is not None:
         out |= {"round": keeper["round"], "state": keeper.get("state") or round_state(keeper),
                 "budget_used": keeper["budget_used"], "budget_left": keeper["budget_left"]}
@@ -135,7 +137,7 @@ def overall(acks: list[ControlAck]) -> dict[str, Any]:
 
 
 STATUS_COLUMNS = ("process", "roles", "round", "state", "budget used/left", "selected", "judged/failed",
-                  "judge p50", "updates", "served", "last error")
+                  "judge p50", "labels recv/dup/stale/pend/replay", "updates", "served", "last error")
 
 
 def status_rows(acks: list[ControlAck]) -> list[tuple[str, ...]]:
@@ -143,10 +145,11 @@ def status_rows(acks: list[ControlAck]) -> list[tuple[str, ...]]:
     for a in acks:
         s = a.state
         budget = f"{s['budget_used']}/{s['budget_left']}" if "budget_used" in s else "-"
+        labels = "/".join(str(s.get(k, 0)) for k in LABEL_COUNTERS) if "labels_received" in s else "-"
         rows.append((a.process_id, a.role, _fmt(s.get("round")), s.get("state") or round_state(s), budget,
                      f"{s.get('selected', 0)} ({s.get('selected_pct', 0.0):g}%)",
                      f"{s.get('judged', 0)}/{s.get('judge_failures', 0)}", _fmt(s.get("judge_latency_p50_s"), "s"),
-                     _fmt(s.get("updates")), _fmt(s.get("served_version")), (s.get("last_error") or "-")[:60]))
+                     labels, _fmt(s.get("updates")), _fmt(s.get("served_version")), (s.get("last_error") or "-")[:60]))
     return rows
 
 
@@ -161,7 +164,11 @@ def format_status(acks: list[ControlAck]) -> str:
     elif "state" in o:
         parts.append(o["state"])
     parts += [f"selected {o['selected']} of {o['scored']} ({o['selected_pct']:g}%)",
-              f"judged {o['judged']}, failed {o['judge_failures']}", f"updates {o['updates']}",
+              f"judged {o['judged']}, failed {o['judge_failures']}"]
+    if "labels_received" in o:
+        parts.append(f"labels {o['labels_received']} received, {o['labels_duplicate']} duplicate, "
+                     f"{o['labels_stale_round']} stale round, {o['pending_labels']} pending, {o['labels_replayed']} replayed")
+    parts += [f"updates {o['updates']}",
               "served " + (", ".join(f"v{v}" for v in o["served_versions"]) or "-")
               + (" (versions differ)" if len(o["served_versions"]) > 1 else "")]
     if o["errors"]:

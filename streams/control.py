@@ -127,10 +127,18 @@ def apply_setting(settings, key: str, raw_value: Any) -> Any:
 # --- obeying a command ---------------------------------------------------------------------
 
 
+# The trainer's label counters: they explain a trainer that has stopped training (labels
+# arriving as duplicates, or of a round closed by reset-round, or waiting).
+LABEL_COUNTERS = ("labels_received", "labels_duplicate", "labels_stale_round", "pending_labels", "labels_replayed")
+
+
 def process_status(rt) -> dict[str, Any]:
     """rt.status() plus what the operator needs to tell processes apart and spot a stuck one."""
     now = time.time()
     st = dict(rt.status())
+    if "trainer" in rt.roles:
+        for key in LABEL_COUNTERS:  # pending_labels comes from rt.status(); the others are counters
+            st.setdefault(key, rt.counters.get(key, 0))
     st |= {"process_id": rt.process_id, "roles": list(rt.roles), "paused_consume": rt.paused_consume,
            "uptime_s": round(now - rt.started_at, 1),
            "busy_s": {role: round(now - since, 1) for role, since in rt.busy_since.items() if since is not None}}
