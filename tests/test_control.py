@@ -165,6 +165,31 @@ def test_status_answers_with_the_runtime_status(rt, judge_rt):
     assert judge_ack.ok and judge_ack.role == "judge" and "round" not in judge_ack.state
 
 
+def test_status_shows_the_label_counters_that_explain_a_stalled_trainer(rt, judge_rt):
+    from actprm.daemon.ctl import status_json
+    from actprm.streams.runtime import Event
+
+    def event(label: Label) -> Event:
+        return Event("t.labels", 0, 0, label.id.encode(), messages.encode(label))
+
+    label = Label(id="a", first_error=-1, n_steps=1, judge="oracle", round_id=0, problem="p", steps=["s"])
+    asyncio.run(rt.on_labels([event(label), event(label)]))  # received, then a duplicate
+    assert do(rt, "reset-round").ok
+    asyncio.run(rt.on_labels([event(label.model_copy(update={"id": "b"}))]))  # of the closed round 0: stale
+    acks = [do(rt, "status"), do(judge_rt, "status")]
+    s = acks[0].state
+    assert (s["labels_received"], s["labels_duplicate"], s["labels_stale_round"]) == (1, 1, 1)
+    assert s["pending_labels"] == 0 and s["labels_replayed"] == 0
+    assert "labels_received" not in acks[1].state  # a judge has no trainer counters
+    o = status_json(acks)["overall"]
+    assert {k: o[k] for k in ("labels_received", "labels_duplicate", "labels_stale_round", "pending_labels",
+                              "labels_replayed")} == {"labels_received": 1, "labels_duplicate": 1,
+                                                      "labels_stale_round": 1, "pending_labels": 0, "labels_replayed": 0}
+    table = format_status(acks)
+    assert "labels recv/dup/stale/pend/replay" in table and "1/1/1/0/0" in table
+    assert "labels 1 received, 1 duplicate, 1 stale round, 0 pending, 0 replayed" in table
+
+
 def test_pause_scopes(rt, judge_rt):
     ack = do(rt, "pause", scope="annotate")
     assert ack.ok and "rewards keep flowing" in ack.message
