@@ -119,6 +119,10 @@ from actprm.daemon.cli_simulate import simulate  # noqa: E402 - light module: to
 
 app.command("simulate")(simulate)
 
+from actprm.daemon.cli_data import data_app  # noqa: E402 - light module: the data builders load inside the commands
+
+app.add_typer(data_app, name="data")
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:

@@ -18,7 +18,9 @@ correct sample "correct_<idx>": `original_question` with `original_process`, no 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +279,42 @@ def load_records(path: str | Path, format: str = "auto") -> LoadResult:
         why = f"; first reason: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DataError(f"{path}: no usable record ({len(skipped)} skipped{why})")
     return LoadResult(records=records, skipped=skipped)
+
+
+# Keys a written record owns; an `extra` entry with one of these names is not written over them.
+_PROCESSBENCH_KEYS = ("id", "generator", "problem", "steps", "final_answer_correct", "label")
+_READ_AS_FIELDS = {"question", "gold_first_error"}  # the loader would take these for problem/label
+
+
+def save_processbench(records: list[Record], path: str | Path, generator: str = "actprm") -> int:
+    """Write `records` as one ProcessBench JSON array, atomically (a temporary file in the same
+    directory, then a rename), so a reader never sees half a file and a failed write leaves an
+    old file as it was. Each item: {"id", "generator", "problem", "steps",
+    "final_answer_correct", "label"} (generator and final_answer_correct from `extra` when it
+    has them; else `generator` and "no error"), then the other `extra` entries as top-level
+    keys, which `load_records` hands back in `Record.extra`. Returns the number written.
+    Raises DataError (one line, naming the file) when it cannot be written.
+    """
+    path = Path(path)
+    items = []
+    for r in records:
+        item = {"id": r.id, "generator": r.extra.get("generator", generator), "problem": r.problem,
+                "steps": list(r.steps), "final_answer_correct": bool(r.extra.get("final_answer_correct", r.label == -1)),
+                "label": r.label}
+        item.update((k, v) for k, v in r.extra.items() if k not in item and k not in _READ_AS_FIELDS)
+        items.append(item)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file to write")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(items, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file is meant to be read
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DataError(f"{path}: cannot write ({_one_line(e.strerror or e)})") from None
+    return len(items)
