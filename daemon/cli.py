@@ -165,6 +165,37 @@ def bench_pipeline_cmd(
     _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps, max_batch=batch, threads=threads), as_json)
 
 
+@bench_app.command("report")
+def bench_report_cmd(
+    labels: Annotated[int, typer.Option(help="labels in the synthetic week-long run")] = 100_000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Seconds `actprm report` takes on a synthetic run with this many labels."""
+    from actprm.daemon.report_bench import bench_report
+
+    if labels < 1:
+        raise CLIError(f"--labels must be >= 1, got {labels}")
+    _emit(bench_report(labels), as_json)
+
+
+@app.command()
+def report(
+    state_dir: Annotated[Path, typer.Option(envvar="ACTPRM_STATE_DIR", help="the daemon's state dir")],
+    out: Annotated[Path, typer.Option(help="the HTML file to write")] = Path("report.html"),
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(envvar="ACTPRM_CHECKPOINT_DIR", help="default STATE_DIR/checkpoints")] = None,
+    window: Annotated[Optional[int], typer.Option(help="labels per calibration window (default: about 10 windows)")] = None,
+    bins: Annotated[int, typer.Option(help="reliability-diagram bins")] = 10,
+    field: Annotated[str, typer.Option(help="metadata field of the rollouts to group labels by")] = "policy_step",
+) -> None:
+    """Write one self-contained HTML page on how a run is going (works while it runs)."""
+    from actprm.daemon.report import write_report
+
+    if window is not None and window < 1 or bins < 1:
+        raise CLIError("--window and --bins must be >= 1")
+    path = write_report(out, state_dir, checkpoint_dir, window=window, n_bins=bins, field_name=field)
+    typer.echo(str(path))
+
+
 @app.command()
 def produce(
     file: Annotated[Optional[Path], typer.Argument(help="JSONL or ProcessBench-format JSON")] = None,
