@@ -313,8 +313,10 @@ def save_processbench(records: list[Record], path: str | Path, generator: str = 
             f.write("\n")
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file is meant to be read
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         raise DataError(f"{path}: cannot write ({_one_line(e.strerror or e)})") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)  # whatever failed (a full disk, an extra that is not JSON), no debris is left
     return len(items)
