@@ -229,6 +229,40 @@ def tail(
     tail_topic(bootstrap, topic_prefix, what, limit=limit, from_beginning=from_beginning, out=sys.stdout)
 
 
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="address to bind (default 127.0.0.1; set gateway.token before exposing it)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default 5000)")] = None,
+    bootstrap: Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers of the running daemon")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The reward gateway for RL trainers: OpenRLHF's POST /get_reward, POST /v1/rewards (per step), GET /healthz."""
+    from actprm.daemon.gateway import serve_gateway
+
+    settings = _settings(config, kafka__bootstrap=bootstrap, gateway__host=host, gateway__port=port)
+    try:
+        serve_gateway(settings)
+    except RuntimeError as err:  # Kafka unreachable at start
+        raise CLIError(str(err)) from None
+
+
+@bench_app.command("gateway")
+def bench_gateway_cmd(
+    backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",
+    concurrency: Annotated[str, typer.Option(help="concurrent single-sample requests (OpenRLHF's shape) to compare")] = "1,8,32",
+    rounds: Annotated[int, typer.Option(help="requests per level = concurrency x rounds")] = 4,
+    batch: Annotated[int, typer.Option(help="scorer batch size (scorer.max_batch)")] = 8,
+    scorer_wait: Annotated[float, typer.Option(help="scorer.max_wait_s: the longest wait to fill a batch")] = 0.02,
+    threads: Annotated[int, typer.Option(help="torch threads, the same for the scorer alone and the scorer process")] = 1,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Requests/s and p50/p99 latency through gateway + Kafka + scorer, beside the scorer's own batch time."""
+    from actprm.daemon.bench_gateway import bench_gateway
+
+    _emit(bench_gateway(backbone, concurrency=_int_list(concurrency), rounds=rounds, max_batch=batch,
+                        max_wait_s=scorer_wait, threads=threads), as_json)
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None) -> None:
     """Print the effective settings (secrets masked)."""

@@ -100,6 +100,27 @@ class ControlSettings(_Section):
     ack_timeout_s: float = Field(10.0, gt=0, description="how long `actprm ctl` waits for daemons to answer")
 
 
+class GatewaySettings(_Section):
+    """`actprm serve`: the HTTP reward gateway for RL trainers (OpenRLHF, verl, TRL)."""
+
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 exposes it to the network: set a token)")
+    port: int = Field(5000, ge=1, le=65535)
+    token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer TOKEN'")
+    reduce: Literal["min", "mean", "last", "prod"] = Field("min", description="per-step scores to one reward per sample (PURE argues for min)")
+    step_split: str = Field("\n\n", description="how a response is cut into steps: a separator, 'lines', or 're:PATTERN'")
+    response_marker: str | None = Field(None, description="when a query does not start with its prompt, the response is the text after the last occurrence of this (e.g. '<|im_start|>assistant\\n')")
+    max_steps: int = Field(512, ge=1, le=512, description="a response that splits into more steps is refused (422)")
+    max_items: int = Field(1024, ge=1, description="samples per request at most")
+    timeout_s: float = Field(120.0, gt=0, description="answer 504 naming the ids after this long (OpenRLHF gives up at 180 s); the samples are still scored")
+
+    @field_validator("step_split")
+    @classmethod
+    def _split_mode(cls, mode: str) -> str:
+        from actprm.model.steps import check_split_mode
+
+        return check_split_mode(mode)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACTPRM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
 
@@ -113,9 +134,11 @@ class Settings(BaseSettings):
     judge: JudgeSettings = JudgeSettings()
     round: RoundSettings = RoundSettings()
     update: UpdateSettings = UpdateSettings()
+    builtin: BuiltinStreamSettings = BuiltinStreamSettings()
     trainer: TrainerConfig = TrainerConfig()
     metrics: MetricsSettings = MetricsSettings()
     control: ControlSettings = ControlSettings()
+    gateway: GatewaySettings = GatewaySettings()
     control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -1,0 +1,153 @@
+"""The reward gateway: plain request/answer functions, then real HTTP to `actprm serve` over a
+real broker and a real scorer daemon on `tiny`, stopped and restarted."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from actprm.daemon.gateway import OpenRLHFRequest, openrlhf_answer, openrlhf_items, split_query
+from actprm.daemon.settings import GatewaySettings
+from actprm.streams.client import ItemError
+from actprm.streams.messages import Reward
+from actprm.streams.topics import Topics
+from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
+
+PROMPT = "<|im_start|>user\nWhat is 2+3*4?<|im_end|>\n<|im_start|>assistant\n"
+RESPONSE = "3*4 = 12.\n\n2 + 12 = 14.\n\nThe answer is \\boxed{14}."
+TOKEN = "test-token"
+
+
+def test_split_query_by_prompt_prefix_or_marker():
+    assert split_query(PROMPT + RESPONSE, PROMPT, None) == (PROMPT, RESPONSE)
+    marker = "<|im_start|>assistant\n"
+    assert split_query("chat:" + PROMPT + RESPONSE, None, marker) == ("chat:" + PROMPT[:-len(marker)], RESPONSE)
+    with pytest.raises(ItemError, match="does not start with its prompt; set gateway.response_marker"):
+        split_query("other text", PROMPT, None)
+    with pytest.raises(ItemError, match="2 queries but 1 prompts"):
+        openrlhf_items(OpenRLHFRequest(query=["a", "b"], prompts=["a"]), GatewaySettings())
+
+
+def test_openrlhf_answer_has_its_exact_keys():
+    r = Reward(id="x", mu=[0.9, 0.4], sigma=[0.1, 0.2], first_error=1, selected=True, model_version=3, n_steps=2,
+               truncated=False, round_id=0)
+    got = openrlhf_answer([r], "min")
+    assert set(got) == {"rewards", "scores", "extra_logs"} and got["rewards"] == got["scores"] == [0.4]
+    assert all(len(v) == 1 and isinstance(v[0], float) for v in got["extra_logs"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """`actprm serve` in its own process."""
+
+    def __init__(self, bootstrap: str, prefix: str, state_dir: Path, **env: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = state_dir / "gateway.log"
+        full_env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": prefix,
+                    "ACTPRM_KAFKA__PARTITIONS": "2", "ACTPRM_LOG_FORMAT": "json", **env}
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([ACTPRM, "serve", "--port", str(self.port)], env=full_env,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.log.read_text()[-2000:]}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(up, timeout, what="the gateway to answer /healthz")
+
+    def post(self, path: str, body=None, *, content: bytes | None = None, token: str | None = TOKEN,
+             timeout: float = 120) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if content is not None:
+            return httpx.post(self.url + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                              timeout=timeout)
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_gateway_over_a_real_daemon(broker, topic_prefix, tmp_path):
+    daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path / "daemon", "--role", "scorer,trainer").start()
+    gateway = Gateway(broker.bootstrap, topic_prefix, tmp_path / "gw", ACTPRM_GATEWAY__TOKEN=TOKEN,
+                      ACTPRM_GATEWAY__TIMEOUT_S="4", ACTPRM_GATEWAY__MAX_STEPS="16")
+    try:
+        gateway.wait_ready()
+        wait_until(lambda: '"serving"' in daemon.stderr(), 120, what="the scorer to load its model")
+        single = {"query": [PROMPT + RESPONSE], "prompts": [PROMPT], "labels": ["14"]}
+        wait_until(lambda: gateway.post("/get_reward", single, timeout=30).status_code == 200, 120,
+                   what="a first reward through the gateway")
+
+        # OpenRLHF's exact request, one sample and a batch: its exact answer keys, one value per sample.
+        for n in (1, 4):
+            body = {"query": [PROMPT + RESPONSE] * n, "prompts": [PROMPT] * n, "labels": ["14"] * n}
+            got = gateway.post("/get_reward", body)
+            assert got.status_code == 200, got.text
+            answer = got.json()
+            assert set(answer) == {"rewards", "scores", "extra_logs"}
+            assert len(answer["rewards"]) == len(answer["scores"]) == n
+            assert all(0.0 <= x <= 1.0 for x in answer["scores"])
+            assert all(len(v) == n for v in answer["extra_logs"].values())
+            assert answer["extra_logs"]["prm_steps"] == [3.0] * n
+
+        # Per step: one score per split step, in input order.
+        items = [{"prompt": "What is 1+1?", "response": "1+1 = 2.\n\nSo \\boxed{2}."},
+                 {"problem": "What is 2*5?", "steps": ["2*5 = 10", "So 10", "\\boxed{10}", "done"]},
+                 {"prompt": "Say 3.", "response": "3"}]
+        got = gateway.post("/v1/rewards", {"items": items})
+        assert got.status_code == 200, got.text
+        out = got.json()["items"]
+        assert [len(i["mu"]) for i in out] == [len(i["sigma"]) for i in out] == [2, 4, 1]
+        assert all(i["reward"] == min(i["mu"]) and i["model_version"] == 0 for i in out)
+        assert len({i["id"] for i in out}) == 3
+
+        # Bad requests: 422 with the reason; no token: 401.
+        assert gateway.post("/get_reward", content=b"{not json").status_code == 422
+        missing = gateway.post("/get_reward", {"prompts": [PROMPT]})
+        assert missing.status_code == 422 and "query: Field required" in missing.json()["detail"]
+        too_many = gateway.post("/v1/rewards", {"items": [{"prompt": "p", "response": "\n\n".join(["s"] * 17)}]})
+        assert too_many.status_code == 422 and "17 steps, over the limit of 16" in too_many.json()["detail"]
+        no_steps = gateway.post("/v1/rewards", {"items": [{"problem": "p"}]})
+        assert no_steps.status_code == 422 and "item 0: give steps" in no_steps.json()["detail"]
+        assert gateway.post("/v1/rewards", {"items": [{"id": "x", "problem": "p", "steps": ["a"]}]}).status_code == 422
+        assert gateway.post("/get_reward", single, token=None).status_code == 401
+        assert gateway.post("/get_reward", single, token="wrong").status_code == 401
+
+        # The daemon stopped: 504 within the timeout, naming the id; nothing is lost.
+        assert daemon.terminate() == 0
+        started = time.monotonic()
+        late = gateway.post("/v1/rewards", {"items": items[:1]})
+        assert late.status_code == 504 and time.monotonic() - started < 4 + 3
+        (late_id,) = late.json()["ids"]
+        assert late_id in late.json()["detail"]
+
+        # Restarted, the same request succeeds, and the one that timed out was scored after all.
+        daemon.start()
+        wait_until(lambda: gateway.post("/v1/rewards", {"items": items[:1]}, timeout=30).status_code == 200, 180,
+                   interval=1, what="the gateway to answer after the daemon restarted")
+        rewards = read_topic(broker.bootstrap, Topics(topic_prefix).rewards,
+                             until=lambda got: any(r.id == late_id for r in got), settle_s=0.2, timeout_s=60)
+        assert any(r.id == late_id for r in rewards)
+    finally:
+        gateway.stop()
+        daemon.terminate()
