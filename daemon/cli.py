@@ -136,18 +136,23 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 @bench_app.command("model")
 def bench_model_cmd(
-    backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",
+    backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m', 'random:<arch>' (e.g. random:qwen2-1.5b) or a model directory")] = "tiny",
     heads: Annotated[str, typer.Option(help="head counts to compare")] = "1,8,32",
     batch: int = 8,
     tokens: int = 256,
     repeats: int = 3,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's; 1 is steadier on a busy machine)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")] = "auto",
+    attn_implementation: Annotated[str, typer.Option(help="auto, sdpa, eager or flash_attention_2")] = "auto",
+    peak_tflops: Annotated[Optional[float], typer.Option(help="the device's peak TFLOP/s for MFU (default: its bf16 datasheet figure)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Forward time and peak memory per head count (goal: 32 heads <= 1.05x time, 1.10x memory of 1)."""
+    """Forward time, tokens/s, MFU and peak memory per head count (goal: 32 heads <= 1.05x time, 1.10x memory of 1)."""
     from actprm.model.bench import bench_model
 
-    _emit(bench_model(backbone, heads=_int_list(heads), batch=batch, tokens=tokens, repeats=repeats, threads=threads), as_json)
+    _emit(bench_model(backbone, heads=_int_list(heads), batch=batch, tokens=tokens, repeats=repeats, threads=threads,
+                      device=device, dtype=dtype, attn_implementation=attn_implementation, peak_tflops=peak_tflops), as_json)
 
 
 @bench_app.command("pipeline")
@@ -157,12 +162,16 @@ def bench_pipeline_cmd(
     swaps: Annotated[int, typer.Option(help="versions published while the stream runs")] = 20,
     batch: Annotated[int, typer.Option(help="scorer batch size (scorer.max_batch)")] = 8,
     threads: Annotated[int, typer.Option(help="torch threads, the same for the model alone and the scorer")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (model alone and scorer)")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
+    max_batch_tokens: Annotated[int, typer.Option(help="padded tokens per scoring batch (scorer.max_batch_tokens)")] = 16384,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Model-alone vs through-the-broker tokens/s, swap stalls, lost and duplicated rewards."""
+    """Model-alone vs through-the-broker tokens/s, padding waste, swap stalls, lost and duplicated rewards."""
     from actprm.streams.bench import bench_pipeline
 
-    _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps, max_batch=batch, threads=threads), as_json)
+    _emit(bench_pipeline(backbone, trajectories=trajectories, swaps=swaps, max_batch=batch, threads=threads,
+                         device=device, dtype=dtype, max_batch_tokens=max_batch_tokens), as_json)
 
 
 @bench_app.command("report")
@@ -279,9 +288,10 @@ def main() -> None:
     known: tuple[type[BaseException], ...] = (CLIError, BackboneError, CheckpointError, FileNotFoundError, ValueError)
     try:
         from actprm.model.data import DataError
+        from actprm.model.judges import JudgeError
         from actprm.streams.broker import BrokerError
 
-        known += (DataError, BrokerError)
+        known += (DataError, BrokerError, JudgeError)
     except ImportError:
         pass
     try:

@@ -49,6 +49,9 @@ class ModelSettings(_Section):
     head_width: int = Field(128, ge=1)
     max_length: int = Field(2048, ge=16, description="tokens per trajectory; whole trailing steps are dropped beyond it")
     seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="backbone weights; auto is bfloat16 on CUDA, float32 on CPU (bf16 is ~4x slower there); heads are always float32")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="auto takes flash-attn on a CUDA bf16/fp16 backbone when installed, else sdpa")
 
 
 class SelectionSettings(_Section):
@@ -60,6 +63,7 @@ class SelectionSettings(_Section):
 
 class ScorerSettings(_Section):
     max_batch: int = Field(8, ge=1, description="trajectories per scoring batch")
+    max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per scoring batch (rows x longest row); batches are sorted by length and cut by count and by this")
     max_wait_s: float = Field(0.2, gt=0, description="longest wait to fill a batch")
     version_poll_s: float = Field(1.0, gt=0, description="how often the checkpoint store is checked for a newer version")
 
@@ -74,6 +78,8 @@ class JudgeSettings(_Section):
     max_retries: int = Field(3, ge=0)
     temperature: float = Field(0.5, ge=0)
     max_tokens: int = Field(8192, ge=1)
+    device: str = Field("cuda", pattern=r"^(auto|cuda(:\d+)?)$", description="vllm: the GPU the engine runs on (a CPU host is refused)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of the GPU's memory the engine may take; lower it to share a GPU with the scorer")
 
 
 class RoundSettings(_Section):

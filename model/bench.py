@@ -21,6 +21,14 @@ On CUDA the same is done in-process with torch.cuda.max_memory_allocated.
 Wall time on a shared CPU is noisy and noise only adds time, so the figure is the fastest of
 `repeats` runs; each result also carries every run's wall time, their median and the process
 CPU time, so a ratio skewed by a neighbour's job can be recognised.
+
+Throughput and MFU: tokens/s counts the real (unpadded) tokens of the batch. The forward's
+FLOPs follow the PaLM appendix-B convention: per sequence of T tokens, 2 x N x T for the
+matmuls of the N non-embedding backbone parameters plus 4 x L x d x T^2 for attention (L
+layers, d = heads x head_dim, the full T x T square although the mask is causal), plus the
+heads' matmuls. MFU is achieved FLOP/s over the device's dense bf16 peak, named in the report
+(`peak_source`); on CPU, or on a GPU missing from PEAK_BF16_TFLOPS, MFU is null unless
+`peak_tflops` is given.
 """
 
 from __future__ import annotations
@@ -39,6 +47,37 @@ import torch
 
 GOAL = {"time_ratio_max": 1.05, "memory_ratio_max": 1.10}
 N_STEPS = 4  # "a few steps" per trajectory: enough separators to exercise the gather
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched
+# against torch.cuda.get_device_name() in this order (the first substring that matches wins).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
+)
+
+
+def device_peak(name: str, peak_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s, where the figure comes from) for a device name; (None, why) when unknown."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, f"given: {peak_tflops:g} TFLOP/s"
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops * 1e12, f"{key} dense bf16 datasheet peak, {tflops:g} TFLOP/s"
+    return None, f"no bf16 peak known for {name!r}; pass --peak-tflops"
+
+
+def forward_flops(prm, lengths: list[int], steps: float = N_STEPS) -> float:
+    """FLOPs of one PRM forward over sequences of these lengths (see the module docstring)."""
+    cfg = prm.body.config
+    embed = prm.body.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in prm.body.parameters()) - embed  # non-embedding parameters
+    layers = len(prm.body.layers)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d_attn = cfg.num_attention_heads * head_dim
+    E, H, D = prm.config.n_heads, prm.backbone.hidden_size, prm.config.head_width
+    heads_per_step = 2 * E * (H * D + D * D + D)
+    return float(sum(2 * n * T + 4 * layers * d_attn * T * T + heads_per_step * steps for T in lengths))
 
 # Plain words for filler text; varied so trajectories in a batch are not identical.
 _WORDS = (
@@ -111,7 +150,8 @@ def _prm_config(n_heads: int, batch: int, tokens: int):
     from actprm.model.prm import PRMConfig
 
     # max_length above the target so no step is dropped; same head seed for every E.
-    return PRMConfig(n_heads=n_heads, score_batch_size=batch, max_length=max(2048, 2 * tokens))
+    return PRMConfig(n_heads=n_heads, score_batch_size=batch, max_length=max(2048, 2 * tokens),
+                     score_max_tokens=None)
 
 
 # --- CPU: one subprocess per head count -------------------------------------------------------
@@ -137,8 +177,8 @@ def _cpu_worker(args: dict) -> dict:
     torch.manual_seed(0)
     from actprm.model.build import build_prm
 
-    prm = build_prm(args["spec"], hidden_layer=args["hidden_layer"],
-                    prm=_prm_config(args["heads"], args["batch"], args["tokens"]))
+    prm = build_prm(args["spec"], hidden_layer=args["hidden_layer"], device="cpu", dtype=args["dtype"],
+                    attn_implementation=args["attn"], prm=_prm_config(args["heads"], args["batch"], args["tokens"]))
     prm.eval()
     batch, lengths = _make_batch(prm, args["batch"], args["tokens"])
     # safetensors weights are memory-mapped and only become resident when first read; read
@@ -154,7 +194,9 @@ def _cpu_worker(args: dict) -> dict:
     timing = _time_forward(prm, batch, args["repeats"])
     peak = _status_kib("VmHWM") * 1024
     return {"heads": args["heads"], **timing, "peak_bytes": peak, "load_rss_bytes": load_rss,
-            "peak_over_load_bytes": peak - load_rss, "hwm_reset": hwm_reset, "lengths": lengths}
+            "peak_over_load_bytes": peak - load_rss, "hwm_reset": hwm_reset, "lengths": lengths,
+            "flops": forward_flops(prm, lengths), "dtype": prm.backbone.dtype,
+            "attn_implementation": prm.backbone.attn_implementation}
 
 
 def _worker_main(raw: str) -> None:
@@ -183,28 +225,29 @@ def _run_cpu_subprocess(args: dict) -> dict:
 
 # --- CUDA: in-process -----------------------------------------------------------------------
 
-def _bench_cuda(spec: str, heads, batch: int, tokens: int, repeats: int, hidden_layer) -> list[dict]:
+def _bench_cuda(spec: str, heads, batch: int, tokens: int, repeats: int, hidden_layer, device: torch.device,
+                dtype: str, attn: str) -> list[dict]:
     from actprm.model.backbone import load_backbone
     from actprm.model.prm import EnsemblePRM
-    from actprm.model.steps import Batch
 
-    device = torch.device("cuda")
-    backbone = load_backbone(spec, hidden_layer=hidden_layer)
-    backbone.model.to(device)
+    torch.cuda.set_device(device)
+    backbone = load_backbone(spec, hidden_layer=hidden_layer, device=str(device), dtype=dtype, attn_implementation=attn)
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
     results = []
     for E in heads:
         # The backbone is shared; only the heads differ, so the same weights serve every E.
-        prm = EnsemblePRM(backbone, _prm_config(E, batch, tokens)).to(device).eval()
+        prm = EnsemblePRM(backbone, _prm_config(E, batch, tokens)).eval()
         cpu_batch, lengths = _make_batch(prm, batch, tokens)
-        on = Batch(*(t.to(device) for t in (cpu_batch.input_ids, cpu_batch.attention_mask,
-                                             cpu_batch.step_positions, cpu_batch.step_mask)))
+        on = cpu_batch.to(device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         load = torch.cuda.memory_allocated()
-        timing = _time_forward(prm, on, repeats, sync=torch.cuda.synchronize)
+        timing = _time_forward(prm, on, repeats, sync=sync)
         peak = torch.cuda.max_memory_allocated()
         results.append({"heads": E, **timing, "peak_bytes": peak, "load_rss_bytes": load,
-                        "peak_over_load_bytes": peak - load, "hwm_reset": True, "lengths": lengths})
+                        "peak_over_load_bytes": peak - load, "hwm_reset": True, "lengths": lengths,
+                        "flops": forward_flops(prm, lengths), "dtype": backbone.dtype,
+                        "attn_implementation": backbone.attn_implementation})
         del prm, on
         gc.collect()
         torch.cuda.empty_cache()
@@ -221,29 +264,47 @@ def bench_model(
     repeats: int = 3,
     hidden_layer: int | None = None,
     threads: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    peak_tflops: float | None = None,
 ) -> dict:
-    """Forward seconds (fastest of `repeats` after one warm-up) and peak memory of scoring one
-    batch, for each head count. Ratios compare the largest head count with the smallest
-    (1 by default). `threads`: torch CPU threads in every run (default: this process's)."""
+    """Forward seconds (fastest of `repeats` after one warm-up), tokens/s, MFU and peak memory
+    of scoring one batch, for each head count. Ratios compare the largest head count with the
+    smallest (1 by default). `threads`: torch CPU threads in every run (default: this
+    process's). `device` / `dtype` / `attn_implementation` as model.* settings."""
+    from actprm.model.backbone import resolve_device
     heads = sorted(set(int(e) for e in heads))
     if not heads or heads[0] < 1:
         raise ValueError(f"head counts must be >= 1, got {heads}")
     if batch < 1 or tokens < 1 or repeats < 1:
         raise ValueError("batch, tokens and repeats must be >= 1")
     threads = threads or torch.get_num_threads()
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-        results = _bench_cuda(spec, heads, batch, tokens, repeats, hidden_layer)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        where = f"{dev} ({name})"
+        peak, peak_source = device_peak(name, peak_tflops)
+        results = _bench_cuda(spec, heads, batch, tokens, repeats, hidden_layer, dev, dtype, attn_implementation)
     else:
-        device = f"cpu ({threads} threads)"
+        where = f"cpu ({threads} threads)"
+        peak, peak_source = (peak_tflops * 1e12, f"given: {peak_tflops:g} TFLOP/s") if peak_tflops else \
+            (None, "no peak for a CPU; pass --peak-tflops")
         results = [
-            _run_cpu_subprocess({"spec": spec, "heads": E, "batch": batch, "tokens": tokens,
-                                 "repeats": repeats, "hidden_layer": hidden_layer, "threads": threads})
+            _run_cpu_subprocess({"spec": spec, "heads": E, "batch": batch, "tokens": tokens, "repeats": repeats,
+                                 "hidden_layer": hidden_layer, "threads": threads, "dtype": dtype,
+                                 "attn": attn_implementation})
             for E in heads
         ]
     lengths = results[0].pop("lengths")
     for r in results[1:]:
         r.pop("lengths")
+    placement = {"dtype": results[0]["dtype"], "attn_implementation": results[0]["attn_implementation"]}
+    for r in results:
+        r.pop("dtype"), r.pop("attn_implementation")
+        r["tokens_per_s"] = sum(lengths) / r["forward_s"]
+        r["achieved_tflops"] = r["flops"] / r["forward_s"] / 1e12
+        r["mfu"] = r["flops"] / r["forward_s"] / peak if peak else None
     first, last = results[0], results[-1]
     time_ratio = last["forward_s"] / first["forward_s"]
     cpu_time_ratio = last["forward_cpu_s"] / first["forward_cpu_s"]
@@ -251,7 +312,10 @@ def bench_model(
     return {
         "backbone": spec,
         "hidden_layer": hidden_layer,
-        "device": device,
+        "device": where,
+        **placement,
+        "peak_flops": peak,
+        "peak_source": peak_source,
         "batch": batch,
         "tokens": tokens,
         "encoded_tokens": lengths,  # actual lengths of the batch (identical for every E)
@@ -268,16 +332,20 @@ def bench_model(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m actprm.model.bench", description=__doc__.splitlines()[0])
-    p.add_argument("spec", help="backbone spec: tiny, smollm2-135m or a directory")
+    p.add_argument("spec", help="backbone spec: tiny, smollm2-135m, random:<arch> or a directory")
     p.add_argument("--heads", default="1,8,32", help="comma-separated head counts")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hidden-layer", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attn-implementation", default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None)
     a = p.parse_args(argv)
     out = bench_model(a.spec, tuple(int(x) for x in a.heads.split(",")), a.batch, a.tokens, a.repeats,
-                      a.hidden_layer, a.threads)
+                      a.hidden_layer, a.threads, a.device, a.dtype, a.attn_implementation, a.peak_tflops)
     print(json.dumps(out, indent=2))
 
 

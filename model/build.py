@@ -12,9 +12,12 @@ from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.trainer import TrainerConfig, configure_trainable, load_trainable_state, trainable_state
 
 
-def build_prm(spec: str, *, hidden_layer: int | None = None, prm: PRMConfig | None = None, seed: int = 0) -> EnsemblePRM:
-    """A fresh PRM: the backbone from its spec, heads newly initialised."""
-    return EnsemblePRM(load_backbone(spec, hidden_layer=hidden_layer, seed=seed), prm or PRMConfig())
+def build_prm(spec: str, *, hidden_layer: int | None = None, prm: PRMConfig | None = None, seed: int = 0,
+              device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto") -> EnsemblePRM:
+    """A fresh PRM: the backbone from its spec on `device`, heads newly initialised (float32)."""
+    backbone = load_backbone(spec, hidden_layer=hidden_layer, seed=seed, device=device, dtype=dtype,
+                             attn_implementation=attn_implementation)
+    return EnsemblePRM(backbone, prm or PRMConfig())
 
 
 def prm_config_from(manifest: Manifest) -> PRMConfig:
@@ -22,12 +25,16 @@ def prm_config_from(manifest: Manifest) -> PRMConfig:
     return PRMConfig(**{k: v for k, v in manifest.prm.items() if k in known})
 
 
-def load_prm(path: str | Path | CheckpointStore, version: int | None = None) -> tuple[EnsemblePRM, Manifest]:
-    """Rebuild the PRM a checkpoint describes (backbone from its reference) and load its weights."""
+def load_prm(path: str | Path | CheckpointStore, version: int | None = None, *, device: str = "auto",
+             dtype: str = "auto", attn_implementation: str = "auto") -> tuple[EnsemblePRM, Manifest]:
+    """Rebuild the PRM a checkpoint describes (backbone from its reference) and load its weights.
+
+    Where it runs is this host's choice (`device`, `dtype`), not the one the manifest records."""
     store, v = (path, version) if isinstance(path, CheckpointStore) else resolve_checkpoint(path)
     manifest, tensors = store.load(version if version is not None else v)
     ref = manifest.backbone
-    prm = build_prm(ref["spec"], hidden_layer=ref.get("hidden_layer"), prm=prm_config_from(manifest), seed=ref.get("seed", 0))
+    prm = build_prm(ref["spec"], hidden_layer=ref.get("hidden_layer"), prm=prm_config_from(manifest), seed=ref.get("seed", 0),
+                    device=device, dtype=dtype, attn_implementation=attn_implementation)
     if manifest.mode != "heads":
         configure_trainable(prm, TrainerConfig(**{**manifest.settings, "mode": manifest.mode}))
     load_trainable_state(prm, tensors)

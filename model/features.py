@@ -69,7 +69,7 @@ def backbone_fingerprint(prm: EnsemblePRM) -> str:
 def cache_key(prm: EnsemblePRM) -> tuple[str, dict]:
     """(directory key, the description it hashes) for this PRM's backbone and encoding."""
     desc = {
-        "backbone": prm.backbone.reference(),
+        "backbone": prm.backbone.identity(),  # not where it ran: the fingerprint holds the dtype
         "fingerprint": backbone_fingerprint(prm),
         "max_length": prm.config.max_length,
         "format": FORMAT_VERSION,
@@ -152,7 +152,7 @@ class FeatureCache:
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
                 batch = prm.collate([encoded[i] for i in idx])
-                hidden = prm.hidden_at_steps(batch).float()  # (B, S, H)
+                hidden = prm.hidden_at_steps(batch).float().cpu()  # (B, S, H): cached on the host
                 for b, i in enumerate(idx):
                     e = encoded[i]
                     feat = Features(hidden[b, : e.n_scored].clone(), e.n_steps, e.truncated, len(e.input_ids))  # (S_i, H)

@@ -7,6 +7,7 @@ label: an unparseable or missing answer must not train the PRM.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import time
@@ -346,6 +347,9 @@ class VLLMJudge:
     """A vLLM engine in this process. The async engine batches concurrent requests itself.
 
     engine_args go to vllm's AsyncEngineArgs (e.g. tensor_parallel_size, max_model_len).
+    device: "cuda" / "auto" (the current GPU) or "cuda:N"; gpu_memory_utilization: the share of
+    that GPU's memory the engine takes (lower it to leave room for the scorer on the same GPU).
+    A host without CUDA is refused at once: vLLM on a CPU would take hours per judgement.
     """
 
     def __init__(
@@ -355,7 +359,10 @@ class VLLMJudge:
         max_tokens: int = 8192,
         timeout_s: float | None = 1800.0,
         engine_args: dict[str, Any] | None = None,
+        device: str = "cuda",
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
+        index = _vllm_gpu(device)
         try:
             # Imported here so that CPU hosts without the extra can still use other judges.
             from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
@@ -370,7 +377,22 @@ class VLLMJudge:
         # The tokenizer's own chat template, so the prompt matches what the model was tuned on.
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=1)
-        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model, **(engine_args or {})))
+        args = {"gpu_memory_utilization": gpu_memory_utilization, **(engine_args or {})}
+        # vLLM has no device index: its engine process sees the GPUs CUDA_VISIBLE_DEVICES names.
+        # This process has initialised CUDA already (in _vllm_gpu), so narrowing the variable
+        # while the engine starts changes only what the engine sees.
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if index is not None:
+            visible = saved.split(",") if saved else [str(i) for i in range(_cuda_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[index]
+        try:
+            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model, **args))
+        finally:
+            if index is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
     async def judge(self, request: JudgeRequest) -> Judgement:
         _require_steps(request)
@@ -401,6 +423,31 @@ class VLLMJudge:
         shutdown = getattr(self._engine, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _vllm_gpu(device: str) -> int | None:
+    """The GPU index judge.device names (None: the current one); a CPU host is a one-line JudgeError."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise JudgeError("the vllm judge runs in-process on a CUDA GPU and this host has none; use judge.kind=openai "
+                         "against a vLLM server, or run the judge role after `pip install actprm[vllm]` on a GPU host",
+                         retryable=False)
+    torch.cuda.init()
+    key = device.strip().lower()
+    if key in ("auto", "cuda"):
+        return None
+    m = re.fullmatch(r"cuda:(\d+)", key)
+    if m is None or int(m.group(1)) >= torch.cuda.device_count():
+        raise JudgeError(f"judge.device {device!r} is not one of this host's {torch.cuda.device_count()} CUDA devices",
+                         retryable=False)
+    return int(m.group(1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Shapes used below: B trajectories, T tokens, S steps (padded), H backbone hidden size,
 E heads, D head width. Every head is an MLP H -> D -> D -> 1 with ReLU; the E heads' weights
 are stacked so all of them run as three batched matmuls over the same hidden states.
+
+Device and precision: the heads live on the backbone's device and always in float32, so
+mu and sigma (means and spreads of 32 probabilities near 0 or 1) keep their digits on a
+bf16 backbone; only the (B*S, H) hidden states at the separators are cast up.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from actprm.model.backbone import Backbone
-from actprm.model.steps import Batch, collate, encode_trajectory
+from actprm.model.steps import Batch, collate, encode_trajectory, plan_batches
 from actprm.model.uncertainty import predicted_first_error
 
 
@@ -24,6 +28,8 @@ class PRMConfig:
     head_width: int = 128  # published MLP width
     max_length: int = 2048  # published maximum tokens per trajectory
     score_batch_size: int = 8
+    # Padded tokens per scoring batch (rows x longest row). 8 x 2048: the defaults never split.
+    score_max_tokens: int | None = 16384
     seed: int = 0  # seeds the head initialisation; each head still gets its own draw
 
 
@@ -88,13 +94,19 @@ class EnsemblePRM(nn.Module):
         self.backbone = backbone
         self.body = backbone.model  # registered so .parameters() and LoRA see it
         # Given heads let a hot-swap build a new PRM around the same frozen body.
-        self.heads = heads or EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
+        heads = heads or EnsembleHeads(self.config.n_heads, backbone.hidden_size, self.config.head_width, self.config.seed)
+        self.heads = heads.to(device=self.device, dtype=torch.float32)  # float32 on any backbone dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.body.parameters()).device
 
     def hidden_at_steps(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
         """Backbone hidden states at the separators: (B, S, H); padded steps hold garbage.
 
         With a frozen backbone this is all the heads ever read, so it can be computed once
         and cached (see features.py)."""
+        batch = batch.to(self.device)
         B, S = batch.step_positions.shape
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
             hidden = self.body(
@@ -105,9 +117,11 @@ class EnsemblePRM(nn.Module):
         return hidden.gather(1, index)  # (B, S, H)
 
     def head_logits(self, at_steps: torch.Tensor) -> torch.Tensor:
-        """Logits for every head from hidden states at steps: (B, S, H) -> (E, B, S)."""
+        """Logits for every head from hidden states at steps: (B, S, H) -> (E, B, S), in float32
+        on the heads' device whatever the dtype and device of the hidden states."""
         B, S, H = at_steps.shape
-        logits = self.heads(at_steps.reshape(B * S, H).to(self.heads.w1.dtype))  # (E, B*S)
+        w = self.heads.w1
+        logits = self.heads(at_steps.reshape(B * S, H).to(device=w.device, dtype=w.dtype))  # (E, B*S)
         return logits.reshape(-1, B, S)  # (E, B, S)
 
     def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
@@ -130,14 +144,14 @@ class EnsemblePRM(nn.Module):
         self.eval()
         encoded = [self.encode(problem, steps) for problem, steps in trajectories]
         # Batching similar lengths together wastes less compute on padding.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        # Sorted by length, cut by count and by a padded-token budget (plan_batches).
+        plan = plan_batches([len(e.input_ids) for e in encoded], self.config.score_batch_size,
+                            self.config.score_max_tokens)
         results: list[StepScores | None] = [None] * len(encoded)
-        size = self.config.score_batch_size
-        for start in range(0, len(order), size):
-            idx = order[start : start + size]
+        for idx in plan:
             batch = self.collate([encoded[i] for i in idx])
             at_steps = self.hidden_at_steps(batch)  # (B, S, H)
-            probs = torch.sigmoid(self.head_logits(at_steps)).float()  # (E, B, S)
+            probs = torch.sigmoid(self.head_logits(at_steps)).cpu()  # (E, B, S) float32, one copy off the device
             kept = [encoded[i] for i in idx]
             got = summarise(probs, [e.n_scored for e in kept], [e.n_steps for e in kept],
                             [e.truncated for e in kept], [len(e.input_ids) for e in kept], threshold)
@@ -172,7 +186,7 @@ class EnsemblePRM(nn.Module):
         for start in range(0, N, batch_size):
             rows = range(start, min(N, start + batch_size))
             at_steps, _ = pad_features([features[i] for i in rows])  # (B, S, H)
-            probs = torch.sigmoid(self.head_logits(at_steps)).float()  # (E, B, S)
+            probs = torch.sigmoid(self.head_logits(at_steps)).cpu()  # (E, B, S) float32
             results += summarise(probs, [features[i].shape[0] for i in rows], [n_steps[i] for i in rows],
                                  [truncated[i] for i in rows], [n_tokens[i] for i in rows], threshold)
         return results

@@ -41,6 +41,16 @@ class Batch:
     step_positions: torch.Tensor  # (B, S) separator positions, 0 where step_mask is False
     step_mask: torch.Tensor  # (B, S) True for a real step
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The one place a batch moves to the model's device (a no-op when it is already there).
+        Pinned memory lets the copy overlap with work already queued on the GPU."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        pin = device.type == "cuda"
+        move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=pin)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.step_positions), move(self.step_mask))
+
 
 @lru_cache(maxsize=16)
 def _template_pieces(tokenizer) -> tuple[str, str, str]:

@@ -7,6 +7,10 @@ One run measures:
 - while the stream runs, ``swaps`` new versions are written to the checkpoint store; every
   reward is checked: ids missing (lost), ids rewarded twice (duplicated), and the versions
   that produced them. The scorer reports its worst event-loop lag during a swap.
+
+Padding waste is that of the batches `score` forms from each take (sorted by length, cut by
+scorer.max_batch and scorer.max_batch_tokens). On CUDA the model-alone run also reports its
+peak memory and MFU (FLOPs counted as in model/bench.py).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from pathlib import Path
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from actprm.model.bench import device_peak, forward_flops
 from actprm.model.build import build_prm, publish_initial
 from actprm.model.checkpoints import CheckpointStore
 from actprm.model.prm import PRMConfig
+from actprm.model.steps import padding_stats, plan_batches
 from actprm.model.trainer import TrainerConfig, trainable_state
 from actprm.streams import messages
 from actprm.streams.broker import EmbeddedBroker
@@ -107,22 +113,28 @@ async def _stream(bootstrap: str, topics: Topics, items, store, prm, trainer, sw
 
 
 def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batch: int = 8, seed: int = 0,
-                   threads: int = 1, repeats: int = 2) -> dict:
+                   threads: int = 1, repeats: int = 2, device: str = "auto", dtype: str = "auto",
+                   max_batch_tokens: int = 16384, peak_tflops: float | None = None) -> dict:
     """`threads` torch threads in both measurements (the same for a fair ratio); the model-alone
-    figure is the best of `repeats` runs, so a busy machine does not flatter the ratio."""
+    figure is the best of `repeats` runs, so a busy machine does not flatter the ratio.
+    `device` / `dtype` as model.*, for the model alone and the scorer alike."""
     items = _trajectories(trajectories, seed)
     warmup = _trajectories(1, seed + 1)[0]
     warmup.id = "bench-warmup"
     with tempfile.TemporaryDirectory(prefix="actprm-bench-") as tmp, EmbeddedBroker() as broker:
         tmp = Path(tmp)
         trainer = TrainerConfig(mode="heads")
-        prm = build_prm(spec, prm=PRMConfig(score_batch_size=max_batch))
+        prm = build_prm(spec, prm=PRMConfig(score_batch_size=max_batch, score_max_tokens=max_batch_tokens),
+                        device=device, dtype=dtype)
+        on_cuda = prm.device.type == "cuda"
         store = CheckpointStore(tmp / "checkpoints")
         publish_initial(store, prm, trainer)
 
         # The model alone, same trajectories, same batch size, same threads.
         torch.set_num_threads(threads)
         prm.score([(warmup.problem, warmup.steps)])
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(prm.device)
         model_s = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -130,12 +142,22 @@ def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batc
             scores = [sc for i in range(0, len(items), TAKE) for sc in prm.score([(t.problem, t.steps) for t in items[i:i + TAKE]])]
             model_s = min(model_s, time.perf_counter() - t0)
         tokens = sum(s.n_tokens for s in scores)
+        peak_bytes = torch.cuda.max_memory_allocated(prm.device) if on_cuda else None
+        flops = forward_flops(prm, [s.n_tokens for s in scores], steps=sum(len(s.mu) for s in scores) / len(scores))
+        lengths = [s.n_tokens for s in scores]
+        # The plan score() makes for each take (the same function, on the same lengths).
+        takes = [list(range(i, min(i + TAKE, len(lengths)))) for i in range(0, len(lengths), TAKE)]
+        plan = [[take[j] for j in b] for take in takes
+                for b in plan_batches([lengths[i] for i in take], max_batch, max_batch_tokens)]
+        padding = padding_stats(lengths, plan)
 
         topics = Topics(f"bench{os.getpid()}")
         asyncio.run(ensure_topics(broker.bootstrap, topics, partitions=4))
         env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": broker.bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": topics.prefix,
                "ACTPRM_STATE_DIR": str(tmp / "state"), "ACTPRM_CHECKPOINT_DIR": str(store.root),
                "ACTPRM_MODEL__BACKBONE": spec, "ACTPRM_SCORER__MAX_BATCH": str(max_batch),
+               "ACTPRM_SCORER__MAX_BATCH_TOKENS": str(max_batch_tokens), "ACTPRM_MODEL__DEVICE": device,
+               "ACTPRM_MODEL__DTYPE": dtype,
                "ACTPRM_SCORER__VERSION_POLL_S": "0.05", "ACTPRM_LOG_FORMAT": "json", "ACTPRM_METRICS__PORT": "0",
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         scorer = subprocess.Popen([sys.executable, "-m", "actprm.daemon.cli", "run", "--role", "scorer", "--heldout", "0"],
@@ -153,8 +175,14 @@ def bench_pipeline(spec: str, trajectories: int = 256, swaps: int = 20, max_batc
             final = {"error": (tmp / "scorer.log").read_text()[-2000:]}
     model_tps = tokens / model_s
     e2e_tps = tokens / stream["elapsed_s"]
+    peak, peak_source = device_peak(torch.cuda.get_device_name(prm.device), peak_tflops) if on_cuda else (None, "cpu")
     return {
         "backbone": spec, "trajectories": trajectories, "tokens": tokens, "max_batch": max_batch, "threads": threads,
+        "device": str(prm.device), "dtype": prm.backbone.dtype, "attn_implementation": prm.backbone.attn_implementation,
+        "max_batch_tokens": max_batch_tokens, "batches": padding["batches"],
+        "padded_tokens": padding["padded_tokens"], "padding_waste": round(padding["padding_waste"], 4),
+        "model_mfu": round(flops / model_s / peak, 4) if peak else None, "peak_source": peak_source,
+        "model_peak_bytes": peak_bytes,
         "model_tokens_per_s": round(model_tps, 1), "pipeline_tokens_per_s": round(e2e_tps, 1),
         "ratio": round(e2e_tps / model_tps, 3),
         "swaps_published": swaps, "swaps_applied": final.get("swaps"), "versions_seen": stream["versions_seen"],

@@ -69,6 +69,7 @@ class Runtime:
     write_gate: WriteGate = field(default_factory=WriteGate)  # sends wait while that life is in doubt
     paused_consume: bool = False  # `ctl pause --scope all`: agents stop taking messages, nothing is committed
     metrics: object = None  # daemon.metrics.Metrics when serving metrics
+    backbone_placement: dict = field(default_factory=dict)  # device, dtype, attn_implementation of the loaded backbone
 
     def __post_init__(self):
         s = self.settings
@@ -106,9 +107,12 @@ class Runtime:
         needs_model = "scorer" in self.roles or "trainer" in self.roles
         if not needs_model:
             return
-        backbone = load_backbone(s.model.backbone, hidden_layer=s.model.hidden_layer, seed=s.model.seed)
+        backbone = load_backbone(s.model.backbone, hidden_layer=s.model.hidden_layer, seed=s.model.seed,
+                                 device=s.model.device, dtype=s.model.dtype, attn_implementation=s.model.attn_implementation)
+        self.backbone_placement = {k: v for k, v in backbone.reference().items() if k in ("device", "dtype", "attn_implementation")}
         prm_cfg = PRMConfig(n_heads=s.model.n_heads, head_width=s.model.head_width, max_length=s.model.max_length,
-                            score_batch_size=s.scorer.max_batch, seed=s.model.seed)
+                            score_batch_size=s.scorer.max_batch, score_max_tokens=s.scorer.max_batch_tokens,
+                            seed=s.model.seed)
         template = EnsemblePRM(backbone, prm_cfg)
         if "trainer" in self.roles:
             if self.store.latest() is None:
@@ -135,6 +139,8 @@ class Runtime:
                 "base_url": j.base_url, "model": j.model, "timeout_s": j.timeout_s, "max_retries": j.max_retries,
                 "concurrency": j.concurrency, "temperature": j.temperature, "max_tokens": j.max_tokens,
                 "api_key": j.api_key.get_secret_value() if j.api_key else None}
+            if j.kind == "vllm":
+                kwargs |= {"device": j.device, "gpu_memory_utilization": j.gpu_memory_utilization}
             self.judge = make_judge(j.kind, **kwargs)
 
     async def close_judge(self) -> None:
@@ -384,6 +390,7 @@ class Runtime:
                "swap_stall_ms_max": round(max(self.swap_stalls_ms), 3) if self.swap_stalls_ms else None,
                "swap_failures": c["swap_failures"], "duplicates_skipped": c["duplicates_skipped"],
                "score_tokens": c["score_tokens"], "score_seconds": c["score_seconds_x1000"] / 1000,
+               **self.backbone_placement,
                "last_error": self.last_error,
                "sends_held": self.write_gate.held_because, "sends_held_times": self.write_gate.holds}
         if self.keeper:
