@@ -12,8 +12,9 @@ its visible expression and result rewritten; the final answer follows. Steps bef
 untouched and step k's visible result is wrong, so the first wrong step is k by construction
 (label = k, 0-based); the rest only has to read consistently with the slip. A slip that
 cannot be carried through cleanly (a value that cannot be located in the text, a number that
-is ambiguous because it also appears in the question, a result that turns negative or into a
-non-terminating decimal, a final answer the slip does not reach) is not written; the next
+is ambiguous because it also appears in the question, a line without annotation that computes
+with a changed value, a result that turns negative or into a non-terminating decimal, a final
+answer the slip does not reach) is not written; the next
 candidate step or slip is tried, and a record with none left is skipped with its reason.
 
 Everything is deterministic from (records, n, seed, error_rate); the error share is exact,
@@ -260,11 +261,10 @@ def _replace_spans(text: str, edits: list[tuple[tuple[int, int], str]]) -> str:
     return text
 
 
-def apply_slip(solution: Solution, k: int, wrong: Fraction) -> tuple[list[str], bool]:
-    """Steps with step k's result replaced by `wrong` and later steps made consistent with it.
-
-    Returns (steps, final_answer_correct). Raises SlipError when it cannot be done cleanly.
-    """
+def apply_slip(solution: Solution, k: int, wrong: Fraction) -> list[str]:
+    """Steps with step k's result replaced by `wrong`, later steps made consistent with it and
+    the final answer following it (so the final answer is always wrong). Raises SlipError when
+    that cannot be done cleanly."""
     steps = solution.steps
     step = steps[k]
     if step.expr is None or step.result is None or step.result_span is None:
@@ -292,12 +292,15 @@ def apply_slip(solution: Solution, k: int, wrong: Fraction) -> tuple[list[str], 
     for j in range(k + 1, len(steps)):
         s = steps[j]
         if s.expr is None or s.result_span is None:
-            # No calculation here: numbers that were changed are rewritten where they appear.
+            # No annotation: numbers that were changed are rewritten where they appear, unless the
+            # line computes with them in the open ("56+4 = 60"), which we cannot redo reliably.
             edits = []
             for m in _numbers(s.text):
                 v = parse_number(m.group())
                 if v in changed:
                     edits.append((m.span(), _format_or_fail(changed[v], m.group())))
+            if edits and "=" in s.text:
+                raise SlipError("a later step computes with a changed value without an annotation")
             out.append(_replace_spans(s.text, edits))
             continue
         used = [m for m in _NUM.finditer(s.expr) if parse_number(m.group()) in changed]
@@ -329,7 +332,7 @@ def apply_slip(solution: Solution, k: int, wrong: Fraction) -> tuple[list[str], 
     if final not in changed:
         raise SlipError("the slip does not reach the final answer")
     out.append(f"The answer is {_format_or_fail(changed[final], solution.answer)}.")
-    return out, False
+    return out
 
 
 def _format_or_fail(value: Fraction, like: str) -> str:
@@ -354,7 +357,7 @@ def slip_record(solution: Solution, rng: random.Random) -> tuple[int, list[str]]
         rng.shuffle(wrongs)
         for wrong in wrongs:
             try:
-                steps, _ = apply_slip(solution, k, wrong)
+                steps = apply_slip(solution, k, wrong)
                 return k, steps
             except (SlipError, ValueError) as e:
                 reasons[str(e)] += 1
