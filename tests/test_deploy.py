@@ -193,7 +193,7 @@ def test_docker_compose_config():
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(reason="docker compose plugin not installed")
-    for profiles in ([], ["--profile", "gpu", "--profile", "demo"]):
+    for profiles in ([], ["--profile", "gpu", "--profile", "demo", "--profile", "monitoring"]):
         result = subprocess.run(["docker", "compose", "-f", str(COMPOSE), *profiles, "config", "-q"],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
