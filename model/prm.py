@@ -121,7 +121,9 @@ class EnsemblePRM(nn.Module):
         on the heads' device whatever the dtype and device of the hidden states."""
         B, S, H = at_steps.shape
         w = self.heads.w1
-        logits = self.heads(at_steps.reshape(B * S, H).to(device=w.device, dtype=w.dtype))  # (E, B*S)
+        # Never autocast: a trainer's bf16 autocast is meant for the backbone, the heads stay fp32.
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            logits = self.heads(at_steps.reshape(B * S, H).to(device=w.device, dtype=w.dtype))  # (E, B*S)
         return logits.reshape(-1, B, S)  # (E, B, S)
 
     def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:

@@ -38,6 +38,7 @@ class TrainerConfig(BaseModel):
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (mode=lora)")
     lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get LoRA adapters")
     seed: int = Field(0, description="seeds the bootstrap masks")
+    gradient_checkpointing: bool = Field(False, description="lora/full: recompute the backbone's activations in the backward pass (less GPU memory, ~30% more time)")
 
 
 @dataclass
@@ -109,6 +110,8 @@ class Trainer:
         self.prm = prm
         self.config = config or TrainerConfig()
         configure_trainable(prm, self.config)
+        if self.config.gradient_checkpointing and self.config.mode != "heads":
+            prm.body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in prm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.step = 0
@@ -175,13 +178,33 @@ class Trainer:
         n_labelled = int(mask.sum())
         if n_labelled == 0 or not active.any():
             return UpdateResult(False, "no labelled step in the batch", n_samples=N, step=self.step)
+        # The labels go where the logits are (no-ops on CPU); the backbone runs under bf16
+        # autocast on CUDA, the heads stay float32 (EnsemblePRM.head_logits).
+        dev = prm.device
+        targets, mask, boot, per_head, active = (t.to(dev) for t in (targets, mask, boot, per_head, active))
+        autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
         self._set_training(True)
         self.optimizer.zero_grad(set_to_none=True)
+        try:
+            return self._accumulate(targets, mask, boot, per_head, active, n_labelled, logits_of, micro, autocast)
+        except torch.cuda.OutOfMemoryError:
+            # Free what the failed step holds so serving goes on; the caller restores the weights.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._set_training(False)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
+    def _accumulate(self, targets, mask, boot, per_head, active, n_labelled: int, logits_of, micro: int,
+                    autocast) -> UpdateResult:
+        cfg, prm = self.config, self.prm
+        N = targets.shape[0]
         bce_total = 0.0
         for start in range(0, N, micro):
             rows = slice(start, start + micro)
-            logits = logits_of(rows)  # (E, b, S)
+            with autocast:
+                logits = logits_of(rows).float()  # (E, b, S)
             S = logits.shape[2]
             y = targets[rows, :S].expand_as(logits)  # (E, b, S)
             m = (boot[:, rows].unsqueeze(-1) & mask[rows, :S].unsqueeze(0)).float()  # (E, b, S)

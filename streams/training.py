@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import structlog
 import torch
 
+from actprm.model.backbone import memory_summary
 from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.trainer import LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
@@ -105,6 +106,14 @@ class UpdateLoop:
             result, kept, poisoned = self._train(samples)
             refused = None if kept else result.reason
             ids = [s.id for s in kept] if kept else ids
+        except torch.cuda.OutOfMemoryError:
+            # The device's state, not the labels' fault: they stay pending and the update is
+            # tried again after the runtime's backoff, while the served version goes on.
+            self._follow(self.version)
+            error = (f"CUDA out of memory during the update ({memory_summary(self.trainer.prm.device)}); "
+                     f"v{self.version} keeps serving and the labels stay pending; lower trainer.micro_batch_size, "
+                     f"set trainer.gradient_checkpointing or run the trainer on another GPU")
+            return UpdateOutcome(UpdateResult(False, error), None, ids, error=error)
         except (RuntimeError, ValueError) as err:  # e.g. an overflow inside the optimizer step
             result = UpdateResult(False, f"update failed: {str(err).splitlines()[0]}")
             refused = result.reason

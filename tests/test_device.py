@@ -203,3 +203,47 @@ def test_batch_moves_to_cuda_once():
     batch = prm.collate([prm.encode(p, s) for p, s in _items(2)])
     on = batch.to(prm.device)
     assert on.input_ids.device.type == "cuda" and on.to(prm.device) is on
+
+
+# --- training: an out-of-memory update is refused, never a crash ----------------------------
+
+def _oom(module, args, kwargs):
+    # What the CUDA caching allocator raises; injected so the path runs on a CPU host.
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("mode", ["heads", "full"])
+def test_out_of_memory_during_an_update_keeps_serving_and_the_labels_pending(tmp_path, mode):
+    from actprm.model.build import publish_initial
+    from actprm.model.checkpoints import CheckpointStore
+    from actprm.model.trainer import Trainer, TrainerConfig, trainable_state
+    from actprm.streams.ledger import PENDING, Ledger
+    from actprm.streams.messages import Label
+    from actprm.streams.training import UpdateLoop
+    from helpers_model import synthetic_samples, tiny_prm
+
+    cfg = TrainerConfig(mode=mode, warmup_steps=0, gradient_checkpointing=mode == "full")
+    store = CheckpointStore(tmp_path / "ckpt")
+    prm = tiny_prm()
+    publish_initial(store, prm, cfg)
+    ledger = Ledger(tmp_path / "ledger")
+    try:
+        loop = UpdateLoop(Trainer(prm, cfg), store, ledger, 4, 60)
+        for s in synthetic_samples(4, seed=2):
+            loop.receive(Label(id=s.id, first_error=s.first_error, n_steps=len(s.steps), judge="oracle",
+                               round_id=0, problem=s.problem, steps=s.steps))
+        before = {k: v.clone() for k, v in trainable_state(prm, mode).items()}
+        hook = prm.body.register_forward_pre_hook(_oom, with_kwargs=True)
+        outcome = loop.update()
+        hook.remove()
+        assert outcome.manifest is None and store.latest() == 0  # nothing published
+        assert outcome.error.startswith("CUDA out of memory during the update (") and "\n" not in outcome.error
+        assert "v0 keeps serving" in outcome.error and "micro_batch_size" in outcome.error
+        assert len(list(ledger.items(PENDING))) == 4  # tried again later, not retired
+        after = trainable_state(prm, mode)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in prm.parameters())  # the failed step's gradients are freed
+        # Once memory is back the same labels train.
+        assert loop.update().manifest is not None and not list(ledger.items(PENDING))
+    finally:
+        ledger.close()
