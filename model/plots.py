@@ -38,3 +38,34 @@ def learning_curve(result: dict, path: str | Path, title: str = "") -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def run_learning_curve(points: list[dict], path: str | Path) -> Path:
+    """Write a PNG of a daemon run: held-out F1, online (prequential) F1 and the recent
+    selected share, each against the labels received so far. points: dicts with "labels",
+    "heldout_f1", "online_f1", "selected_share" (None where not known yet)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not points:
+        raise ValueError("no curve points recorded")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for key, label, style in (("heldout_f1", "held-out F1 (served version)", "-"),
+                              ("online_f1", "online F1 (last labels, before training on them)", "--"),
+                              ("selected_share", "selected share (last 32 scored)", ":")):
+        xy = [(p["labels"], p[key]) for p in points if p.get(key) is not None]
+        if xy:
+            ax.plot([x for x, _ in xy], [y for _, y in xy], style, label=label)
+    ax.set_xlabel("labels received (judged trajectories)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("actprm run: learning as it happens", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

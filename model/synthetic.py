@@ -15,6 +15,7 @@ balanced.
 
 from __future__ import annotations
 
+import math
 import random
 
 from actprm.model.data import Record
@@ -243,3 +244,171 @@ def hard_minority_pool(
             )
         )
     return records
+
+
+# --- word problems with realistic error kinds (the built-in stream) --------------------------
+
+# Each kind is a failure real LLM solutions show; what a frozen small backbone can see of each
+# differs a lot (see the README's learnability table), which is why the mixture is a setting.
+KINDS = ("carry_over", "misread", "wrong_operation", "arithmetic")
+# Learnable kinds only: on a frozen SmolLM2-135M the arithmetic slip is not (step AUC ~0.64), and
+# labels spent on what the model can never learn are wasted. misread and wrong_operation are
+# learnable but need more examples than carry_over: the harder part the ensemble stays unsure of.
+DEFAULT_KINDS = {"carry_over": 0.5, "misread": 0.25, "wrong_operation": 0.25}
+_OPPOSITE = {"add": "sub", "sub": "add"}
+
+
+def parse_kinds(text: str) -> dict[str, float]:
+    """'carry_over=0.5,misread=0.25' (shares, normalised to sum 1) or 'carry_over,misread' (equal)."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, share = part.partition("=")
+        name = name.strip()
+        if name not in KINDS:
+            raise ValueError(f"unknown error kind {name!r}; choose from {', '.join(KINDS)}")
+        try:
+            value = float(share) if share else 1.0
+        except ValueError:
+            raise ValueError(f"share of {name} must be a number, got {share!r}") from None
+        if not value >= 0:
+            raise ValueError(f"share of {name} must be >= 0, got {share!r}")
+        out[name] = out.get(name, 0.0) + value
+    total = sum(out.values())
+    if not out or total <= 0:
+        raise ValueError(f"no error kind with a positive share in {text!r}; choose from {', '.join(KINDS)}")
+    return {k: v / total for k, v in out.items()}
+
+
+def _exact_kinds(rng: random.Random, n: int, kinds: dict[str, float]) -> list[str]:
+    """n kind names with the given shares, largest remainders first, shuffled."""
+    names = sorted(kinds)
+    raw = {k: n * kinds[k] for k in names}
+    counts = {k: math.floor(v) for k, v in raw.items()}
+    for k in sorted(names, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    out = [k for k in names for _ in range(counts[k])]
+    rng.shuffle(out)
+    return out
+
+
+def word_problems(
+    n: int,
+    seed: int = 0,
+    kinds: dict[str, float] | None = None,
+    error_rate: float = 0.5,
+    min_steps: int = 3,
+    max_steps: int = 8,
+) -> list[Record]:
+    """Word problems with one step per operation ("She buys 5 more: 12 + 5 = 17.") and a final
+    "The answer is X." step. In round(n * error_rate) records one operation step k goes wrong,
+    the kinds in the shares of `kinds` (default DEFAULT_KINDS), and every later step continues
+    correctly from the wrong value; label = k. The kinds at step k:
+    - carry_over: the step starts from a number other than the previous result;
+    - misread: the equation uses another operand than the words ("buys 20 more: 37 + 2");
+    - wrong_operation: the equation does the opposite of the words ("picks up 7 more: 40 - 7");
+    - arithmetic: the result is off ("27 + 18 = 46").
+    extra: {"kind": one of KINDS or "correct", "answer", "stated_answer", "ops"}.
+    """
+    kinds = DEFAULT_KINDS if kinds is None else kinds
+    _check(n, {"error_rate": error_rate}, min_steps, max_steps, least=2)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown error kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    rng = random.Random(f"actprm-words-{seed}")
+    wrong = _exact_flags(rng, n, error_rate)
+    kind_of = iter(_exact_kinds(rng, sum(wrong), kinds))
+    records = []
+    for i in range(n):
+        kind = next(kind_of) if wrong[i] else "correct"
+        name, pronoun = rng.choice(_NAMES)
+        obj = rng.choice(_OBJECTS)
+        n_ops = rng.randint(min_steps, max_steps) - 1
+        k = rng.randrange(n_ops) if wrong[i] else -1
+        true = shown = rng.randint(5, 40)
+        start = true
+        phrases, steps, ops = [], [], []
+        last_kind = ""
+        for j in range(n_ops):
+            choices = _valid_ops(rng, (true, shown))
+            written = _wrong_step(rng, kind, choices, shown) if j == k else None
+            if written is None:
+                if j == k:
+                    kind = "arithmetic"  # the kind asked for is impossible at these numbers (rare): say so
+                varied = [c for c in choices if c[0] != last_kind] or choices
+                op, a = rng.choice(varied)
+                written = (op, a, shown, op, a)
+            op, a, x, eq_op, eq_a = written
+            last_kind = op
+            phrase = _phrase(rng, op, a, pronoun)
+            result = _apply(eq_op, x, eq_a)
+            if j == k and kind == "arithmetic":
+                result += rng.choice([d for d in _SLIPS if result + d >= 1])
+            true = _apply(op, true, a)
+            steps.append(f"{pronoun.capitalize()} {phrase}: {x} {_SYMBOL[eq_op]} {eq_a} = {result}.")
+            phrases.append(phrase)
+            ops.append([op, a])
+            shown = result
+        steps.append(f"The answer is {shown}.")
+        story = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + ", then " + phrases[-1]
+        problem = (f"{name} has {start} {obj}. {pronoun.capitalize()} {story}. "
+                   f"How many {obj} does {pronoun} have now?")
+        records.append(Record(id=f"wp-{seed}-{i}", problem=problem, steps=steps, label=k,
+                              extra={"source": "synthetic-word-problems", "kind": kind, "answer": true,
+                                     "stated_answer": shown, "ops": ops}))
+    return records
+
+
+def _wrong_step(rng: random.Random, kind: str, choices: list[tuple[str, int]], shown: int):
+    """(op in the words, operand in the words, start, op written, operand written) for an error
+    step of `kind` from the previous result `shown`; None when the numbers allow no such step."""
+    if kind == "carry_over":
+        op, a = rng.choice(choices)
+        starts = [shown + d for d in _SLIPS if shown + d >= 1 and _fits(op, shown + d, a)]
+        return (op, a, rng.choice(starts), op, a) if starts else None
+    if kind == "misread":
+        options = []
+        for op, a in choices:
+            if op in ("add", "sub"):
+                options += [(op, a, b) for b in _misreads(a) if op == "add" or shown - b >= 1]
+        if not options:
+            return None
+        op, a, b = rng.choice(options)
+        return (op, a, shown, op, b)
+    if kind == "wrong_operation":
+        options = [(op, a) for op, a in choices if op == "sub" or (op == "add" and a < shown)]
+        if not options:
+            return None
+        op, a = rng.choice(options)
+        return (op, a, shown, _OPPOSITE[op], a)
+    return None  # arithmetic: a normal step whose result is then off
+
+
+def _misreads(a: int) -> list[int]:
+    """Numbers a reader could take for a: a digit dropped or swapped, or a near miss."""
+    options = {a + d for d in (-3, -2, -1, 1, 2, 3, 10)}
+    if a >= 10:
+        options |= {a // 10, a % 10, int(str(a)[::-1])}
+    return sorted(o for o in options if o >= 1 and o != a)
+
+
+def _fits(op: str, x: int, a: int) -> bool:
+    """Is `op a` still a whole, positive step from x (for a carried-over wrong start)?"""
+    if op == "sub":
+        return x - a >= 1
+    if op == "div":
+        return x % a == 0
+    return op != "mul" or x * a <= _MAX_VALUE * 2
+
+
+def builtin_records(n: int, seed: int = 0, kinds: dict[str, float] | None = None, error_rate: float = 0.5,
+                    markers: bool = False) -> list[Record]:
+    """The built-in stream of the embedded default: word problems (`word_problems`), or with
+    markers=True the toy "step j ok/bad" records a tiny random backbone can learn (tests)."""
+    if markers:
+        records = marker_trajectories(n, seed=seed, error_rate=error_rate)
+        for r in records:
+            r.extra["kind"] = "marker" if r.label >= 0 else "correct"
+        return records
+    return word_problems(n, seed=seed, kinds=kinds, error_rate=error_rate)

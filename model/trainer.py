@@ -3,13 +3,20 @@
 A TrainerConfig, then one short update step: BCE per head on the labelled separator
 positions (each head sees each sample with probability p_learn), averaged over heads, plus
 the anchored-ensemble penalty. A step whose loss or gradient is not finite changes nothing.
+
+An update of a live service (`Trainer.fit`, configured by a FitConfig) is several such steps,
+each on a mini-batch of the new labels mixed with a replay sample of earlier ones. The
+published loop takes one step per batch in a single pass over a finite stream; a service that
+must keep learning from a few labels at a time needs more steps per label, and replay is what
+keeps those steps from forgetting what earlier labels taught (an online learner trained on
+the newest labels alone drifts to them).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -41,12 +48,26 @@ class TrainerConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="lora/full: recompute the backbone's activations in the backward pass (less GPU memory, ~30% more time)")
 
 
+class FitConfig(BaseModel):
+    """How much one incremental update trains, and what it replays."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    steps: int = Field(32, ge=1, description="optimizer steps per update (heads steps on cached hidden states take milliseconds)")
+    mini_batch: int = Field(32, ge=1, description="trajectories per optimizer step: new labels plus the replayed share")
+    replay_share: float = Field(0.5, ge=0, le=1, description="share of each mini-batch drawn from earlier labels (0: new labels only)")
+    replay_size: int = Field(4096, ge=0, description="earlier labels kept for replay, oldest out (0: no replay)")
+
+
 @dataclass
 class LabelledSample:
     id: str
     problem: str
     steps: list[str]
     first_error: int  # from the judge; -1 = all correct
+    # (S_kept, H) backbone hidden states at the steps, when known (heads mode): a step on them
+    # costs no backbone pass. None: the update encodes the text.
+    features: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -60,6 +81,34 @@ class UpdateResult:
     n_samples: int = 0
     n_labelled_steps: int = 0
     step: int = 0  # optimizer steps taken so far
+    steps: int = 0  # optimizer steps this update took (fit: several)
+    n_replayed: int = 0  # distinct earlier labels replayed in this update
+
+
+def plan_minibatches(n_new: int, n_replay: int, config: FitConfig, gen: torch.Generator) -> list[tuple[list[int], list[int]]]:
+    """(new indices, replay indices) for each optimizer step of one update.
+
+    New labels are dealt in reshuffled rounds, so every one is in a step before any repeats;
+    the replayed part is a fresh draw without replacement each step. With no earlier labels
+    (a cold start) the whole mini-batch is new labels."""
+    if n_new == 0:
+        return []
+    want_replay = min(n_replay, round(config.mini_batch * config.replay_share)) if config.replay_size else 0
+    want_new = max(1, min(n_new, config.mini_batch - want_replay))
+    plan, deck = [], []
+    for _ in range(config.steps):
+        new = []
+        while len(new) < want_new:
+            if not deck:
+                deck = torch.randperm(n_new, generator=gen).tolist()
+            pick = deck.pop()
+            if pick not in new:
+                new.append(pick)
+            elif n_new <= len(new):
+                break
+        replay = torch.randperm(n_replay, generator=gen)[:want_replay].tolist() if want_replay else []
+        plan.append((sorted(new), sorted(replay)))
+    return plan
 
 
 def lr_factor(step: int, warmup_steps: int, decay_steps: int | None) -> float:
@@ -130,6 +179,15 @@ class Trainer:
             # A label past the last step would silently train every step as correct.
             if not -1 <= s.first_error < len(s.steps):
                 raise ValueError(f"label {s.id}: first error {s.first_error} is out of range for {len(s.steps)} steps")
+        if cfg.mode == "heads" and samples and all(s.features is not None for s in samples):
+            # The frozen backbone's hidden states are known: the heads alone, one micro-batch.
+            feats = [s.features for s in samples]
+
+            def logits_of(rows: slice) -> torch.Tensor:
+                at_steps, _ = pad_features(feats[rows])  # (b, S, H)
+                return prm.head_logits(at_steps)  # (E, b, S)
+
+            return self._step([s.first_error for s in samples], [int(f.shape[0]) for f in feats], logits_of, len(feats))
         encoded = [prm.encode(s.problem, s.steps) for s in samples]
 
         def logits_of(rows: slice) -> torch.Tensor:
@@ -137,6 +195,48 @@ class Trainer:
             return prm.step_logits(batch, backbone_grad=cfg.mode != "heads")  # (E, b, S)
 
         return self._step([s.first_error for s in samples], [e.n_scored for e in encoded], logits_of, cfg.micro_batch_size)
+
+    def fit(self, new: Sequence[LabelledSample], replay: Sequence[LabelledSample], config: FitConfig) -> UpdateResult:
+        """One incremental update: config.steps optimizer steps, each on new labels plus a
+        replayed share of earlier ones (plan_minibatches). All or nothing: if any step is
+        refused (not finite), the weights go back to where the update started."""
+        if not new:
+            return UpdateResult(False, "no new label", step=self.step)
+        if self.config.mode == "heads":
+            self.attach_features(list(new))
+        saved = {n: p.detach().clone() for n, p in self.prm.named_parameters() if p.requires_grad}
+        results, replayed = [], set()
+        for new_idx, replay_idx in plan_minibatches(len(new), len(replay), config, self._gen):
+            result = self.update([new[i] for i in new_idx] + [replay[j] for j in replay_idx])
+            if not result.applied and result.reason != "no labelled step in the batch":
+                with torch.no_grad():
+                    for n, p in self.prm.named_parameters():
+                        if n in saved:
+                            p.copy_(saved[n])
+                return replace(result, n_samples=len(new), steps=0)
+            results.append(result)
+            replayed.update(replay_idx)
+        applied = [r for r in results if r.applied]
+        if not applied:
+            return replace(results[-1], n_samples=len(new), steps=0)
+        last = applied[-1]
+        return UpdateResult(True, "ok", loss=sum(r.loss for r in applied) / len(applied),
+                            bce=sum(r.bce for r in applied) / len(applied), grad_norm=max(r.grad_norm for r in applied),
+                            lr=last.lr, n_samples=len(new), n_labelled_steps=sum(len(s.steps) for s in new),
+                            step=self.step, steps=len(applied), n_replayed=len(replayed))
+
+    @torch.inference_mode()
+    def attach_features(self, samples: list[LabelledSample]) -> None:
+        """Fill in the hidden states of samples that lack them: one backbone pass each, in
+        batches, no gradient (heads mode: they never change)."""
+        missing = [s for s in samples if s.features is None]
+        prm, size = self.prm, max(1, self.config.micro_batch_size)
+        for start in range(0, len(missing), size):
+            rows = missing[start:start + size]
+            encoded = [prm.encode(s.problem, s.steps) for s in rows]
+            at_steps = prm.hidden_at_steps(prm.collate(encoded)).float().cpu()  # (b, S, H)
+            for b, (s, e) in enumerate(zip(rows, encoded)):
+                s.features = at_steps[b, : e.n_scored].clone()  # (S_i, H)
 
     def update_features(
         self, features: Sequence[torch.Tensor], first_errors: Sequence[int], n_steps: Sequence[int] | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from actprm.model.checkpoints import CheckpointError, CheckpointStore
 from actprm.model.prm import EnsembleHeads, EnsemblePRM
+from actprm.model.replay import FeatureMemo
 from actprm.model.trainer import configure_trainable, load_trainable_state, TrainerConfig
 from actprm.model.uncertainty import Selector
 from actprm.streams.ledger import SCORED, Ledger
@@ -43,8 +44,10 @@ def scored_before(ledger: Ledger, trajectory_id: str, epoch: str | None) -> bool
 
 
 def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: list[Trajectory], round_id: int = 0,
-                epoch: str | None = None) -> ScoredBatch:
-    """Score trajectories not scored before; the caller marks them scored once rewards are sent."""
+                epoch: str | None = None, memo: FeatureMemo | None = None) -> ScoredBatch:
+    """Score trajectories not scored before; the caller marks them scored once rewards are sent.
+
+    memo: keep the hidden states of the selected ones there, for a trainer in this process."""
     fresh, duplicates, seen = [], [], set()
     for t in batch:
         if scored_before(ledger, t.id, epoch) or t.id in seen:
@@ -55,8 +58,13 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
     if not fresh:
         return ScoredBatch([], [], duplicates, served.version)
     start = time.perf_counter()
-    scores = served.prm.score([(t.problem, t.steps) for t in fresh])
+    scores = served.prm.score([(t.problem, t.steps) for t in fresh], keep_features=memo is not None)
     selected = selector.select(scores)
+    if memo is not None:
+        for t, s, picked in zip(fresh, scores, selected):
+            if picked:
+                memo.put(t.id, t.problem, t.steps, s.features)
+            s.features = None
     seconds = time.perf_counter() - start
     now = time.time()
     rewards, candidates = [], []

@@ -19,12 +19,15 @@ TAILABLE = {"rewards": "rewards", "labels": "labels", "annotations": "annotation
             "control": "control", "acks": "acks"}
 
 
-def synthetic_trajectories(n: int, seed: int) -> list[Trajectory]:
-    """The built-in stream: arithmetic word problems with a known first wrong step (gold labels)."""
-    from actprm.model.synthetic import arithmetic_trajectories
+def synthetic_trajectories(n: int, seed: int, kinds: dict[str, float] | None = None, error_rate: float = 0.5,
+                           markers: bool = False) -> list[Trajectory]:
+    """The built-in stream: word problems with a known first wrong step (gold labels) of the
+    given error kinds (model/synthetic.py); each says its kind in metadata."""
+    from actprm.model.synthetic import builtin_records
 
-    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label)
-            for r in arithmetic_trajectories(n, seed=seed)]
+    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label,
+                       metadata={"kind": r.extra["kind"]})
+            for r in builtin_records(n, seed=seed, kinds=kinds, error_rate=error_rate, markers=markers)]
 
 
 def trajectories_from(file: Path | None, synthetic: int | None) -> tuple[list[Trajectory], list[tuple[str, str]]]:

@@ -1,5 +1,10 @@
 """Trainer logic: collect judged labels, run an incremental update, publish the next version.
 
+An update is `Trainer.fit` on the oldest pending labels plus a replay sample of labels trained
+before (the ReplayStore, durable and bounded). In heads mode each label's hidden states come
+from the scorer of this process when it still holds them (FeatureMemo), else from one
+backbone pass, and are kept in the replay store, so replay never runs the backbone.
+
 Labels are written to the ledger as pending when they arrive, so the consumer may commit
 their offsets at once and a crash loses none. After an update the new version's manifest
 lists the label ids it consumed; the ledger marks them trained in the same step. On restart,
@@ -17,7 +22,8 @@ import torch
 
 from actprm.model.backbone import memory_summary
 from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
-from actprm.model.trainer import LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
+from actprm.model.replay import FeatureMemo, ReplayStore
+from actprm.model.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
 from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger
 from actprm.streams.messages import Label
@@ -36,8 +42,11 @@ class UpdateOutcome:
 
 class UpdateLoop:
     def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float,
-                 min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05, keep_versions: int = 0):
+                 min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05, keep_versions: int = 0,
+                 fit: FitConfig | None = None, replay: ReplayStore | None = None, memo: FeatureMemo | None = None):
         self.trainer, self.store, self.ledger = trainer, store, ledger
+        self.fit = fit or FitConfig(steps=1, replay_share=0.0)  # without a FitConfig: the one-step update
+        self.replay, self.memo = replay, memo
         self.keep_versions = keep_versions
         self.batch_size, self.max_wait_s, self.min_batch = batch_size, max_wait_s, min_batch
         # The canary: the first labels judged are held back (never trained) to catch an update
@@ -99,7 +108,7 @@ class UpdateLoop:
         chosen = self.pending()[: self.batch_size]
         ids = [label_id for label_id, _ in chosen]
         labels = [Label.model_validate(item["label"]) for _, item in chosen]
-        samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error) for l in labels]
+        samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error, self._known_features(l)) for l in labels]
         before = self.canary_f1(self.version)
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
         try:
@@ -140,7 +149,8 @@ class UpdateLoop:
                   "prm": asdict(prm.config), "settings": cfg.model_dump(mode="json"), "consumed_label_ids": ids,
                   "metrics": {"loss": result.loss, "bce": result.bce, "grad_norm": result.grad_norm, "lr": result.lr,
                               "n_samples": result.n_samples, "n_labelled_steps": result.n_labelled_steps,
-                              "canary_f1": after}}
+                              "canary_f1": after, "labels_new": len(ids), "labels_replayed": result.n_replayed,
+                              "steps": result.steps}}
         try:
             manifest = self.store.save(trainable_state(prm, cfg.mode), fields)
         except CheckpointError as err:
@@ -160,6 +170,11 @@ class UpdateLoop:
         self.version = manifest.version
         if after is not None:
             self._canary_f1[manifest.version] = after
+        if self.replay is not None:
+            try:
+                self.replay.add([s for s in samples if s.id in set(ids)])
+            except OSError as err:  # replay is an aid to learning: the update itself has succeeded
+                log.warning("could not keep labels for replay", error=str(err))
         try:
             self.store.prune(self.keep_versions)
         except OSError as err:  # retention is housekeeping: the update itself has succeeded
@@ -171,7 +186,8 @@ class UpdateLoop:
         tried again, so one poisoned label cannot take good ones down with it.
 
         Returns the last step's result, the samples trained on, and the ids refused alone."""
-        result = self.trainer.update(samples)
+        replay = self.replay.samples() if self.replay is not None else []
+        result = self.trainer.fit(samples, replay, self.fit)
         if result.applied:
             return result, list(samples), []
         if len(samples) == 1:
@@ -181,6 +197,13 @@ class UpdateLoop:
         second, kept_b, bad_b = self._train(samples[mid:])
         last = second if second.applied or not first.applied else first
         return last, kept_a + kept_b, bad_a + bad_b
+
+    def _known_features(self, label: Label):
+        """The hidden states this process's scorer computed for the label's trajectory, if any
+        (heads mode only: with a backbone that trains they go stale)."""
+        if self.memo is None or self.trainer.config.mode != "heads":
+            return None
+        return self.memo.take(label.id, label.problem, label.steps)
 
     def _retire(self, label_ids: list[str]) -> None:
         with self.ledger.transaction():

@@ -48,12 +48,12 @@ if _nan or _poison or _fit:
     def update(self, samples):
         hit = lambda marker: marker and any(marker in s.problem for s in samples)
         if hit(_nan):
-            real = self.prm.step_logits
-            self.prm.step_logits = lambda *a, **k: real(*a, **k) * float("nan")
+            real = self.prm.head_logits  # every update path reads the heads through it
+            self.prm.head_logits = lambda *a, **k: real(*a, **k) * float("nan")
             try:
                 return _update(self, samples)
             finally:
-                del self.prm.step_logits
+                del self.prm.head_logits
         result = _update(self, samples)
         if _fit and any(_fit in s.id for s in samples):
             for _ in range(_fit_steps - 1):

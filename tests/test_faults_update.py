@@ -127,6 +127,7 @@ def test_an_update_that_wrecks_the_heads_is_refused_by_the_canary(broker, topic_
     canary = [t for t in pool if t.gold_first_error == -1][:2] + [t for t in pool if t.gold_first_error >= 0][:2]
     env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_METRICS__PORT": str(port),
            "ACTPRM_UPDATE__CANARY_SIZE": "4", "ACTPRM_UPDATE__CANARY_TOLERANCE": "0.05",
+           "ACTPRM_UPDATE__STEPS": "1", "ACTPRM_UPDATE__REPLAY_SHARE": "0",  # the hook repeats each step 300 times
            **fault_hook_env(tmp_path, poison=POISON, fit="fit-")}
     daemon = Daemon(bs, topic_prefix, tmp_path / "d", env=env).start()
     try:

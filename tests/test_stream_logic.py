@@ -271,12 +271,13 @@ class NaNOnMarkedTrainer(Trainer):
     def update(self, samples):
         if not any("POISON" in s.problem for s in samples):
             return super().update(samples)
-        real = self.prm.step_logits
-        self.prm.step_logits = lambda *a, **k: real(*a, **k) * float("nan")
+        # head_logits: every update path reads the heads through it (text, or cached hidden states).
+        real = self.prm.head_logits
+        self.prm.head_logits = lambda *a, **k: real(*a, **k) * float("nan")
         try:
             return super().update(samples)
         finally:
-            del self.prm.step_logits
+            del self.prm.head_logits
 
 
 def test_one_poisoned_label_does_not_take_the_good_ones_in_its_batch_down(tmp_path, ledger):
