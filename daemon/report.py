@@ -345,8 +345,28 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _hours(ts: Sequence[float | None], t0: float) -> list[float]:
-    return [(t - t0) / 3600 for t in ts]
+@dataclass(frozen=True)
+class Clock:
+    """The plots' time axis: counted from the first record, in a unit that suits the run's span."""
+
+    t0: float
+    unit_s: float = 3600.0
+    unit: str = "hours"
+
+    @classmethod
+    def spanning(cls, t0: float, t_end: float) -> Clock:
+        span = t_end - t0
+        if span < 120:
+            return cls(t0, 1.0, "seconds")
+        if span < 2 * 3600:
+            return cls(t0, 60.0, "minutes")
+        return cls(t0, 3600.0, "hours") if span < 4 * 86400 else cls(t0, 86400.0, "days")
+
+    def __call__(self, ts: Iterable[float]) -> list[float]:
+        return [(t - self.t0) / self.unit_s for t in ts]
+
+    def label(self, what: str = "") -> str:
+        return f"{self.unit} since the first record" + (f" ({what})" if what else "")
 
 
 def plot_versions(rows: Sequence[dict]) -> str | None:
@@ -365,6 +385,8 @@ def plot_versions(rows: Sequence[dict]) -> str | None:
     rb = [r["version"] for r in rows if r["kind"] == "rollback"]
     for v in rb:
         a.axvline(v, color="grey", linestyle=":", linewidth=1)
+    versions = [r["version"] for r in rows]
+    a.set_xlim(min(versions) - 0.5, max(versions) + 0.5)  # every version, even those not tested yet
     a.set(xlabel="version", ylabel="F1 (ProcessBench)", ylim=(-0.02, 1.02), title="F1 per version"
           + (" (dotted: rollbacks)" if rb else ""))
     a.grid(alpha=0.3)
@@ -379,7 +401,7 @@ def plot_versions(rows: Sequence[dict]) -> str | None:
     return _png(fig)
 
 
-def plot_rounds(status: Sequence[dict], scoring: Sequence[dict], t0: float) -> str | None:
+def plot_rounds(status: Sequence[dict], scoring: Sequence[dict], clock: Clock) -> str | None:
     budget = [(s["at"], s.get("round"), _num(s.get("budget_used"))) for s in status if _num(s.get("at")) is not None]
     budget = [b for b in budget if b[2] is not None]
     chunks = [(s["at"], _num(s.get("scored")) or 0, _num(s.get("selected")) or 0)
@@ -390,14 +412,14 @@ def plot_rounds(status: Sequence[dict], scoring: Sequence[dict], t0: float) -> s
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=90)
     for k, rid in enumerate(dict.fromkeys(r for _, r, _ in budget)):
         pts = [(t, u) for t, r, u in budget if r == rid]
-        a.plot(_hours([t for t, _ in pts], t0), [u for _, u in pts], color=f"C{k % 10}", label=f"round {rid}")
-    a.set(xlabel="hours since the first record", ylabel="budget used (labels asked for)", title="budget against time")
+        a.plot(clock(t for t, _ in pts), [u for _, u in pts], color=f"C{k % 10}", label=f"round {rid}")
+    a.set(xlabel=clock.label(), ylabel="budget used (labels asked for)", title="budget against time")
     a.grid(alpha=0.3)
     if budget and len({r for _, r, _ in budget}) <= 12:
         a.legend(fontsize=7)
     if chunks:
         # The share per time slice: about 50 slices over the run, so a long run stays readable.
-        t_end = max(t for t, _, _ in chunks)
+        t0, t_end = clock.t0, max(t for t, _, _ in chunks)
         width = max((t_end - t0) / 50, 1e-9)
         sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for t, sc, sel in chunks:
@@ -405,15 +427,15 @@ def plot_rounds(status: Sequence[dict], scoring: Sequence[dict], t0: float) -> s
             sums[i][0] += sc
             sums[i][1] += sel
         xs = sorted(i for i in sums if sums[i][0])
-        b.plot([(t0 + (i + 0.5) * width - t0) / 3600 for i in xs], [100 * sums[i][1] / sums[i][0] for i in xs],
+        b.plot(clock(t0 + (i + 0.5) * width for i in xs), [100 * sums[i][1] / sums[i][0] for i in xs],
                marker=".", linewidth=1)
-    b.set(xlabel="hours since the first record", ylabel="selected (% of scored)", title="selected share over time")
+    b.set(xlabel=clock.label(), ylabel="selected (% of scored)", title="selected share over time")
     b.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
 
-def plot_calibration(found: Sequence[Window], ends: Sequence[float | None], t0: float) -> str | None:
+def plot_calibration(found: Sequence[Window], ends: Sequence[float | None], clock: Clock) -> str | None:
     if not found or not any(w.n_steps for w in found):
         return None
     plt = _pyplot()
@@ -435,8 +457,8 @@ def plot_calibration(found: Sequence[Window], ends: Sequence[float | None], t0: 
     a.legend(fontsize=7)
     pts = [(t, w.ece) for w, t in zip(found, ends) if w.ece is not None and t is not None]
     if pts:
-        b.plot(_hours([t for t, _ in pts], t0), [e for _, e in pts], marker="o", markersize=4)
-    b.set(xlabel="hours since the first record (end of window)", ylabel="expected calibration error",
+        b.plot(clock(t for t, _ in pts), [e for _, e in pts], marker="o", markersize=4)
+    b.set(xlabel=clock.label("end of window"), ylabel="expected calibration error",
           title="ECE over time", ylim=(0, None))
     b.grid(alpha=0.3)
     fig.tight_layout()
@@ -523,10 +545,12 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
     labels, scoring, updates, heldout, status = (j[n] for n in JOURNALS)
     times = [_num(r.get("at")) for rows in j.values() for r in rows[:1]] + [_num(m.get("created")) for m in st.manifests[:1]]
     t0 = min((t for t in times if t is not None), default=0.0)
+    lasts = [_num(r.get("at")) for rows in j.values() for r in rows[-1:]] + [_num(m.get("created")) for m in st.manifests[-1:]]
+    clock = Clock.spanning(t0, max((t for t in lasts if t is not None), default=t0))
     now = time.time() if now is None else now
     parts = [f"<h1>actprm run report</h1><p class=\"muted\">state dir <code>{html.escape(str(st.state_dir))}</code>, "
              f"checkpoints <code>{html.escape(str(st.checkpoint_dir))}</code>; built {_when(now)} UTC; "
-             f"times below are UTC, plots count hours from {_when(t0) if times else '–'}.</p>"]
+             f"times below are UTC, plots count {clock.unit} from {_when(t0) if times else '–'}.</p>"]
 
     # What is there and what is not.
     inv = []
@@ -553,7 +577,7 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
                                                                      for k, v in online.items() if not isinstance(v, (dict, list))]
         summary = (f"<p>Latest status, {_when(_num(latest.get('at')))} UTC "
                    f"({_fmt((now - (_num(latest.get('at')) or now)) / 60, 1)} min before this report):</p>"
-                   + _table([c[0] for c in cells], [[c[1] for c in cells]]))
+                   + _table(["status", "value"], cells, left=1))
     parts.append('<section id="summary"><h2>Summary</h2>' + summary
                  + _table(["file", "state", "feeds"], inv, left=3) + "".join(notes) + "</section>")
 
@@ -597,7 +621,7 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
     rounds = round_rows(status, scoring, labels)
     sec = ['<section id="rounds"><h2>Rounds and budget</h2>']
     if rounds:
-        sec.append(_img(plot_rounds(status, scoring, t0), "budget and selected share against time"))
+        sec.append(_img(plot_rounds(status, scoring, clock), "budget and selected share against time"))
         sec.append(_table(["round", "from", "to", "scored", "selected", "share", "budget used", "budget left",
                            "budget / hour", "labels", "judge failures", "labels dropped"],
                           ([str(r["round"]), _when(r["from"]), _when(r["to"]), str(r["scored"]), str(r["selected"]),
@@ -612,7 +636,7 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
     # Calibration.
     sec = ['<section id="calibration"><h2>Calibration against the judge</h2>']
     found, ends, size = calibration_windows(labels, window, n_bins)
-    png = plot_calibration(found, ends, t0)
+    png = plot_calibration(found, ends, clock)
     if png:
         sec.append(f"<p>Step scores mu of the version that asked for each label against the judge's step labels "
                    f"(correct before the first error, wrong at it, steps after it not judged); windows of {size} "
