@@ -199,10 +199,10 @@ def test_report_of_a_real_daemon_run_renders(broker, topic_prefix, tmp_path):
     from actprm.streams.tools import produce_trajectories, synthetic_trajectories
     from helpers_daemon import Daemon
 
-    # 40 synthetic trajectories, updates of 8 labels on the tiny backbone; a held-out set of 8.
+    # 40 synthetic trajectories on the tiny backbone, an update per 8 labels (TINY_ENV), and a
+    # held-out set of 8 so every journal file is written.
     state = tmp_path / "state"
-    daemon = Daemon(broker.bootstrap, topic_prefix, state, "--max-trajectories", "40",
-                    env={"ACTPRM_STATUS_INTERVAL_S": "0.5"}).start()
+    daemon = Daemon(broker.bootstrap, topic_prefix, state, "--max-trajectories", "40", "--heldout", "8").start()
     try:
         produce_trajectories(broker.bootstrap, topic_prefix, synthetic_trajectories(40, seed=16))
         assert daemon.wait(300) == 0, daemon.stderr()[-3000:]
@@ -218,6 +218,10 @@ def test_report_of_a_real_daemon_run_renders(broker, topic_prefix, tmp_path):
     assert [title for _, title in got["sections"]] == SECTIONS
     images = {alt for alt, complete, w, _ in got["images"] if complete and w > 300}
     assert {"F1 and loss per version", "reliability diagram and ECE over time"} <= images, got["images"]
-    assert "missing: learning/labels.jsonl" not in text and "missing: learning/scoring.jsonl" not in text
+    assert "missing: learning/" not in text, [line for line in text.split("<p") if "missing:" in line]
+    st = read_state(state)
+    rows = version_rows(st.manifests, *(st.journal[n] for n in ("labels", "updates", "heldout")))
+    assert any(r["heldout_f1"] is not None for r in rows) and rows[0]["online_n"] == len(
+        [lb for lb in labels if lb["version"] == 0])
     versions = len(list((state / "checkpoints").glob("v*/manifest.json")))
     assert versions >= 2 and f"{versions} versions" in text
