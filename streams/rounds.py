@@ -5,6 +5,9 @@ in order while the round is annotating and its budget lasts, and forwards them t
 One writer over one partition is what makes "the budget is never exceeded" hold with any
 number of scorer processes. An id is charged once: a redelivered candidate that was already
 admitted is forwarded again free of charge (the judge dedupes it), so nothing is lost.
+The round a request belongs to is decided here, where it is admitted: a scorer in its own
+process has no round keeper and cannot know it, so the forwarded request (and the label the
+judge makes from it) carries the round the keeper admitted it in.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from actprm.streams import messages
 from actprm.streams.ledger import ADMITTED, META, Ledger
+from actprm.streams.messages import AnnotationRequest
 
 
 class RoundState(BaseModel):
@@ -64,6 +69,10 @@ class RoundKeeper:
             self._save()
         return Admission.NEW
 
+    def admitted_round(self, trajectory_id: str) -> int:
+        """The round an admitted id belongs to: the one it was charged in."""
+        return self.ledger.get(ADMITTED, trajectory_id, self.state.round_id)
+
     def new_round(self, budget: int | None = None) -> RoundState:
         """Fresh counters; requests already admitted stay admitted and are still judged."""
         s = self.state
@@ -79,3 +88,11 @@ class RoundKeeper:
             self.state.paused_train = train
         self._save()
         return self.state
+
+
+def in_round(request: AnnotationRequest, raw: bytes, round_id: int) -> bytes:
+    """The request as forwarded to the judge: stamped with the round it was admitted in
+    (the scorer's stamp is a guess, 0 when it runs without a round keeper)."""
+    if request.round_id == round_id:
+        return raw  # the bytes as they came: nothing to re-encode
+    return messages.encode(request.model_copy(update={"round_id": round_id}))

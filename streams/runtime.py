@@ -33,7 +33,7 @@ from actprm.streams.epoch import WriteGate
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import Ledger
 from actprm.streams.messages import AnnotationRequest, Label, ModelVersion, Trajectory
-from actprm.streams.rounds import Admission, RoundKeeper
+from actprm.streams.rounds import Admission, RoundKeeper, in_round
 from actprm.streams.scoring import ServedModel, VersionFollower, load_for_swap, mark_scored, score_batch
 from actprm.streams.topics import Topics
 from actprm.streams.training import UpdateLoop
@@ -279,7 +279,9 @@ class Runtime:
                 continue
             verdict = self.keeper.admit(msg.id)
             if verdict in (Admission.NEW, Admission.RESEND):
-                await self.send(self.topics.annotations, msg.id, event.value)
+                # The keeper's round, not the scorer's stamp: a scorer in its own process has none.
+                forward = in_round(msg, event.value, self.keeper.admitted_round(msg.id))
+                await self.send(self.topics.annotations, msg.id, forward)
                 self.counters["annotation_requests" if verdict is Admission.NEW else "annotation_resends"] += 1
             else:
                 self.counters[f"not_requested_{verdict.value}"] += 1

@@ -21,7 +21,8 @@ from actprm.model.uncertainty import make_selector
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import ADMITTED, CANARY, PENDING, SCORED, TRAINED, Ledger
 from actprm.streams.messages import AnnotationRequest, Label, Trajectory
-from actprm.streams.rounds import Admission, RoundKeeper
+from actprm.streams import messages
+from actprm.streams.rounds import Admission, RoundKeeper, in_round
 from actprm.streams.scoring import ServedModel, VersionFollower, load_for_swap, mark_scored, score_batch
 from actprm.streams.training import UpdateLoop
 from helpers_model import synthetic_samples, tiny_prm, torch_one_thread  # noqa: F401  (autouse fixture)
@@ -75,6 +76,23 @@ def test_round_state_survives_restart_and_new_round_resets_counters(ledger):
     assert (fresh.round_id, fresh.used, fresh.budget) == (1, 0, 5)
     assert fresh.paused_annotate  # a pause outlives the round; resume is explicit
     assert ledger.get(ADMITTED, "a") == 0  # what was admitted in round 0 stays admitted
+
+
+def test_the_round_of_a_request_is_the_one_the_keeper_admitted_it_in(ledger):
+    # A scorer in its own process stamps round 0; after reset-round the keeper's round counts.
+    keeper = RoundKeeper(ledger, default_budget=5)
+    old = AnnotationRequest(id="early", problem="p", steps=["a"], round_id=0, model_version=0, mu=[0.9])
+    raw = messages.encode(old)
+    assert keeper.admit("early") is Admission.NEW
+    keeper.new_round(budget=5)
+    late = old.model_copy(update={"id": "late"})
+    assert keeper.admit("late") is Admission.NEW
+    forwarded = messages.decode(AnnotationRequest, in_round(late, messages.encode(late), keeper.admitted_round("late")))
+    assert forwarded.round_id == 1 and forwarded.model_copy(update={"round_id": 0}) == late
+    # A redelivered request of round 0 keeps round 0 (its label follows reset-round's --keep-pending rule),
+    # and a stamp that is already right is forwarded byte for byte.
+    assert keeper.admit("early") is Admission.RESEND
+    assert in_round(old, raw, keeper.admitted_round("early")) is raw
 
 
 # --- judging -----------------------------------------------------------------------------
