@@ -101,6 +101,14 @@ def exported(tmp_path_factory) -> set[str]:
         m.observe_judge(1.5, ok=True)
         m.observe_swap(0.05)
         m.observe_agreement(1, 1, confident=True)
+        # Two labels as prequential tests of version 0 (one with an error, one without), so the
+        # online figures have values to export.
+        from actprm.model.prequential import test_label
+
+        rt.online.add(test_label([0.9, 0.2], 1, 2, version=0))
+        rt.online.add(test_label([0.9, 0.8], -1, 2, version=0))
+        # What daemon/run.py's held-out evaluation leaves on the runtime after scoring a version.
+        rt.heldout = {"version": 0, "f1": 0.5, "acc_error": 0.5, "acc_correct": 0.5}
         text = m.exposition().decode()
     finally:
         done = rt.close()
