@@ -69,12 +69,16 @@ def simulate(
     budgets: Annotated[str, typer.Option(help="comma list of shares of the stream that may be labelled")] = "0.1,0.2,0.3,0.5,1.0",
     seeds: Annotated[int, typer.Option(help="seeds per (strategy, budget): heads init, stream order, validation slice")] = 3,
     mode: Annotated[str, typer.Option(help="heads (frozen backbone, cached features), lora or full")] = "heads",
-    hidden_layer: Annotated[Optional[int], typer.Option(help="decoder layer whose output feeds the heads (default: the last)")] = None,
+    hidden_layer: Annotated[Optional[int], typer.Option(help="decoder layer whose output feeds the heads (default: the backbone's, smollm2-135m 15; -1: the last)")] = None,
     batch_size: Annotated[int, typer.Option(help="trajectories per stream batch (score, select, label, update)")] = 16,
     epochs: Annotated[int, typer.Option(help="passes over the pool")] = 1,
     val_fraction: Annotated[float, typer.Option(help="share of the pool held out to choose the threshold")] = 0.1,
     heads: Annotated[int, typer.Option(help="ensemble heads E")] = 32,
     lr: Annotated[Optional[float], typer.Option(help="learning rate (default: the trainer's, 1e-3; LoRA wants ~1e-4)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps per update (default: the daemon's update.steps)")] = None,
+    mini_batch: Annotated[Optional[int], typer.Option(help="trajectories per optimizer step (default: update.mini_batch)")] = None,
+    replay_share: Annotated[Optional[float], typer.Option(help="share of each mini-batch replayed from earlier labels (default: update.replay_share)")] = None,
+    replay_size: Annotated[Optional[int], typer.Option(help="earlier labels kept for replay (default: update.replay_size)")] = None,
     delta_pred: Annotated[float, typer.Option(help="ActPRM confidence threshold")] = 0.95,
     delta_std: Annotated[float, typer.Option(help="ActPRM disagreement threshold")] = 0.005,
     max_length: Annotated[int, typer.Option(help="tokens per trajectory; later steps are dropped whole")] = 2048,
@@ -94,8 +98,11 @@ def simulate(
     from actprm.model.plots import learning_curve
     from actprm.model.prm import PRMConfig
     from actprm.model.simulate import HeadsEngine, SimConfig, TextEngine, format_table, run_simulation
-    from actprm.model.trainer import TrainerConfig
+    from actprm.model.trainer import FitConfig, TrainerConfig
 
+    from actprm.model.backbone import default_hidden_layer
+
+    hidden_layer = default_hidden_layer(backbone, hidden_layer)
     if mode not in ("heads", "lora", "full"):
         raise ValueError(f"--mode must be heads, lora or full, got {mode!r}")
     torch.set_num_threads(max(1, threads))
@@ -103,7 +110,9 @@ def simulate(
     config = SimConfig(strategies=_names(strategies), budgets=_floats(budgets, "--budgets"), seeds=seeds,
                        batch_size=batch_size, epochs=epochs, val_fraction=val_fraction, delta_pred=delta_pred,
                        delta_std=delta_std, prm=PRMConfig(n_heads=heads, max_length=max_length),
-                       trainer=TrainerConfig(**trainer_kw))
+                       trainer=TrainerConfig(**trainer_kw),
+                       fit=FitConfig(**{k: v for k, v in {"steps": steps, "mini_batch": mini_batch, "replay_share": replay_share,
+                                                          "replay_size": replay_size}.items() if v is not None}))
     config.check()
     pool_records, pool_skipped = _load(pool, format, pool_limit, "pool")
     test_records, test_skipped = _load(test, format, test_limit, "test")

@@ -37,7 +37,7 @@ def predicted_first_error(mu: Sequence[float], threshold: float = 0.5) -> int:
 
 ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judged", "judge_failures", "dead_lettered",
                   "labels_received", "updates", "updates_rejected", "update_failures", "swaps", "swap_failures",
-                  "duplicates_skipped")
+                  "duplicates_skipped", "labels_replayed")
 
 
 class _RuntimeCollector:
@@ -60,6 +60,7 @@ class _RuntimeCollector:
         for name in STATUS_GAUGES:
             if st.get(name) is not None:
                 yield GaugeMetricFamily(f"actprm_{name}", f"status {name}", value=st[name])
+        yield from _learning_gauges(st)
         flags = GaugeMetricFamily("actprm_paused", "1 while paused, by scope", labels=["scope"])
         for name in STATUS_FLAGS:
             if name in st:
@@ -80,6 +81,29 @@ class _RuntimeCollector:
         if accuracy is not None:
             yield GaugeMetricFamily("actprm_confident_accuracy",
                                     "share of confident predictions whose first error matched the judge", value=accuracy)
+
+
+def _learning_gauges(st: dict) -> Iterable:
+    """Prequential figures (each label tests the version that scored it) and the held-out F1."""
+    online = st.get("online")
+    if online:
+        for key, help_ in (("online_f1", "ProcessBench F1 of the scoring versions on the last labels (prequential)"),
+                           ("step_accuracy", "share of labelled steps scored on the judge's side of 0.5 (prequential)"),
+                           ("first_error_agreement", "share of the last labels whose predicted first error was the judge's")):
+            if online.get(key) is not None:
+                name = key if key.startswith("online") else f"online_{key}"
+                yield GaugeMetricFamily(f"actprm_{name}", help_, value=online[key])
+        yield GaugeMetricFamily("actprm_online_window_labels", "labels in the prequential window", value=online["labels"])
+        by_version = GaugeMetricFamily("actprm_online_f1_by_version", "prequential F1 of each scoring version in the window",
+                                       labels=["version"])
+        for version, summary in online.get("by_version", {}).items():
+            if summary.get("online_f1") is not None:
+                by_version.add_metric([version], summary["online_f1"])
+        yield by_version
+    heldout = st.get("heldout")
+    if heldout and heldout.get("f1") is not None:
+        yield GaugeMetricFamily("actprm_heldout_f1", "ProcessBench F1 of the served version on the held-out set",
+                                value=heldout["f1"])
 
 
 class Metrics:

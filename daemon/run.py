@@ -51,11 +51,34 @@ def parse_roles(role: str) -> tuple[str, ...]:
     return roles
 
 
-def heldout_scores(served, records) -> dict:
-    from actprm.model.metrics import processbench_scores
+class HeldOut:
+    """A labelled held-out set of the built-in stream, scored by each served version.
 
-    scores = served.prm.score([(r.problem, r.steps) for r in records])
-    return processbench_scores([s.first_error for s in scores], [r.label for r in records])
+    On a frozen backbone (heads mode) the backbone runs over it once; each later version only
+    runs its heads over the kept hidden states, so a fresh figure per version costs milliseconds."""
+
+    def __init__(self, records, frozen_backbone: bool):
+        self.records, self.frozen = records, frozen_backbone
+        self._features = None
+
+    def scores(self, served) -> dict:
+        from actprm.model.metrics import processbench_scores
+
+        items = [(r.problem, r.steps) for r in self.records]
+        if self.frozen and self._features is not None:
+            got = served.prm.score_features(self._features[0], n_steps=self._features[1], truncated=self._features[2])
+        else:
+            got = served.prm.score(items, keep_features=self.frozen)
+            if self.frozen:
+                self._features = ([s.features for s in got], [s.n_steps for s in got], [s.truncated for s in got])
+                for s in got:
+                    s.features = None
+        return processbench_scores([s.first_error for s in got], [r.label for r in self.records])
+
+
+def share(flags, part: slice) -> float | None:
+    chunk = flags[part]
+    return round(sum(chunk) / len(chunk), 4) if len(chunk) else None
 
 
 def pipeline_settled(rt: Runtime) -> bool:
@@ -79,11 +102,16 @@ class StatusService(faust.Service):
         self.rt, self.options = rt, options
         self.f1: dict | None = None  # ProcessBench f1, acc_error, acc_correct of the served version
         self.f1_version: int | None = None
-        self._heldout = []
+        self.f1_by_version: dict[int, dict] = {}
+        self.curve: list[dict] = []  # (labels, held-out F1, online F1, recent selected share) over the run
+        self._heldout: HeldOut | None = None
         if options.heldout and rt.served is not None:
-            from actprm.model.synthetic import arithmetic_trajectories
+            from actprm.model.synthetic import builtin_records, parse_kinds
 
-            self._heldout = arithmetic_trajectories(options.heldout, seed=10_000 + rt.settings.model.seed)
+            b = rt.settings.builtin
+            records = builtin_records(options.heldout, seed=10_000 + rt.settings.model.seed, kinds=parse_kinds(b.kinds),
+                                      error_rate=b.error_rate, markers=b.markers)
+            self._heldout = HeldOut(records, frozen_backbone=rt.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
 
     async def on_start(self) -> None:
@@ -111,6 +139,10 @@ class StatusService(faust.Service):
                  f"updates {st['updates']}", f"served v{st['served_version']}"]
         if "budget_left" in st:
             parts.append(f"budget left {st['budget_left']}")
+        online = st.get("online")
+        if online and online["labels"]:
+            f1 = "-" if online["online_f1"] is None else f"{online['online_f1']:.3f}"
+            parts.append(f"online F1 {f1} (last {online['labels']} labels)")
         if self._heldout:
             if self.f1 is not None and self.f1["f1"] is not None:
                 # Both accuracies: an F1 of 0 is usually a model that calls every step correct.
@@ -127,6 +159,7 @@ class StatusService(faust.Service):
         while not self.should_stop:
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
+            self.rt.journal.append("status", self.rt.status())
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
@@ -135,9 +168,47 @@ class StatusService(faust.Service):
             served = self.rt.served
             if served is not None and served.version != self.f1_version:
                 # Its own thread: the held-out set never delays scoring of the live stream.
-                self.f1 = await loop.run_in_executor(None, heldout_scores, served, self._heldout)
+                self.f1 = await loop.run_in_executor(None, self._heldout.scores, served)
                 self.f1_version = served.version
+                labels = self.rt.counters["labels_trained"]
+                self.f1_by_version[served.version] = self.f1 | {"labels_trained": labels}
+                self.rt.heldout = {"version": served.version, "f1": self.f1["f1"], "acc_error": self.f1["acc_error"],
+                                   "acc_correct": self.f1["acc_correct"]}
+                self.rt.journal.append("heldout", {"version": served.version, "f1": self.f1["f1"],
+                                                   "acc_error": self.f1["acc_error"], "acc_correct": self.f1["acc_correct"],
+                                                   "labels_trained": labels})
+            self._record_curve_point()
             await self.sleep(1.0)
+
+    def _record_curve_point(self) -> None:
+        rt = self.rt
+        online = rt.online.summary() if rt.updates is not None else {}
+        point = {"labels": rt.counters["labels_received"], "scored": len(rt.selected_flags),
+                 "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),
+                 "selected_share": share(rt.selected_flags, slice(-32, None))}
+        if not self.curve or (point["labels"], point["scored"]) != (self.curve[-1]["labels"], self.curve[-1]["scored"]):
+            self.curve.append(point)
+
+    def learning(self) -> dict | None:
+        """The run's learning in one object (the final status), and its curve as a PNG."""
+        rt = self.rt
+        if self._heldout is None or rt.updates is None:
+            return None
+        flags, q = rt.selected_flags, len(rt.selected_flags) // 4
+        final = self.f1_by_version.get(max(self.f1_by_version)) if self.f1_by_version else None
+        out = {"heldout_f1_v0": (self.f1_by_version.get(0) or {}).get("f1"),
+               "heldout_f1_final": final["f1"] if final else None,
+               "online_f1": rt.online.summary()["online_f1"],
+               "selected_share_first": share(flags, slice(0, q)) if q else None,
+               "selected_share_last": share(flags, slice(len(flags) - q, None)) if q else None,
+               "labels": rt.counters["labels_trained"], "curve": None}
+        try:
+            from actprm.model.plots import run_learning_curve
+
+            out["curve"] = str(run_learning_curve(self.curve, rt.settings.state_dir / "learning_curve.png"))
+        except (OSError, ValueError) as err:
+            log.warning("could not write the learning curve", error=str(err))
+        return out
 
     @faust.Service.task
     async def _stop_when_done(self) -> None:
@@ -156,7 +227,11 @@ class StatusService(faust.Service):
             if "trainer" in rt.roles and settled:
                 await rt.maybe_update(force=True)
                 settled = not rt.updates.pending() and not rt._updating
+            waiting_f1 = settled and self._heldout is not None and rt.served is not None and self.f1_version != rt.served.version
+            if waiting_f1 and time.monotonic() - self._drain_started <= self.options.drain_timeout_s:
+                continue  # the last version's held-out figure first (the heldout task computes it)
             if settled or time.monotonic() - self._drain_started > self.options.drain_timeout_s:
+                self._record_curve_point()
                 print(self.line(), file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
                 return
@@ -225,11 +300,21 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
             supervise_embedded_broker(app, broker)
 
         if options.synthetic:
-            stream = synthetic_trajectories(options.synthetic, seed=settings.model.seed)
+            from actprm.model.synthetic import parse_kinds
+
+            b = settings.builtin
+            stream = synthetic_trajectories(options.synthetic, seed=settings.model.seed, kinds=parse_kinds(b.kinds),
+                                            error_rate=b.error_rate, markers=b.markers)
 
             @app.task
             async def produce_builtin_stream():
-                acks = [await rt.enqueue(topics.trajectories, t.id, messages.encode(t)) for t in stream]
+                # Paced like rollouts of an RL run (builtin.rate_per_s), so later trajectories
+                # meet later versions; 0 sends the whole stream at once.
+                acks, start, rate = [], time.monotonic(), b.rate_per_s
+                for i, t in enumerate(stream):
+                    if rate > 0:
+                        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+                    acks.append(await rt.enqueue(topics.trajectories, t.id, messages.encode(t)))
                 await asyncio.gather(*acks)
                 log.info("built-in stream produced", n=len(stream))
 
@@ -254,6 +339,11 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         if worker.stop_timer is not None:
             worker.stop_timer.cancel()  # the stop finished in time
         final = rt.status()
+        learning = status.learning()
+        if learning is not None:
+            final["learning"] = learning
+            if learning["curve"]:
+                print(f"learning curve: {learning['curve']}", file=sys.stderr, flush=True)
         rt.close()
         return final
     finally:

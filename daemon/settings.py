@@ -12,10 +12,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from actprm.model.trainer import TrainerConfig
+from actprm.model.trainer import FitConfig, TrainerConfig
 
 # The TOML file of the load_settings call under way: passed to the settings sources without
 # writing ACTPRM_CONFIG into the caller's environment (a library call changes no global state).
@@ -44,7 +44,9 @@ class KafkaSettings(_Section):
 
 class ModelSettings(_Section):
     backbone: str = Field("smollm2-135m", description="'tiny', 'smollm2-135m', or a local Hugging Face model directory")
-    hidden_layer: int | None = Field(None, description="feed the heads from this decoder layer (None = last)")
+    hidden_layer: int | None = Field(None, description="feed the heads from this decoder layer (None: the backbone's default, "
+                                     "smollm2-135m 15 of 30, where a probe finds the most step-correctness signal; "
+                                     "others the last; -1: the last)")
     n_heads: int = Field(32, ge=1, description="ensemble size E (published 32)")
     head_width: int = Field(128, ge=1)
     max_length: int = Field(2048, ge=16, description="tokens per trajectory; whole trailing steps are dropped beyond it")
@@ -86,13 +88,36 @@ class RoundSettings(_Section):
     budget: int = Field(1000, ge=0, description="annotation requests allowed in a round")
 
 
-class UpdateSettings(_Section):
-    batch_size: int = Field(16, ge=1, description="labels per incremental update")
+class UpdateSettings(FitConfig, _Section):
+    """How labels become versions; steps, mini_batch, replay_share and replay_size (FitConfig)
+    say how much each update trains and what it replays."""
+
+    batch_size: int = Field(16, ge=1, description="new labels per incremental update")
     max_wait_s: float = Field(30.0, gt=0, description="update with fewer labels after this long")
     min_batch: int = Field(1, ge=1, description="fewest labels worth an update when the wait runs out")
     canary_size: int = Field(0, ge=0, description="hold back the first N judged labels as a canary set (0: off)")
     canary_tolerance: float = Field(0.05, ge=0, le=1, description="refuse an update that lowers canary F1 by more than this")
     keep_versions: int = Field(50, ge=0, description="weights of the newest N versions (and v0) are kept; older versions keep only their manifest (0: keep all)")
+    online_window: int = Field(64, ge=1, description="labels in the prequential window (online F1, step accuracy, first-error agreement)")
+
+
+class BuiltinStreamSettings(_Section):
+    """The built-in stream of the embedded default (and its held-out set): word problems with known errors."""
+
+    kinds: str = Field("carry_over=0.5,misread=0.25,wrong_operation=0.25",
+                       description="error kinds and their shares: carry_over, misread, wrong_operation, arithmetic "
+                                   "(see the README's learnability table)")
+    error_rate: float = Field(0.5, ge=0, le=1, description="share of trajectories with an error")
+    markers: bool = Field(False, description="toy 'step j ok/bad' records instead (the tiny test backbone learns them)")
+    rate_per_s: float = Field(0.0, ge=0, description="trajectories produced per second, like rollouts of an RL run (0: all at once)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: str) -> str:
+        from actprm.model.synthetic import parse_kinds
+
+        parse_kinds(v)
+        return v
 
 
 class MetricsSettings(_Section):

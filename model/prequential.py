@@ -31,7 +31,7 @@ class LabelTest:
     steps_labelled: int
 
 
-def test_label(mu: Sequence[float], gold: int, n_steps: int, version: int | None = None,
+def score_label(mu: Sequence[float], gold: int, n_steps: int, version: int | None = None,
                threshold: float = 0.5) -> LabelTest:
     """Score one label against the mu the version gave it. Steps after the first error carry
     no label and are not counted; a truncated mu covers only its own steps."""

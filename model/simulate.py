@@ -7,7 +7,8 @@ of operations, per batch of `batch_size` trajectories:
 2. select with the daemon's selector (`uncertainty.make_selector`);
 3. admit candidates within the budget and reveal their gold labels, as the gold-label judge
    would (see "Budget" below);
-4. update on the admitted trajectories (`Trainer.update`, or `Trainer.update_features`).
+4. update: `Trainer.fit`, the daemon's own update (FitConfig: steps per update, a replayed
+   share of the labels revealed earlier), on the labels of this batch.
 Then the threshold is chosen on a validation slice of the pool (never on the test file) and
 the PRM is scored on the test file: ProcessBench F1. Beside every run a position-only
 baseline (a logistic model of step position, fitted on the same labelled trajectories) is
@@ -42,7 +43,7 @@ from actprm.model.features import Features, FeatureCache
 from actprm.model.labels import step_labels
 from actprm.model.metrics import best_threshold, predicted_first_errors, processbench_scores
 from actprm.model.prm import EnsemblePRM, PRMConfig, StepScores
-from actprm.model.trainer import LabelledSample, Trainer, TrainerConfig
+from actprm.model.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig
 from actprm.model.uncertainty import STRATEGIES, make_selector, uncertainty_window
 
 RANKED = ("actprm", "confidence", "disagreement")  # strategies whose candidates have an order
@@ -61,6 +62,7 @@ class SimConfig:
     reach_tolerance: float = 0.01  # "reaches full-data F1" = mean F1 >= full mean F1 - this
     prm: PRMConfig = field(default_factory=PRMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fit: FitConfig = field(default_factory=FitConfig)  # the daemon's update: steps, mini-batch, replay
 
     def check(self) -> None:
         for s in self.strategies:
@@ -102,9 +104,9 @@ class HeadsEngine:
     def score_pool(self, idx: Sequence[int]) -> list[StepScores]:
         return self._score([self.pool_f[i] for i in idx])
 
-    def update(self, idx: Sequence[int], first_errors: Sequence[int]):
-        return self.trainer.update_features([self.pool_f[i].at_steps for i in idx], list(first_errors),
-                                            [self.pool_f[i].n_steps for i in idx])
+    def sample(self, pool: Sequence[Record], i: int) -> LabelledSample:
+        r = pool[i]
+        return LabelledSample(r.id, r.problem, r.steps, r.label, self.pool_f[i].at_steps)
 
     def score_test(self) -> list[StepScores]:
         return self._score(self.test_f)
@@ -139,9 +141,9 @@ class TextEngine:
     def score_pool(self, idx: Sequence[int]) -> list[StepScores]:
         return self._score([self.pool[i] for i in idx], "pool", idx)
 
-    def update(self, idx: Sequence[int], first_errors: Sequence[int]):
-        r = self.pool
-        return self.trainer.update([LabelledSample(r[i].id, r[i].problem, r[i].steps, k) for i, k in zip(idx, first_errors)])
+    def sample(self, pool: Sequence[Record], i: int) -> LabelledSample:
+        r = pool[i]
+        return LabelledSample(r.id, r.problem, r.steps, r.label)
 
     def score_test(self) -> list[StepScores]:
         return self._score(self.test, "test", range(len(self.test)))
@@ -264,8 +266,11 @@ def replay(engine, pool: Sequence[Record], stream: Sequence[int], strategy: str,
                 known.add(i)
                 labelled.append(i)
             train_on = [i for i in batch if i in known]
-            if train_on:  # 4. update (on known labels only)
-                result = engine.update(train_on, [pool[i].label for i in train_on])
+            if train_on:  # 4. update: this batch's known labels, replaying the newest earlier ones
+                now = set(train_on)
+                earlier = [i for i in labelled if i not in now][-config.fit.replay_size:] if config.fit.replay_size else []
+                result = engine.trainer.fit([engine.sample(pool, i) for i in train_on],
+                                            [engine.sample(pool, i) for i in earlier], config.fit)
                 updates += result.applied
                 skipped_updates += not result.applied
             if bar is not None:
@@ -281,6 +286,11 @@ def evaluate_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx
     test_mu = [s.mu for s in engine.score_test()]
     val_gold, test_gold = [pool[i].label for i in val_idx], [r.label for r in test]
     out = f1_with_val_threshold(val_mu, val_gold, test_mu, test_gold)
+    kinds = sorted({str(r.extra["kind"]) for r in test if r.label >= 0 and "kind" in r.extra})
+    if kinds:  # how well each error kind is found, at the threshold chosen on validation
+        predicted = predicted_first_errors(test_mu, out["threshold"])
+        out["by_kind"] = {k: _share([p == r.label for p, r in zip(predicted, test) if r.extra.get("kind") == k])
+                          for k in kinds}
 
     w = fit_position_model([(engine.n_scored_pool(i), len(pool[i].steps), pool[i].label) for i in labelled])
     pos_val = [position_scores(w, engine.n_scored_pool(i), len(pool[i].steps)) for i in val_idx]
@@ -328,7 +338,12 @@ def run_simulation(engine, pool: Sequence[Record], test: Sequence[Record], confi
 def config_dict(config: SimConfig) -> dict:
     d = asdict(config)
     d["trainer"] = config.trainer.model_dump(mode="json")
+    d["fit"] = config.fit.model_dump(mode="json")
     return d
+
+
+def _share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
 
 
 def _mean_std(xs: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -352,7 +367,9 @@ def summarise_runs(runs: Sequence[dict]) -> list[dict]:
                     "label_share": _mean_std([r["label_share"] for r in rs])[0],
                     "f1": f1, "f1_std": f1_sd, "f1_min": min((r["f1"] for r in rs if r["f1"] is not None), default=None),
                     "f1_max": max((r["f1"] for r in rs if r["f1"] is not None), default=None),
-                    "position_f1": pos, "position_f1_std": pos_sd})
+                    "position_f1": pos, "position_f1_std": pos_sd,
+                    **({"by_kind": {k: _mean_std([r["by_kind"].get(k) for r in rs])[0] for k in rs[0]["by_kind"]}}
+                       if "by_kind" in rs[0] else {})})
     return out
 
 

@@ -20,16 +20,20 @@ from dataclasses import dataclass, field
 import structlog
 
 from actprm.daemon.settings import Settings
-from actprm.model.backbone import load_backbone
+from actprm.model.backbone import default_hidden_layer, load_backbone
 from actprm.model.build import publish_initial
 from actprm.model.checkpoints import CheckpointStore
 from actprm.model.judges import make_judge
+from actprm.model.features import cache_key
+from actprm.model.prequential import OnlineWindow, score_label
 from actprm.model.prm import EnsemblePRM, PRMConfig
+from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import Trainer
 from actprm.model.uncertainty import make_selector, predicted_first_error
 from actprm.streams import messages
 from actprm.streams.control import accept_label
 from actprm.streams.epoch import WriteGate
+from actprm.streams.journal import Journal
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import Ledger
 from actprm.streams.messages import AnnotationRequest, Label, ModelVersion, Trajectory
@@ -69,6 +73,7 @@ class Runtime:
     write_gate: WriteGate = field(default_factory=WriteGate)  # sends wait while that life is in doubt
     paused_consume: bool = False  # `ctl pause --scope all`: agents stop taking messages, nothing is committed
     metrics: object = None  # daemon.metrics.Metrics when serving metrics
+    heldout: dict | None = None  # the served version's held-out F1, when the daemon keeps a held-out set
     backbone_placement: dict = field(default_factory=dict)  # device, dtype, attn_implementation of the loaded backbone
 
     def __post_init__(self):
@@ -93,6 +98,10 @@ class Runtime:
         self._update_failures_in_row = 0
         self._swap_lag_ms: float | None = None
         self._swap_lock = asyncio.Lock()
+        self.journal = Journal(s.state_dir)  # what was learned, readable while this runs (streams/journal.py)
+        self.online = OnlineWindow(s.update.online_window)  # each label tests the version that scored it
+        self.selected_flags = bytearray()  # 1 per scored trajectory, in scoring order: the selected share over the run
+        self.memo: FeatureMemo | None = None  # hidden states the scorer hands to the trainer (same process, heads mode)
 
     def rebuild_selector(self) -> None:
         """(Re)make the selection rule from the settings; `ctl set selection.*` calls this."""
@@ -107,7 +116,8 @@ class Runtime:
         needs_model = "scorer" in self.roles or "trainer" in self.roles
         if not needs_model:
             return
-        backbone = load_backbone(s.model.backbone, hidden_layer=s.model.hidden_layer, seed=s.model.seed,
+        backbone = load_backbone(s.model.backbone, hidden_layer=default_hidden_layer(s.model.backbone, s.model.hidden_layer),
+                                 seed=s.model.seed,
                                  device=s.model.device, dtype=s.model.dtype, attn_implementation=s.model.attn_implementation)
         self.backbone_placement = {k: v for k, v in backbone.reference().items() if k in ("device", "dtype", "attn_implementation")}
         prm_cfg = PRMConfig(n_heads=s.model.n_heads, head_width=s.model.head_width, max_length=s.model.max_length,
@@ -119,9 +129,13 @@ class Runtime:
                 publish_initial(self.store, template, s.trainer)
             trainer = Trainer(template, s.trainer)
             u = s.update
+            heads_only = s.trainer.mode == "heads"  # only a frozen backbone's hidden states stay valid
+            if heads_only and "scorer" in self.roles:
+                self.memo = FeatureMemo()
+            replay = ReplayStore(s.state_dir / "replay", u.replay_size, cache_key(template)[0] if heads_only else None)
             self.updates = UpdateLoop(trainer, self.store, self.ledger, u.batch_size, u.max_wait_s, u.min_batch,
                                       canary_size=u.canary_size, canary_tolerance=u.canary_tolerance,
-                                      keep_versions=u.keep_versions)
+                                      keep_versions=u.keep_versions, fit=u, replay=replay, memo=self.memo)
         if "scorer" in self.roles:
             deadline = time.monotonic() + 600
             while self.store.latest() is None:  # the trainer (maybe elsewhere) publishes version 0
@@ -153,6 +167,7 @@ class Runtime:
         self.model_pool.shutdown(wait=True)
         self.train_pool.shutdown(wait=True)
         self.swap_pool.shutdown(wait=True)
+        self.journal.close()
         self.ledger.close()
 
     # --- shared helpers ------------------------------------------------------------------
@@ -217,8 +232,12 @@ class Runtime:
         round_id = self.keeper.state.round_id if self.keeper else 0
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.model_pool, score_batch, served, self.selector, self.ledger, batch,
-                                            round_id, self.broker_epoch)
+                                            round_id, self.broker_epoch, self.memo)
         self.counters["scored"] += len(result.rewards)
+        self.selected_flags.extend(int(r.selected) for r in result.rewards)
+        if result.rewards:
+            self.journal.append("scoring", {"version": served.version, "round_id": round_id, "scored": len(result.rewards),
+                                            "selected": len(result.candidates), "by_kind": kind_counts(batch, result)})
         self.counters["selected"] += len(result.candidates)
         self.counters["duplicates_skipped"] += len(result.duplicates)
         self.counters["score_tokens"] += result.tokens
@@ -329,8 +348,19 @@ class Runtime:
                 self.counters["labels_stale_round"] += 1  # its round was reset without --keep-pending
             elif self.updates.receive(msg):
                 self.counters["labels_received"] += 1
+                self._test_label(msg)
             else:
                 self.counters["labels_duplicate"] += 1
+
+    def _test_label(self, label: Label) -> None:
+        """Prequential evaluation: the label first tests the version that asked for it."""
+        test = score_label(label.mu, label.first_error, label.n_steps, label.scored_version) if label.mu is not None else None
+        if test is not None:
+            self.online.add(test)
+        self.journal.append("labels", {
+            "id": label.id, "judged_at": label.judged_at, "round_id": label.round_id, "version": label.scored_version,
+            "first_error": label.first_error, "predicted_first_error": test.predicted if test else None,
+            "mu": label.mu, "n_steps": label.n_steps, "metadata": label.metadata})
 
     async def maybe_update(self, force: bool = False) -> None:
         if self._updating or self.updates is None or self.keeper.state.paused_train:
@@ -345,6 +375,12 @@ class Runtime:
             outcome = await loop.run_in_executor(self.train_pool, self.updates.update)
         finally:
             self._updating = False
+        r = outcome.result
+        self.journal.append("updates", {
+            "version": outcome.manifest.version if outcome.manifest else None, "parent": self.updates.version
+            if outcome.manifest is None else outcome.manifest.parent, "refused": outcome.rejected, "error": outcome.error,
+            "loss": r.loss if r.applied else None, "labels_new": len(outcome.label_ids), "labels_replayed": r.n_replayed,
+            "steps": r.steps})
         if outcome.error:
             # e.g. a full disk: each try costs a gradient step, so back off 1, 2, 4 ... 60 s.
             self._update_failures_in_row += 1
@@ -361,6 +397,7 @@ class Runtime:
             self._update_failures_in_row = 0
             self.counters["updates"] += 1
             self.counters["labels_trained"] += len(outcome.label_ids)
+            self.counters["labels_replayed"] += outcome.result.n_replayed
             await self.publish_version(m)
             log.info("published", version=m.version, loss=round(outcome.result.loss, 4), labels=len(outcome.label_ids))
 
@@ -393,6 +430,7 @@ class Runtime:
                "swap_failures": c["swap_failures"], "duplicates_skipped": c["duplicates_skipped"],
                "score_tokens": c["score_tokens"], "score_seconds": c["score_seconds_x1000"] / 1000,
                **self.backbone_placement,
+               "heldout": self.heldout,
                "last_error": self.last_error,
                "sends_held": self.write_gate.held_because, "sends_held_times": self.write_gate.holds}
         if self.keeper:
@@ -402,4 +440,20 @@ class Runtime:
         if self.updates:
             out["pending_labels"] = len(self.updates.pending())
             out["trained_version"] = self.updates.version
+            out |= {"labels_received": c["labels_received"], "labels_duplicate": c["labels_duplicate"],
+                    "labels_stale_round": c["labels_stale_round"], "labels_trained": c["labels_trained"],
+                    "labels_replayed": c["labels_replayed"],
+                    "replay_labels": len(self.updates.replay) if self.updates.replay is not None else 0,
+                    "online": self.online.summary()}
         return out
+
+
+def kind_counts(batch: list[Trajectory], result) -> dict[str, list[int]]:
+    """{error kind (the trajectory's metadata "kind", else "-"): [scored, selected]} of a chunk."""
+    kind = {t.id: str(t.metadata.get("kind", "-")) for t in batch}
+    out: dict[str, list[int]] = {}
+    for r in result.rewards:
+        row = out.setdefault(kind.get(r.id, "-"), [0, 0])
+        row[0] += 1
+        row[1] += int(r.selected)
+    return out
