@@ -1,10 +1,10 @@
 """`actprm bench gateway`: what the HTTP gateway and Kafka add to the scorer's own time.
 
 One run starts the embedded broker, a real scorer process (`actprm run --role scorer`) and a real
-gateway process (`actprm serve`), then for each concurrency C keeps C clients posting
-OpenRLHF-shaped single-sample requests (C x rounds in all) and records every request's latency.
-Beside it: the scorer's own time for the same batch, prm.score on C of the same samples in this
-process with the same threads and batch size, so the overhead is a ratio (p50 / scorer time).
+gateway process (`actprm serve`), then for each concurrency C posts `rounds` waves of C
+OpenRLHF-shaped single-sample requests at once and records every request's latency. Beside it:
+the scorer's own time for the same batch, prm.score on C of the same samples in this process
+with the same threads and batch size, so the overhead is a ratio (p50 / scorer time).
 """
 
 from __future__ import annotations
@@ -49,25 +49,26 @@ def _samples(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 async def _level(url: str, samples: list[tuple[str, str]], concurrency: int) -> dict:
-    queue = list(samples)
+    """Waves of `concurrency` requests sent together (as a rollout step's samples are), the next
+    wave once all are answered: each wave meets the scorer as the same batch the scorer-alone
+    figure times, so the ratio compares like with like."""
     latencies: list[float] = []
     failures: list[str] = []
 
-    async def worker(http: httpx.AsyncClient) -> None:
-        while queue:
-            prompt, response = queue.pop()
-            body = {"query": [prompt + response], "prompts": [prompt], "labels": [""]}
-            t0 = time.perf_counter()
-            got = await http.post(url, json=body)
-            if got.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                failures.append(f"{got.status_code}: {got.text[:200]}")
+    async def one(http: httpx.AsyncClient, prompt: str, response: str) -> None:
+        body = {"query": [prompt + response], "prompts": [prompt], "labels": [""]}
+        t0 = time.perf_counter()
+        got = await http.post(url, json=body)
+        if got.status_code == 200:
+            latencies.append(time.perf_counter() - t0)
+        else:
+            failures.append(f"{got.status_code}: {got.text[:200]}")
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        for i in range(0, len(samples), concurrency):
+            await asyncio.gather(*(one(http, p, r) for p, r in samples[i:i + concurrency]))
         elapsed = time.perf_counter() - start
     return {"latencies": latencies, "elapsed_s": elapsed, "failures": failures}
 
@@ -91,7 +92,7 @@ async def _wait_ready(url: str, sample: tuple[str, str], procs: list[subprocess.
 
 
 def bench_gateway(spec: str, concurrency: tuple[int, ...] = (1, 8, 32), rounds: int = 4, max_batch: int = 8,
-                  max_wait_s: float = 0.02, threads: int = 1, seed: int = 0, repeats: int = 3) -> dict:
+                  max_wait_s: float = 0.02, threads: int = 1, seed: int = 0) -> dict:
     levels = {c: _samples(c * rounds, seed=seed + c) for c in concurrency}
     warmup = _samples(1, seed=seed + 10_000)[0]
     with tempfile.TemporaryDirectory(prefix="actprm-bench-gw-") as tmp, EmbeddedBroker() as broker:
@@ -101,14 +102,14 @@ def bench_gateway(spec: str, concurrency: tuple[int, ...] = (1, 8, 32), rounds: 
         publish_initial(store, prm, TrainerConfig(mode="heads"))
 
         # The scorer alone on the same batch: C of the same samples, as the scorer gets C
-        # concurrent requests; median of `repeats` to steady a busy machine.
+        # concurrent requests; the median over the waves.
         torch.set_num_threads(threads)
         prm.score([(warmup[0], warmup[1].split("\n\n"))])
         scorer_s = {}
         for c, samples in levels.items():
-            batch = [(p, r.split("\n\n")) for p, r in samples[:c]]
             times = []
-            for _ in range(repeats):
+            for i in range(0, len(samples), c):  # every wave, as the gateway will send them
+                batch = [(p, r.split("\n\n")) for p, r in samples[i:i + c]]
                 t0 = time.perf_counter()
                 prm.score(batch)
                 times.append(time.perf_counter() - t0)
