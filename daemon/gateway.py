@@ -182,9 +182,10 @@ async def _serve(settings: Settings) -> None:
     client = RewardClient(settings, split=gw.step_split, max_steps=gw.max_steps)
     try:
         await asyncio.wait_for(client.start(), timeout=60)
-    except (KafkaError, TimeoutError, OSError) as err:
+    except (KafkaError, TimeoutError, OSError) as err:  # OSError: also streams.topics.KafkaUnreachable
         await client.stop()
-        raise RuntimeError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {type(err).__name__}: {err}") from None
+        reason = str(err) if "cannot reach Kafka" in str(err) else f"{type(err).__name__}: {err}"
+        raise RuntimeError(f"the gateway cannot start: {reason}") from None
     try:
         config = uvicorn.Config(create_app(settings, client), host=gw.host, port=gw.port, log_level="warning",
                                 access_log=False, lifespan="off")
