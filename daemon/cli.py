@@ -23,6 +23,9 @@ app.add_typer(ctl_app, name="ctl")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="ACTPRM_CONFIG", help="TOML settings file")]
 BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="'tiny', 'smollm2-135m' or a local model directory")]
 BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers; empty: the embedded broker")]
+# The operator tools read kafka.* from the same Settings as the daemon (env, --config); these override.
+ToolBootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap of the settings, else 127.0.0.1:9092)")]
+TopicPrefixOpt = Annotated[Optional[str], typer.Option("--topic-prefix", help="default: kafka.topic_prefix of the settings")]
 
 
 class CLIError(Exception):
@@ -209,10 +212,12 @@ def report(
 def produce(
     file: Annotated[Optional[Path], typer.Argument(help="JSONL or ProcessBench-format JSON")] = None,
     synthetic: Annotated[Optional[int], typer.Option(help="produce N built-in synthetic trajectories instead")] = None,
-    bootstrap: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__BOOTSTRAP", help="Kafka bootstrap servers")] = "127.0.0.1:9092",
-    topic_prefix: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__TOPIC_PREFIX")] = "actprm",
+    bootstrap: ToolBootstrapOpt = None,
+    topic_prefix: TopicPrefixOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Push trajectories to the trajectories topic of a broker, with a progress bar."""
+    from actprm.daemon.connect import kafka_target
     from actprm.streams.tools import produce_trajectories, trajectories_from
 
     if (file is None) == (synthetic is None):
@@ -220,22 +225,27 @@ def produce(
     items, skipped = trajectories_from(file, synthetic)
     for where, reason in skipped:
         typer.echo(f"skipped {where}: {reason}", err=True)
-    n = produce_trajectories(bootstrap, topic_prefix, items)
+    target = kafka_target(config, bootstrap, topic_prefix)  # the daemon's Settings: SASL/TLS included
+    n = produce_trajectories(target.bootstrap, target.topic_prefix, items, **target.options)
     typer.echo(json.dumps({"produced": n, "skipped": len(skipped)}))
 
 
 @app.command()
 def tail(
     what: Annotated[str, typer.Argument(help="rewards, labels, annotations, versions or dead-letters")] = "rewards",
-    bootstrap: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__BOOTSTRAP")] = "127.0.0.1:9092",
-    topic_prefix: Annotated[str, typer.Option(envvar="ACTPRM_KAFKA__TOPIC_PREFIX")] = "actprm",
+    bootstrap: ToolBootstrapOpt = None,
+    topic_prefix: TopicPrefixOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="stop after N messages")] = None,
     from_beginning: Annotated[bool, typer.Option(help="start at the oldest message")] = True,
+    config: ConfigOpt = None,
 ) -> None:
     """Print messages of a topic as JSON lines as they arrive."""
+    from actprm.daemon.connect import kafka_target
     from actprm.streams.tools import tail_topic
 
-    tail_topic(bootstrap, topic_prefix, what, limit=limit, from_beginning=from_beginning, out=sys.stdout)
+    target = kafka_target(config, bootstrap, topic_prefix)
+    tail_topic(target.bootstrap, target.topic_prefix, what, limit=limit, from_beginning=from_beginning, out=sys.stdout,
+               **target.options)
 
 
 @app.command()
@@ -289,9 +299,12 @@ def main() -> None:
     try:
         from actprm.model.data import DataError
         from actprm.model.judges import JudgeError
-        from actprm.streams.broker import BrokerError
+        from aiokafka.errors import KafkaError
 
-        known += (DataError, BrokerError, JudgeError)
+        from actprm.streams.broker import BrokerError
+        from actprm.streams.topics import KafkaUnreachable
+
+        known += (DataError, BrokerError, JudgeError, KafkaUnreachable, KafkaError)
     except ImportError:
         pass
     try:

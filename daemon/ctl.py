@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -21,7 +22,7 @@ from aiokafka.errors import KafkaError
 from actprm.streams import messages
 from actprm.streams.control import LABEL_COUNTERS, LIVE_SETTINGS, SCOPES, parse_setting, round_state, sign
 from actprm.streams.messages import ControlAck, ControlCommand
-from actprm.streams.topics import Topics
+from actprm.streams.topics import Topics, unreachable
 
 SECRET_ENV = "ACTPRM_CONTROL_SECRET"
 MARKER_KEY = b"ctl-marker"
@@ -54,7 +55,7 @@ async def asend_command(bootstrap: str, prefix: str, cmd: ControlCommand, secret
     except KafkaError as err:
         await producer.stop()
         await consumer.stop()
-        raise CtlError(f"cannot reach Kafka at {bootstrap}: {err}") from None
+        raise CtlError(str(unreachable(bootstrap, err))) from None
     acks: dict[tuple[str, str], ControlAck] = {}
     try:
         existing = await consumer.topics()
@@ -190,13 +191,14 @@ def status_json(acks: list[ControlAck]) -> dict[str, Any]:
 ctl_app = typer.Typer(help="Control running daemons over the control topic (every process obeys).",
                       no_args_is_help=True)
 
-BootstrapOpt = Annotated[str, typer.Option("--bootstrap", envvar="ACTPRM_KAFKA__BOOTSTRAP", help="Kafka bootstrap servers")]
-PrefixOpt = Annotated[str, typer.Option("--topic-prefix", envvar="ACTPRM_KAFKA__TOPIC_PREFIX")]
+# Kafka comes from the daemon's own Settings (ACTPRM_KAFKA__* env, --config: SASL/TLS too); these override.
+BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap of the settings, else 127.0.0.1:9092)")]
+PrefixOpt = Annotated[Optional[str], typer.Option("--topic-prefix", help="default: kafka.topic_prefix of the settings")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="ACTPRM_CONFIG", help="TOML settings file (the daemon's)")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", envvar="ACTPRM_CONTROL__ACK_TIMEOUT_S", min=0.1,
                                            help="seconds to wait for acknowledgements")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON for scripts")]
 ScopeOpt = Annotated[str, typer.Option("--scope", help="annotate (rewards keep flowing), train, or all (stop consuming)")]
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 
 def _secret() -> str | None:
@@ -207,13 +209,15 @@ def _secret() -> str | None:
     return secret
 
 
-def _send(bootstrap: str, prefix: str, timeout: float, command: str, args: dict, expect: int | None = None,
-          hint: str | None = None, secret: str | None = None) -> list[ControlAck]:
+def _send(bootstrap: str | None, prefix: str | None, timeout: float, command: str, args: dict, expect: int | None = None,
+          hint: str | None = None, secret: str | None = None, config: Path | None = None) -> list[ControlAck]:
     from actprm.daemon.cli import CLIError
+    from actprm.daemon.connect import kafka_target
 
+    target = kafka_target(config, bootstrap, prefix)
     cmd = ControlCommand(command=command, args=args)
     try:
-        return send_command(bootstrap, prefix, cmd, secret, timeout, expect)
+        return send_command(target.bootstrap, target.topic_prefix, cmd, secret, timeout, expect, **target.options)
     except CtlError as err:
         raise CLIError(f"{err}; {hint}" if hint and "no daemon answered" in str(err) else str(err)) from None
 
@@ -228,13 +232,14 @@ def _report(acks: list[ControlAck], as_json: bool) -> None:
 
 
 @ctl_app.command()
-def status(bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm", timeout: TimeoutOpt = 10.0,
+def status(bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None, timeout: TimeoutOpt = 10.0,
            as_json: JsonOpt = False,
-           watch: Annotated[Optional[float], typer.Option("--watch", min=0.5, help="refresh every N seconds")] = None) -> None:
+           watch: Annotated[Optional[float], typer.Option("--watch", min=0.5, help="refresh every N seconds")] = None,
+           config: ConfigOpt = None) -> None:
     """A row per process and an overall line: round, state, budget, selection, judge, updates, served version."""
     secret = _secret()
     while True:
-        acks = _send(bootstrap, topic_prefix, timeout, "status", {}, secret=secret)
+        acks = _send(bootstrap, topic_prefix, timeout, "status", {}, secret=secret, config=config)
         if as_json:
             typer.echo(json.dumps(status_json(acks), indent=None if watch else 2, default=str))
         else:
@@ -254,57 +259,59 @@ def _check_scope(scope: str) -> str:
     return scope
 
 
-def _scoped(command: str, scope: str, bootstrap: str, topic_prefix: str, timeout: float, as_json: bool) -> None:
+def _scoped(command: str, scope: str, bootstrap: str | None, topic_prefix: str | None, timeout: float, as_json: bool,
+            config: Path | None) -> None:
     # Only the trainer answers annotate/train (it keeps the round); every process answers "all".
     scope = _check_scope(scope)
     just_trainer = scope != "all"
     acks = _send(bootstrap, topic_prefix, timeout, command, {"scope": scope}, expect=1 if just_trainer else None,
-                 hint=TRAINER_HINT if just_trainer else None, secret=_secret())
+                 hint=TRAINER_HINT if just_trainer else None, secret=_secret(), config=config)
     _report(acks, as_json)
 
 
 @ctl_app.command()
-def pause(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
-          timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+def pause(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+          timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Pause annotation, training, or all consumption (no message is lost)."""
-    _scoped("pause", scope, bootstrap, topic_prefix, timeout, as_json)
+    _scoped("pause", scope, bootstrap, topic_prefix, timeout, as_json, config)
 
 
 @ctl_app.command()
-def resume(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
-           timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+def resume(scope: ScopeOpt = "all", bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+           timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Undo a pause (resume all also resumes annotation and training)."""
-    _scoped("resume", scope, bootstrap, topic_prefix, timeout, as_json)
+    _scoped("resume", scope, bootstrap, topic_prefix, timeout, as_json, config)
 
 
 @ctl_app.command("reset-round")
 def reset_round(budget: Annotated[Optional[int], typer.Option(min=0, help="budget of the new round (default: the current one)")] = None,
                 keep_pending: Annotated[bool, typer.Option("--keep-pending", help="still train labels of earlier rounds (pending and in flight)")] = False,
-                bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
-                timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+                bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+                timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Start a new round with fresh counters. Requests already sent to the judge are still judged;
     their labels are dropped unless --keep-pending."""
     args: dict[str, Any] = {"keep_pending": keep_pending}
     if budget is not None:
         args["budget"] = budget
-    _report(_send(bootstrap, topic_prefix, timeout, "reset-round", args, expect=1, hint=TRAINER_HINT, secret=_secret()),
-            as_json)
+    _report(_send(bootstrap, topic_prefix, timeout, "reset-round", args, expect=1, hint=TRAINER_HINT, secret=_secret(),
+                  config=config), as_json)
 
 
 @ctl_app.command()
 def rollback(version: Annotated[int, typer.Argument(min=0, help="the version whose weights to serve again")],
-             bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
-             timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+             bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+             timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Serve VERSION's weights everywhere (published as a new version) and train on from it."""
     _report(_send(bootstrap, topic_prefix, timeout, "rollback", {"version": version}, expect=1, hint=TRAINER_HINT,
-                  secret=_secret()), as_json)
+                  secret=_secret(), config=config), as_json)
 
 
 @ctl_app.command("set")
 def set_value(key: Annotated[str, typer.Argument(help=f"one of: {', '.join(LIVE_SETTINGS)}")],
               value: Annotated[str, typer.Argument(help="the new value")],
-              bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP, topic_prefix: PrefixOpt = "actprm",
-              timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False) -> None:
+              bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+              timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Change a live setting in every process; the value is checked here and again by each daemon."""
     parse_setting(key, value)  # a ValueError naming the key, before anything is sent
-    _report(_send(bootstrap, topic_prefix, timeout, "set", {"key": key, "value": value}, secret=_secret()), as_json)
+    _report(_send(bootstrap, topic_prefix, timeout, "set", {"key": key, "value": value}, secret=_secret(), config=config),
+            as_json)

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from tqdm import tqdm
 
 from actprm.streams import messages
 from actprm.streams.messages import Trajectory
-from actprm.streams.topics import Topics
+from actprm.streams.topics import Topics, unreachable
 
 TAILABLE = {"rewards": "rewards", "labels": "labels", "annotations": "annotations", "candidates": "candidates",
             "versions": "versions", "dead-letters": "dead_letters", "trajectories": "trajectories",
@@ -46,10 +47,13 @@ def trajectories_from(file: Path | None, synthetic: int | None) -> tuple[list[Tr
     return items, skipped
 
 
-async def _produce(bootstrap: str, topic: str, items: list[Trajectory]) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+async def _produce(bootstrap: str, topic: str, items: list[Trajectory], options: dict) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, **options)
     try:
-        await producer.start()
+        try:
+            await producer.start()
+        except KafkaConnectionError as err:
+            raise unreachable(bootstrap, err) from None
         futures = []
         for t in tqdm(items, desc="produce", unit="traj", disable=None):
             futures.append(await producer.send(topic, key=t.id.encode(), value=messages.encode(t)))
@@ -59,16 +63,20 @@ async def _produce(bootstrap: str, topic: str, items: list[Trajectory]) -> int:
     return len(items)
 
 
-def produce_trajectories(bootstrap: str, topic_prefix: str, items: list[Trajectory]) -> int:
-    return asyncio.run(_produce(bootstrap, Topics(topic_prefix).trajectories, items))
+def produce_trajectories(bootstrap: str, topic_prefix: str, items: list[Trajectory], **options) -> int:
+    """options: aiokafka client kwargs (SASL/TLS), as `agents.aiokafka_options` builds them."""
+    return asyncio.run(_produce(bootstrap, Topics(topic_prefix).trajectories, items, options))
 
 
-async def _tail(bootstrap: str, topic: str, limit: int | None, from_beginning: bool, out: TextIO) -> int:
+async def _tail(bootstrap: str, topic: str, limit: int | None, from_beginning: bool, out: TextIO, options: dict) -> int:
     # No consumer group: tailing must never steal partitions from the daemon's workers.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **options)
     seen = 0
     try:
-        await consumer.start()
+        try:
+            await consumer.start()
+        except KafkaConnectionError as err:
+            raise unreachable(bootstrap, err) from None
         if topic not in await consumer.topics():  # also loads the metadata partitions_for_topic reads
             raise ValueError(f"topic {topic} does not exist on {bootstrap}")
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
@@ -89,11 +97,12 @@ async def _tail(bootstrap: str, topic: str, limit: int | None, from_beginning: b
     return seen
 
 
-def tail_topic(bootstrap: str, topic_prefix: str, what: str, *, limit: int | None, from_beginning: bool, out: TextIO) -> int:
+def tail_topic(bootstrap: str, topic_prefix: str, what: str, *, limit: int | None, from_beginning: bool, out: TextIO,
+               **options) -> int:
     if what not in TAILABLE:
         raise ValueError(f"cannot tail {what!r}; choose one of {', '.join(TAILABLE)}")
     topic = getattr(Topics(topic_prefix), TAILABLE[what])
     try:
-        return asyncio.run(_tail(bootstrap, topic, limit, from_beginning, out))
+        return asyncio.run(_tail(bootstrap, topic, limit, from_beginning, out, options))
     except KeyboardInterrupt:
         return 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
 
 from .messages import (
     AnnotationRequest,
@@ -28,6 +29,17 @@ _TOPIC_ALREADY_EXISTS = 36
 
 class TopicSetupError(RuntimeError):
     """The broker refused to create a topic for a reason other than it existing already."""
+
+
+class KafkaUnreachable(ConnectionError):
+    """No broker answered at the bootstrap address; the message is one line, for the CLI."""
+
+
+def unreachable(bootstrap: str, err: Exception) -> KafkaUnreachable:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return KafkaUnreachable(f"cannot reach Kafka at {bootstrap} ({reason}); check the address (--bootstrap, "
+                            "ACTPRM_KAFKA__BOOTSTRAP or kafka.bootstrap in --config), that the broker is up, "
+                            "and the kafka.security_protocol / SASL settings")
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,11 @@ async def ensure_topics(
     are (partition count and config included). `admin_options` go to AIOKafkaAdminClient (SASL/TLS)."""
     specs = topic_specs(topics, partitions, replication_factor)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **admin_options)
-    await admin.start()
+    try:
+        await admin.start()
+    except KafkaConnectionError as err:
+        await admin.close()
+        raise unreachable(bootstrap, err) from None
     try:
         response = await admin.create_topics(specs)
     finally:

@@ -1,0 +1,59 @@
+"""The operator tools (`ctl`, `produce`, `tail`) connect as the daemon does: the one Settings
+(ACTPRM_KAFKA__* env, --config, SASL/TLS included), --bootstrap only overriding; and a broker
+that cannot be reached is one line naming the address, exit 1, for them and for `run`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actprm.daemon.connect import kafka_target
+from test_cli import _one_line_error, actprm
+
+
+def test_the_tools_take_kafka_security_from_the_daemons_settings(tmp_path, monkeypatch):
+    for name in ("ACTPRM_CONFIG", "ACTPRM_KAFKA__BOOTSTRAP", "ACTPRM_KAFKA__TOPIC_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    assert (kafka_target().bootstrap, kafka_target().topic_prefix, kafka_target().options) == ("127.0.0.1:9092", "actprm", {})
+    config = tmp_path / "cluster.toml"
+    config.write_text('[kafka]\nbootstrap = "kafka-1:9093"\ntopic_prefix = "prod"\nsecurity_protocol = "SASL_SSL"\n'
+                      'sasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "actprm"\n')
+    monkeypatch.setenv("ACTPRM_KAFKA__SASL_PASSWORD", "from-env")
+    t = kafka_target(config)
+    assert (t.bootstrap, t.topic_prefix) == ("kafka-1:9093", "prod")
+    assert t.options["security_protocol"] == "SASL_SSL" and t.options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert t.options["sasl_plain_username"] == "actprm" and t.options["sasl_plain_password"] == "from-env"
+    assert t.options["ssl_context"] is not None
+    # --bootstrap / --topic-prefix override only those two; the credentials stay.
+    o = kafka_target(config, bootstrap="kafka-2:9093", topic_prefix="canary")
+    assert (o.bootstrap, o.topic_prefix, o.options["sasl_plain_username"]) == ("kafka-2:9093", "canary", "actprm")
+
+
+@pytest.mark.broker
+def test_produce_tail_and_ctl_read_the_broker_from_the_config_file(broker, topic_prefix, tmp_path, monkeypatch):
+    for name in ("ACTPRM_CONFIG", "ACTPRM_KAFKA__BOOTSTRAP", "ACTPRM_KAFKA__TOPIC_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "actprm.toml"
+    config.write_text(f'[kafka]\nbootstrap = "{broker.bootstrap}"\ntopic_prefix = "{topic_prefix}"\n')
+    env = {}  # nothing but the file names the broker (an ACTPRM_KAFKA__* variable would beat it)
+    produced = actprm("produce", "--synthetic", "3", "--config", str(config), env=env, timeout=120)
+    assert produced.returncode == 0, produced.stderr
+    assert json.loads(produced.stdout.strip().splitlines()[-1]) == {"produced": 3, "skipped": 0}
+    tailed = actprm("tail", "trajectories", "--limit", "3", "--config", str(config), env=env, timeout=60)
+    assert tailed.returncode == 0, tailed.stderr
+    assert len([line for line in tailed.stdout.splitlines() if line.strip()]) == 3
+    # No daemon on this prefix: ctl says so about the configured broker, not 127.0.0.1:9092.
+    status = actprm("ctl", "status", "--timeout", "2", "--config", str(config), env=env, timeout=60)
+    _one_line_error(status, f"no daemon on {broker.bootstrap}: topic {topic_prefix}.control does not exist")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [("produce", "--synthetic", "5"), ("tail", "rewards"), ("ctl", "status"),
+                                  ("run", "--backbone", "tiny")], ids=lambda a: a[0])
+def test_an_unreachable_broker_is_one_line_naming_the_address(args):
+    proc = actprm(*args, "--bootstrap", "127.0.0.1:1", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    _one_line_error(proc, "cannot reach Kafka at 127.0.0.1:1", "check the address")
+    assert len([line for line in proc.stderr.splitlines() if not line.startswith("warning:")]) == 1, proc.stderr
