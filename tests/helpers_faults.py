@@ -342,7 +342,7 @@ def sigkill(proc) -> bool:
 # --- the summary table -------------------------------------------------------------------------------
 
 
-SUMMARY_COLUMNS = ("scenario", "faults injected", "messages sent", "rewards", "dead letters", "lost",
+SUMMARY_COLUMNS = ("scenario", "faults injected", "messages sent", "rewards", "rewarded twice", "dead letters", "lost",
                    "judged twice", "trained twice")
 
 
@@ -356,10 +356,14 @@ class SummaryRow:
     lost: int = 0
     judged_twice: int = 0
     trained_twice: int = 0
+    # Ids with more than one reward (at-least-once: a scorer killed before it recorded a batch
+    # scores it again); None where the scenario does not count them ("-").
+    rewarded_twice: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def cells(self) -> tuple[str, ...]:
-        return (self.scenario, str(self.faults), str(self.sent), str(self.rewards), str(self.dead_letters),
+        twice = "-" if self.rewarded_twice is None else str(self.rewarded_twice)
+        return (self.scenario, str(self.faults), str(self.sent), str(self.rewards), twice, str(self.dead_letters),
                 str(self.lost), str(self.judged_twice), str(self.trained_twice))
 
 
@@ -367,7 +371,8 @@ def format_summary(rows: list[SummaryRow]) -> str:
     table = [SUMMARY_COLUMNS, *(r.cells() for r in rows)]
     if len(rows) > 1:
         total = SummaryRow("total", *(sum(getattr(r, f) for r in rows) for f in
-                                      ("faults", "sent", "rewards", "dead_letters", "lost", "judged_twice", "trained_twice")))
+                                      ("faults", "sent", "rewards", "dead_letters", "lost", "judged_twice", "trained_twice")),
+                           rewarded_twice=sum(r.rewarded_twice or 0 for r in rows))
         table.append(total.cells())
     widths = [max(len(row[i]) for row in table) for i in range(len(SUMMARY_COLUMNS))]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
@@ -517,7 +522,10 @@ def run_crash_trials(bootstrap: str, prefix: str, tmp: Path, *, n_traj: int, n_k
         problems.append(f"a reward came from an older version than one before it: {in_order}")
 
     dup_rewards = len(rewards) - len(rewarded)
+    # At-least-once rewards: a repeat names its version, so a consumer deduping by id loses nothing.
+    per_id = Counter(r.id for r in rewards if r.id in ids)
     row = SummaryRow(scenario, faults=sum(kills.values()), sent=len(stream), rewards=len(rewarded & ids),
+                     rewarded_twice=sum(1 for n in per_id.values() if n > 1),
                      dead_letters=len(dead), lost=len(lost), judged_twice=sum(n - 1 - lost_in_flight[p] for p, n in judged_twice.items()),
                      trained_twice=sum(n - 1 for n in trained_twice.values()))
     row.notes.append(f"seed {seed}; kills by role {dict(kills)}; {len(found)} versions; judge calls {sum(calls.values())} "
