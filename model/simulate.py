@@ -7,8 +7,9 @@ of operations, per batch of `batch_size` trajectories:
 2. select with the daemon's selector (`uncertainty.make_selector`);
 3. admit candidates within the budget and reveal their gold labels, as the gold-label judge
    would (see "Budget" below);
-4. update: `Trainer.fit`, the daemon's own update (FitConfig: steps per update, a replayed
-   share of the labels revealed earlier), on the labels of this batch.
+4. update as the daemon does: once `update_batch` new labels are waiting (and at the end of
+   a pass), `Trainer.fit` on them, the daemon's own update (FitConfig: steps per update, a
+   replayed share of the labels revealed earlier).
 Then the threshold is chosen on a validation slice of the pool (never on the test file) and
 the PRM is scored on the test file: ProcessBench F1. Beside every run a position-only
 baseline (a logistic model of step position, fitted on the same labelled trajectories) is
@@ -55,6 +56,7 @@ class SimConfig:
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
     seeds: int = 3
     batch_size: int = 16  # trajectories per stream batch; the published 64 gives a 1000-record pool only 15 updates
+    update_batch: int = 16  # new labels per update (the daemon's update.batch_size)
     epochs: int = 1  # passes over the pool; later passes re-train on known labels, new ones still cost budget
     val_fraction: float = 0.1  # share of the pool held out (stratified) to choose the threshold
     delta_pred: float = 0.95  # published ActPRM thresholds
@@ -73,7 +75,7 @@ class SimConfig:
         for b in self.budgets:
             if not 0.0 < b <= 1.0:
                 raise ValueError(f"a budget is a share of the pool in (0, 1], got {b}")
-        if self.seeds < 1 or self.batch_size < 1 or self.epochs < 1:
+        if self.seeds < 1 or self.batch_size < 1 or self.epochs < 1 or self.update_batch < 1:
             raise ValueError("seeds, batch size and epochs must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -252,6 +254,7 @@ def replay(engine, pool: Sequence[Record], stream: Sequence[int], strategy: str,
     seen = flagged = updates = skipped_updates = 0
     for epoch in range(config.epochs):
         rng.shuffle(order)
+        pending: list[int] = []
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
             seen += len(batch)
@@ -265,18 +268,26 @@ def replay(engine, pool: Sequence[Record], stream: Sequence[int], strategy: str,
             for i, _ in candidates[:allowed]:  # 3. reveal the gold labels of the admitted
                 known.add(i)
                 labelled.append(i)
-            train_on = [i for i in batch if i in known]
-            if train_on:  # 4. update: this batch's known labels, replaying the newest earlier ones
-                now = set(train_on)
-                earlier = [i for i in labelled if i not in now][-config.fit.replay_size:] if config.fit.replay_size else []
-                result = engine.trainer.fit([engine.sample(pool, i) for i in train_on],
-                                            [engine.sample(pool, i) for i in earlier], config.fit)
-                updates += result.applied
-                skipped_updates += not result.applied
+            # known labels met again in a later pass are trained again, like new ones
+            pending += [i for i in batch if i in known and i not in pending]
+            if len(pending) >= config.update_batch:  # 4. update, as the daemon's trainer does
+                updates, skipped_updates = _fit(engine, pool, pending, labelled, config, updates, skipped_updates)
+                pending = []
             if bar is not None:
                 bar.update(1)
+        if pending:  # the end of a pass: what is waiting is trained too
+            updates, skipped_updates = _fit(engine, pool, pending, labelled, config, updates, skipped_updates)
     return {"labelled": labelled, "seen": seen, "flagged": flagged, "updates": updates,
             "skipped_updates": skipped_updates}
+
+
+def _fit(engine, pool, pending: list[int], labelled: list[int], config: SimConfig, updates: int, skipped: int):
+    """One daemon update on the pending labels, replaying the newest earlier ones."""
+    now = set(pending)
+    earlier = [i for i in labelled if i not in now][-config.fit.replay_size:] if config.fit.replay_size else []
+    result = engine.trainer.fit([engine.sample(pool, i) for i in pending], [engine.sample(pool, i) for i in earlier],
+                                config.fit)
+    return updates + result.applied, skipped + (not result.applied)
 
 
 def evaluate_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx: Sequence[int],

@@ -204,7 +204,8 @@ class Trainer:
             return UpdateResult(False, "no new label", step=self.step)
         if self.config.mode == "heads":
             self.attach_features(list(new))
-        saved = {n: p.detach().clone() for n, p in self.prm.named_parameters() if p.requires_grad}
+        # Kept in host memory: a full fine-tune on a GPU must not need a second copy there.
+        saved = {n: p.detach().to("cpu", copy=True) for n, p in self.prm.named_parameters() if p.requires_grad}
         results, replayed = [], set()
         for new_idx, replay_idx in plan_minibatches(len(new), len(replay), config, self._gen):
             result = self.update([new[i] for i in new_idx] + [replay[j] for j in replay_idx])
