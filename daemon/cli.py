@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from actprm.daemon.ctl import ctl_app
+from actprm.daemon.errors import CLIError
 from actprm.daemon.logs import configure_logging
 
 app = typer.Typer(help="actprm: an online active-learning Process Reward Model next to your RL run.",
@@ -26,10 +27,6 @@ BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka 
 # The operator tools read kafka.* from the same Settings as the daemon (env, --config); these override.
 ToolBootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap of the settings, else 127.0.0.1:9092)")]
 TopicPrefixOpt = Annotated[Optional[str], typer.Option("--topic-prefix", help="default: kafka.topic_prefix of the settings")]
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
 
 
 def _nested(**flat: Any) -> dict:

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
 from actprm.daemon.cli import app
-from actprm.daemon.ctl import CtlError, asend_command, format_status, overall
+from actprm.daemon.ctl import format_status, overall
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.control import (
@@ -27,6 +27,7 @@ from actprm.streams.control import (
     sign,
     verify,
 )
+from actprm.streams.ctl_client import CtlError, asend_command
 from actprm.streams.ledger import META, PENDING, TRAINED
 from actprm.streams.messages import ControlAck, ControlCommand, Label
 from actprm.streams.runtime import Runtime

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from actprm.daemon.ctl import send_command
+from actprm.streams.ctl_client import send_command
 from actprm.daemon.settings import KafkaSettings
 from actprm.model.checkpoints import WEIGHTS, CheckpointStore
 from actprm.streams.agents import _credentials, aiokafka_options

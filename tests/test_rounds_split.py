@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from actprm.daemon.ctl import CtlError, send_command
+from actprm.streams.ctl_client import CtlError, send_command
 from actprm.model.checkpoints import CheckpointStore
 from actprm.streams.messages import ControlCommand
 from actprm.streams.tools import produce_trajectories, synthetic_trajectories
