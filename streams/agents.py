@@ -85,9 +85,28 @@ def _credentials(k):
     return faust.SSLCredentials(ssl_context)
 
 
+def _with_fetch_wait(fetch_max_wait_ms: int) -> None:
+    """faust builds its worker consumer with fetch_max_wait_ms=1500 and offers no setting; a
+    broker that holds each long poll that long (Tansu does) adds up to 1.5 s to every hop of a
+    reward (measured: 0.71 s of a 0.75 s gateway round trip; 0.10 s at 20 ms). Set it on the
+    consumer faust creates, before it starts."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    create = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__", AIOKafkaConsumerThread._create_worker_consumer)
+
+    def create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by start(), when it builds its fetcher
+        return consumer
+
+    create_worker_consumer.__wrapped__ = create
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+
+
 def build_app(rt: Runtime, bootstrap: str) -> faust.App:
     s, t = rt.settings, rt.topics
     k = s.kafka
+    _with_fetch_wait(k.fetch_max_wait_ms)
     app = faust.App(
         # The consumer group: processes with the same roles share work. The broker data's epoch
         # is part of it, so after the broker loses its data no stale committed offset (a process
