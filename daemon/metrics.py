@@ -30,11 +30,6 @@ STATUS_FLAGS = ("paused_annotate", "paused_train")
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-def predicted_first_error(mu: Sequence[float], threshold: float = 0.5) -> int:
-    """The first step scored below the threshold, -1 when none (the ProcessBench convention)."""
-    return next((i for i, m in enumerate(mu) if m < threshold), -1)
-
-
 ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judged", "judge_failures", "dead_lettered",
                   "labels_received", "updates", "updates_rejected", "update_failures", "swaps", "swap_failures",
                   "duplicates_skipped", "labels_replayed")
@@ -53,8 +48,6 @@ class _RuntimeCollector:
         # The named counters exist from the start (at 0), so dashboards and alerts never miss them.
         counters = {name: 0 for name in ALWAYS_COUNTED} | dict(rt.counters)
         for name, value in sorted(counters.items()):
-            if name.endswith("_x1000"):  # milli-units kept as integers by the handlers
-                name, value = name.removesuffix("_x1000"), value / 1000
             yield CounterMetricFamily(f"actprm_{name}", f"rt.counters[{name!r}]", value=value)
         st = rt.status()
         for name in STATUS_GAUGES:

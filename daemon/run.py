@@ -24,6 +24,7 @@ from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.agents import aiokafka_options, build_app
 from actprm.streams.epoch import claim_epoch, restart_this_process
+from actprm.streams.rounds import ADMISSION_COUNTERS
 from actprm.streams.runtime import ROLES, Runtime
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.topics import Topics, ensure_topics
@@ -86,7 +87,7 @@ def pipeline_settled(rt: Runtime) -> bool:
     c = rt.counters
     ok = True
     if "trainer" in rt.roles and "scorer" in rt.roles:
-        kept = c["annotation_requests"] + c["annotation_resends"] + c["not_requested_over_budget"] + c["not_requested_paused"]
+        kept = sum(c[name] for name in ADMISSION_COUNTERS.values())  # each candidate the keeper saw, once
         ok = ok and kept >= c["selected"]
     if "judge" in rt.roles and "trainer" in rt.roles:
         ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] >= c["annotation_requests"]

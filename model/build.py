@@ -35,11 +35,17 @@ def load_prm(path: str | Path | CheckpointStore, version: int | None = None, *, 
     ref = manifest.backbone
     prm = build_prm(ref["spec"], hidden_layer=ref.get("hidden_layer"), prm=prm_config_from(manifest), seed=ref.get("seed", 0),
                     device=device, dtype=dtype, attn_implementation=attn_implementation)
+    apply_version(prm, manifest, tensors)
+    return prm, manifest
+
+
+def apply_version(prm: EnsemblePRM, manifest: Manifest, tensors: dict) -> None:
+    """Put a stored version's weights on `prm` (LoRA adapters injected first when the version has
+    them) and switch it to eval mode: the one rule for the CLI's load and the scorer's hot-swap."""
     if manifest.mode != "heads":
         configure_trainable(prm, TrainerConfig(**{**manifest.settings, "mode": manifest.mode}))
     load_trainable_state(prm, tensors)
     prm.eval()
-    return prm, manifest
 
 
 def publish_initial(store: CheckpointStore, prm: EnsemblePRM, trainer: TrainerConfig) -> Manifest:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 
+from actprm.model.uncertainty import predicted_first_error
+
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
 
@@ -30,16 +32,10 @@ def _check_score(x: float) -> float:
 
 
 def predicted_first_errors(step_scores: Sequence[Sequence[float]], threshold: float = 0.5) -> list[int]:
-    """Per record, the first step whose score is < threshold, or -1 when there is none."""
-    out = []
-    for scores in step_scores:
-        first = -1
-        for i, s in enumerate(scores):
-            if _check_score(s) < threshold:
-                first = i
-                break
-        out.append(first)
-    return out
+    """Per record, the first step whose score is < threshold, or -1 when there is none.
+
+    Steps are checked for NaN lazily, up to the first error, as the rule reads them."""
+    return [predicted_first_error(map(_check_score, scores), threshold) for scores in step_scores]
 
 
 def _f1_of_accuracies(a: float | None, b: float | None) -> float | None:

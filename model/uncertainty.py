@@ -8,13 +8,14 @@ tested against hand-worked numbers.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 
-def predicted_first_error(mu: Sequence[float], threshold: float = 0.5) -> int:
-    """The first step whose mean score is below threshold, -1 when every step passes."""
+def predicted_first_error(mu: Iterable[float], threshold: float = 0.5) -> int:
+    """The first step whose mean score is below threshold, -1 when every step passes (the
+    ProcessBench convention; the one home of this rule: metrics, scoring and the daemon use it)."""
     for i, m in enumerate(mu):
         if m < threshold:
             return i

@@ -21,14 +21,15 @@ from collections.abc import MutableMapping
 from typing import Annotated, Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from actprm.streams import messages
-from actprm.streams.ledger import META, PENDING, TRAINED
+from actprm.streams.ledger import META, PENDING, mark_trained
 from actprm.streams.messages import ControlAck, ControlCommand
+from actprm.streams.topics import partition_reader, read_from
 
 log = structlog.get_logger("actprm.control")
 
@@ -164,9 +165,7 @@ def _retire_pending_before(ledger, round_id: int) -> int:
     """Drop labels of earlier rounds that wait for training (as a rejected batch's are retired)."""
     stale = [label_id for label_id, item in ledger.items(PENDING) if item["label"]["round_id"] < round_id]
     with ledger.transaction():
-        for label_id in stale:
-            ledger.put(TRAINED, label_id, None)
-            ledger.delete(PENDING, label_id)
+        mark_trained(ledger, stale, None)
         ledger.put(META, LABELS_FROM_ROUND, round_id)
     return len(stale)
 
@@ -311,8 +310,7 @@ async def _started_consumer(bootstrap: str, **kafka_options: Any) -> AIOKafkaCon
                                            "control consumer cannot reach the broker; retrying",
                                            error=str(state.outcome.exception())[:200])):
         with attempt:
-            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                        fetch_max_wait_ms=100, **kafka_options)
+            consumer = partition_reader(bootstrap, **kafka_options)
             try:
                 await consumer.start()
             except BaseException:
@@ -329,9 +327,7 @@ async def run_control_consumer(rt, bootstrap: str, **kafka_options: Any) -> None
         log.warning("control commands are not authenticated: set ACTPRM_CONTROL_SECRET on daemons and ctl")
     consumer = await _started_consumer(bootstrap, **kafka_options)
     try:
-        tp = TopicPartition(rt.topics.control, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
+        await read_from(consumer, rt.topics.control)
         seen: dict[str, float] = {}
         async for record in consumer:
             try:

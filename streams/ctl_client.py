@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from actprm.streams import messages
 from actprm.streams.control import sign
 from actprm.streams.messages import ControlAck, ControlCommand
-from actprm.streams.topics import Topics, unreachable
+from actprm.streams.topics import Topics, partition_reader, read_from, unreachable
 
 MARKER_KEY = b"ctl-marker"
 
@@ -37,8 +37,7 @@ async def asend_command(bootstrap: str, prefix: str, cmd: ControlCommand, secret
     if secret:
         cmd = sign(cmd, secret)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=100, **kafka_options)
+    consumer = partition_reader(bootstrap, **kafka_options)
     try:
         await producer.start()
         await consumer.start()
@@ -54,9 +53,7 @@ async def asend_command(bootstrap: str, prefix: str, cmd: ControlCommand, secret
             raise CtlError(f"no daemon on {bootstrap}: topic {topics.control} does not exist")
         marker = await producer.send_and_wait(topics.acks, key=MARKER_KEY, value=None, partition=0)
         await producer.send_and_wait(topics.control, key=cmd.id.encode(), value=messages.encode(cmd), partition=0)
-        tp = TopicPartition(topics.acks, 0)
-        consumer.assign([tp])
-        consumer.seek(tp, marker.offset + 1)
+        tp = await read_from(consumer, topics.acks, marker.offset + 1)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         last = None  # when the latest ack arrived

@@ -20,10 +20,11 @@ import sys
 import uuid
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from actprm.streams import messages
 from actprm.streams.messages import BrokerEpoch
+from actprm.streams.topics import partition_reader, read_from
 
 log = structlog.get_logger("actprm")
 
@@ -32,13 +33,10 @@ async def read_epoch(bootstrap: str, topic: str, wait_ms: int = 1500, **kafka_op
     """The epoch in the topic's first record, or None when the topic is empty.
 
     Raises the client's error when the broker cannot be reached (the caller decides)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=100, **kafka_options)
+    consumer = partition_reader(bootstrap, **kafka_options)
     try:
         await consumer.start()
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
+        tp = await read_from(consumer, topic)
         batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
         for record in batch.get(tp, []):
             try:

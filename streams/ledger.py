@@ -90,3 +90,13 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def mark_trained(ledger: Ledger, label_ids, version: int | None) -> None:
+    """Labels leave the pending set for good: trained by `version`, or retired with None (a
+    refused batch, a label refused alone, a round closed by reset-round). Inside an open
+    transaction these writes join it; otherwise they land together."""
+    with ledger.transaction():
+        for label_id in label_ids:
+            ledger.put(TRAINED, label_id, version)
+            ledger.delete(PENDING, label_id)

@@ -44,6 +44,15 @@ class Admission(str, Enum):
     PAUSED = "paused"
 
 
+# The counter each verdict bumps: every candidate the keeper saw is in exactly one of them.
+ADMISSION_COUNTERS: dict[Admission, str] = {
+    Admission.NEW: "annotation_requests",
+    Admission.RESEND: "annotation_resends",
+    Admission.OVER_BUDGET: "not_requested_over_budget",
+    Admission.PAUSED: "not_requested_paused",
+}
+
+
 class RoundKeeper:
     def __init__(self, ledger: Ledger, default_budget: int):
         self.ledger = ledger

@@ -37,7 +37,7 @@ from actprm.streams.journal import Journal
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import Ledger
 from actprm.streams.messages import AnnotationRequest, Label, ModelVersion, Trajectory
-from actprm.streams.rounds import Admission, RoundKeeper, in_round
+from actprm.streams.rounds import ADMISSION_COUNTERS, Admission, RoundKeeper, in_round
 from actprm.streams.scoring import ServedModel, VersionFollower, load_for_swap, mark_scored, score_batch
 from actprm.streams.topics import Topics
 from actprm.streams.training import UpdateLoop
@@ -192,21 +192,22 @@ class Runtime:
         finally:
             self.busy_since[role] = None
 
-    def _decode(self, cls, event: Event):
-        try:
-            return messages.decode(cls, event.value)
-        except messages.MessageError as err:
-            return err
+    async def decoded(self, cls, events: list[Event]) -> list[tuple[Event, object]]:
+        """Each event that decodes as `cls`, with its message; the others become dead letters."""
+        out = []
+        for event in events:
+            try:
+                out.append((event, messages.decode(cls, event.value)))
+            except messages.MessageError as err:
+                await self.dead_letter(event, err)
+        return out
 
     # --- scorer --------------------------------------------------------------------------
 
     async def on_trajectories(self, events: list[Event]) -> None:
         batch: list[Trajectory] = []
-        for event in events:
-            msg = self._decode(Trajectory, event)
-            if isinstance(msg, Exception):
-                await self.dead_letter(event, msg)
-            elif any(t.id == msg.id for t in batch):
+        for _, msg in await self.decoded(Trajectory, events):
+            if any(t.id == msg.id for t in batch):
                 self.counters["duplicates_skipped"] += 1  # the same id twice in one take
             else:
                 batch.append(msg)
@@ -241,7 +242,7 @@ class Runtime:
         self.counters["selected"] += len(result.candidates)
         self.counters["duplicates_skipped"] += len(result.duplicates)
         self.counters["score_tokens"] += result.tokens
-        self.counters["score_seconds_x1000"] += int(result.seconds * 1000)
+        self.counters["score_seconds"] += result.seconds  # a float count: Counter adds any number
         if self.metrics is not None:
             self.metrics.observe_scores([r.mu for r in result.rewards])
         return result
@@ -291,30 +292,18 @@ class Runtime:
     # --- round keeper (trainer role) -----------------------------------------------------
 
     async def on_candidates(self, events: list[Event]) -> None:
-        for event in events:
-            msg = self._decode(AnnotationRequest, event)
-            if isinstance(msg, Exception):
-                await self.dead_letter(event, msg)
-                continue
+        for event, msg in await self.decoded(AnnotationRequest, events):
             verdict = self.keeper.admit(msg.id)
             if verdict in (Admission.NEW, Admission.RESEND):
                 # The keeper's round, not the scorer's stamp: a scorer in its own process has none.
                 forward = in_round(msg, event.value, self.keeper.admitted_round(msg.id))
                 await self.send(self.topics.annotations, msg.id, forward)
-                self.counters["annotation_requests" if verdict is Admission.NEW else "annotation_resends"] += 1
-            else:
-                self.counters[f"not_requested_{verdict.value}"] += 1
+            self.counters[ADMISSION_COUNTERS[verdict]] += 1
 
     # --- judge ---------------------------------------------------------------------------
 
     async def on_annotations(self, events: list[Event]) -> None:
-        requests = []
-        for event in events:
-            msg = self._decode(AnnotationRequest, event)
-            if isinstance(msg, Exception):
-                await self.dead_letter(event, msg)
-            else:
-                requests.append((event, msg))
+        requests = await self.decoded(AnnotationRequest, events)
         # The judge client bounds its own concurrency; the batch runs in parallel up to it.
         outcomes = await asyncio.gather(*(judge_once(self.judge, self.ledger, m) for _, m in requests))
         for (event, request), outcome in zip(requests, outcomes):
@@ -340,11 +329,8 @@ class Runtime:
     # --- trainer -------------------------------------------------------------------------
 
     async def on_labels(self, events: list[Event]) -> None:
-        for event in events:
-            msg = self._decode(Label, event)
-            if isinstance(msg, Exception):
-                await self.dead_letter(event, msg)
-            elif not accept_label(self, msg):
+        for _, msg in await self.decoded(Label, events):
+            if not accept_label(self, msg):
                 self.counters["labels_stale_round"] += 1  # its round was reset without --keep-pending
             elif self.updates.receive(msg):
                 self.counters["labels_received"] += 1
@@ -428,7 +414,7 @@ class Runtime:
                "served_version": self.served.version if self.served else None, "swaps": c["swaps"],
                "swap_stall_ms_max": round(max(self.swap_stalls_ms), 3) if self.swap_stalls_ms else None,
                "swap_failures": c["swap_failures"], "duplicates_skipped": c["duplicates_skipped"],
-               "score_tokens": c["score_tokens"], "score_seconds": c["score_seconds_x1000"] / 1000,
+               "score_tokens": c["score_tokens"], "score_seconds": round(float(c["score_seconds"]), 3),
                **self.backbone_placement,
                "heldout": self.heldout,
                "last_error": self.last_error,

@@ -11,10 +11,10 @@ import copy
 import time
 from dataclasses import dataclass, field
 
+from actprm.model.build import apply_version
 from actprm.model.checkpoints import CheckpointError, CheckpointStore
 from actprm.model.prm import EnsembleHeads, EnsemblePRM
 from actprm.model.replay import FeatureMemo
-from actprm.model.trainer import configure_trainable, load_trainable_state, TrainerConfig
 from actprm.model.uncertainty import Selector
 from actprm.streams.ledger import SCORED, Ledger
 from actprm.streams.messages import AnnotationRequest, Reward, Trajectory
@@ -97,15 +97,11 @@ def load_for_swap(current: ServedModel, store: CheckpointStore, version: int) ->
     old = current.prm
     heads = EnsembleHeads(old.config.n_heads, old.backbone.hidden_size, old.config.head_width)
     backbone = old.backbone
-    if any(k.startswith("body.") for k in tensors):
+    if manifest.mode != "heads" or any(k.startswith("body.") for k in tensors):
         backbone = copy.copy(old.backbone)
         backbone.model = copy.deepcopy(old.backbone.model)
-        if manifest.mode == "lora" and not any("lora_" in n for n, _ in backbone.model.named_parameters()):
-            prm_tmp = EnsemblePRM(backbone, old.config, heads)
-            configure_trainable(prm_tmp, TrainerConfig(**{**manifest.settings, "mode": "lora"}))
     prm = EnsemblePRM(backbone, old.config, heads)
-    load_trainable_state(prm, tensors)
-    prm.eval()
+    apply_version(prm, manifest, tensors)  # the rule `load_prm` follows; only a backbone copied above is changed
     for p in prm.parameters():
         p.requires_grad_(False)
     return ServedModel(manifest.version, prm)

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
@@ -111,6 +112,24 @@ def schemas_by_topic(topics: Topics) -> dict[str, type[Message]]:
         topics.dead_letters: DeadLetter,
         topics.epoch: BrokerEpoch,
     }
+
+
+def partition_reader(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
+    """A consumer in no group, for a reader that must see every record of a one-partition topic
+    itself (control commands, acks, the epoch record): nothing is shared and nothing committed."""
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                            fetch_max_wait_ms=100, **kafka_options)
+
+
+async def read_from(reader: AIOKafkaConsumer, topic: str, offset: int | None = None) -> TopicPartition:
+    """Point a started partition_reader at partition 0 of `topic`, at `offset` (None: the first record)."""
+    tp = TopicPartition(topic, 0)
+    reader.assign([tp])
+    if offset is None:
+        await reader.seek_to_beginning(tp)
+    else:
+        reader.seek(tp, offset)
+    return tp
 
 
 def topic_specs(topics: Topics, partitions: int = 1, replication_factor: int = 1) -> list[NewTopic]:

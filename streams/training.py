@@ -25,7 +25,7 @@ from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
-from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger
+from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
 from actprm.streams.messages import Label
 
 log = structlog.get_logger("actprm")
@@ -66,9 +66,7 @@ class UpdateLoop:
         with self.ledger.transaction():
             for v in self.store.versions():
                 if v > known:
-                    for label_id in self.store.manifest(v).consumed_label_ids:
-                        self.ledger.put(TRAINED, label_id, v)
-                        self.ledger.delete(PENDING, label_id)
+                    mark_trained(self.ledger, self.store.manifest(v).consumed_label_ids, v)
             self.ledger.put(META, "trained_through", latest)
         self._follow(latest)
         return latest
@@ -138,10 +136,7 @@ class UpdateLoop:
             # A refused batch leaves the served weights as they were; its labels are retired so
             # they are not retried forever (their ids stay in the ledger as trained by no version).
             self.rejected += 1
-            with self.ledger.transaction():
-                for label_id in ids + poisoned:
-                    self.ledger.put(TRAINED, label_id, None)
-                    self.ledger.delete(PENDING, label_id)
+            mark_trained(self.ledger, ids + poisoned, None)
             return UpdateOutcome(result, None, list(dict.fromkeys(ids + poisoned)), rejected=refused)
         prm = self.trainer.prm
         cfg = self.trainer.config
@@ -157,15 +152,11 @@ class UpdateLoop:
             # Serving goes on with the last version; the labels stay pending for the next try
             # (all but poisoned ones, which would only be refused again).
             self._follow(self.version)
-            self._retire(poisoned)
+            mark_trained(self.ledger, poisoned, None)
             return UpdateOutcome(result, None, ids, error=str(err))
         with self.ledger.transaction():
-            for label_id in ids:
-                self.ledger.put(TRAINED, label_id, manifest.version)
-                self.ledger.delete(PENDING, label_id)
-            for label_id in poisoned:
-                self.ledger.put(TRAINED, label_id, None)
-                self.ledger.delete(PENDING, label_id)
+            mark_trained(self.ledger, ids, manifest.version)
+            mark_trained(self.ledger, poisoned, None)
             self.ledger.put(META, "trained_through", manifest.version)
         self.version = manifest.version
         if after is not None:
@@ -204,12 +195,6 @@ class UpdateLoop:
         if self.memo is None or self.trainer.config.mode != "heads":
             return None
         return self.memo.take(label.id, label.problem, label.steps)
-
-    def _retire(self, label_ids: list[str]) -> None:
-        with self.ledger.transaction():
-            for label_id in label_ids:
-                self.ledger.put(TRAINED, label_id, None)
-                self.ledger.delete(PENDING, label_id)
 
     def canary_f1(self, version: int | None) -> float | None:
         """ProcessBench F1 of the trainer's current weights on the canary (None when it is not full yet).

@@ -237,8 +237,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def listen_addresses(pid: int) -> set[tuple[str, int]]:
-    """(ip, port) of the TCP sockets a process listens on (IPv4), from /proc."""
+def listening_sockets(pid: int, table: str = "tcp") -> list[str]:
+    """Local addresses (hex "IP:PORT" as /proc/net/<table> writes them) of the sockets a process
+    listens on; table "tcp" is IPv4, "tcp6" IPv6 (absent on a host without IPv6: none)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -247,14 +248,18 @@ def listen_addresses(pid: int) -> set[tuple[str, int]]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    path = Path(f"/proc/net/{table}")
+    rows = (line.split() for line in (path.read_text().splitlines()[1:] if path.exists() else []))
+    return [parts[1] for parts in rows if parts[3] == "0A" and parts[9] in inodes]  # 0A: LISTEN
+
+
+def listen_addresses(pid: int) -> set[tuple[str, int]]:
+    """(ip, port) of the TCP sockets a process listens on (IPv4), from /proc."""
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        local, state, inode = parts[1], parts[3], parts[9]
-        if state == "0A" and inode in inodes:  # LISTEN
-            ip_hex, port_hex = local.split(":")
-            ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
-            found.add((ip, int(port_hex, 16)))
+    for local in listening_sockets(pid, "tcp"):
+        ip_hex, port_hex = local.split(":")
+        ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+        found.add((ip, int(port_hex, 16)))
     return found
 
 

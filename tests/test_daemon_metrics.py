@@ -12,8 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from actprm.daemon.metrics import Metrics, health, predicted_first_error, start_metrics
+from actprm.daemon.metrics import Metrics, health, start_metrics
 from actprm.daemon.settings import Settings
+from actprm.model.uncertainty import predicted_first_error
 from actprm.streams.runtime import Runtime
 from actprm.streams.topics import Topics
 
@@ -86,7 +87,7 @@ async def _get(url: str) -> tuple[int, str]:
 def test_endpoint_serves_the_named_metrics_and_healthz_flips_when_a_role_is_stuck(rt):
     assert asyncio.run(start_metrics(rt)) is None  # port 0 in settings: off, but the Metrics is attached
     m = rt.metrics
-    rt.counters.update(consumed=5, scored=4, selected=2, judged=1, dead_lettered=1, updates=1, score_seconds_x1000=1500)
+    rt.counters.update(consumed=5, scored=4, selected=2, judged=1, dead_lettered=1, updates=1, score_seconds=1.5)
     rt.keeper.admit("a")
     m.observe_scores([[0.9, 0.2]])
     m.observe_judge(1.5, ok=True)

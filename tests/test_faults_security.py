@@ -19,7 +19,7 @@ from actprm.streams.agents import _credentials, aiokafka_options
 from actprm.streams.control import sign
 from actprm.streams.messages import ControlCommand
 from helpers_daemon import Daemon, wait_until
-from helpers_faults import free_port, listen_addresses
+from helpers_faults import free_port, listen_addresses, listening_sockets
 
 SECRET = "s3cret-for-tests"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,21 +28,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _state(acks) -> dict:
     assert len(acks) == 1, acks
     return acks[0].state
-
-
-def _listening_v6(pid: int) -> list[str]:
-    """Local addresses of IPv6 listening sockets of a process (none expected)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    tcp6 = Path("/proc/net/tcp6")
-    lines = tcp6.read_text().splitlines()[1:] if tcp6.exists() else []
-    return [p[1] for p in (line.split() for line in lines) if p[3] == "0A" and p[9] in inodes]
 
 
 @pytest.mark.broker
@@ -78,7 +63,7 @@ def test_a_running_daemon_refuses_unsigned_and_replayed_commands_listens_locally
         addresses = listen_addresses(daemon.proc.pid)
         assert ("127.0.0.1", port) in addresses, addresses
         assert all(ip == "127.0.0.1" for ip, _ in addresses), addresses
-        assert _listening_v6(daemon.proc.pid) == []
+        assert listening_sockets(daemon.proc.pid, "tcp6") == []  # nothing on IPv6
 
         # A version whose weights were changed after saving: the scorer refuses it and keeps serving.
         store = daemon.store
