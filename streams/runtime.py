@@ -255,10 +255,11 @@ class Runtime:
             await self._follow_versions()
 
     async def _follow_versions(self) -> None:
-        version = self.follower.newer_than(self.served.version)
+        loop = asyncio.get_running_loop()
+        # Listing the checkpoint directory (maybe NFS) is filesystem work: never on the loop.
+        version = await loop.run_in_executor(self.swap_pool, self.follower.newer_than, self.served.version)
         if version is None:
             return
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         self._swap_lag_ms = 0.0  # the loop-lag monitor records the worst lag while this is not None
         try:

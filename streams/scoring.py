@@ -115,6 +115,8 @@ class VersionFollower:
         self.failed: dict[int, str] = {}
 
     def newer_than(self, served: int) -> int | None:
+        """The newest stored version worth loading, else None. Lists the checkpoint directory
+        (blocking, maybe on NFS): the runtime calls it on its swap thread."""
         latest = self.store.latest()
         if latest is None or latest <= served or latest in self.failed:
             return None
