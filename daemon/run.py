@@ -178,6 +178,11 @@ class StatusService(faust.Service):
                 self.rt.journal.append("heldout", {"version": served.version, "f1": self.f1["f1"],
                                                    "acc_error": self.f1["acc_error"], "acc_correct": self.f1["acc_correct"],
                                                    "labels_trained": labels})
+            await self.sleep(1.0)
+
+    @faust.Service.task
+    async def _curve(self) -> None:
+        while not self.should_stop and self._heldout:  # its own task: held-out scoring can take a while
             self._record_curve_point()
             await self.sleep(1.0)
 

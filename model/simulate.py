@@ -318,28 +318,32 @@ def run_simulation(engine, pool: Sequence[Record], test: Sequence[Record], confi
     splits = {seed: split_validation(pool, config.val_fraction, seed) for seed in range(config.seeds)}
     n_stream = len(splits[0][0])
     per_run = math.ceil(n_stream / config.batch_size) * config.epochs
-    total = per_run * config.seeds * len(config.strategies) * len(config.budgets)
+    # "full" labels everything it meets in stream order, so below a budget of 1.0 it is only a
+    # weaker "random"; it runs once, at 1.0, as the full-data reference.
+    grid = [(st, b) for st in config.strategies for b in config.budgets if st != "full" or b == 1.0]
+    if "full" in config.strategies and 1.0 not in config.budgets:
+        grid.append(("full", 1.0))
+    total = per_run * config.seeds * len(grid)
     runs = []
     with tqdm(total=total, desc="simulate", unit="batch", file=sys.stderr, disable=not progress) as bar:
-        for strategy in config.strategies:
-            for budget in config.budgets:
-                for seed in range(config.seeds):
-                    stream, val_idx = splits[seed]
-                    bar.set_postfix_str(f"{strategy} b={budget} seed={seed}")
-                    t0 = time.time()
-                    engine.new_run(seed)
-                    done = replay(engine, pool, stream, strategy, budget, seed, config, bar)
-                    metrics = evaluate_run(engine, pool, test, val_idx, done["labelled"])
-                    labelled = done["labelled"]
-                    run = {"strategy": strategy, "budget": budget, "seed": seed,
-                           "labels_used": len(labelled), "label_share": len(labelled) / max(1, len(stream)),
-                           "flagged_share": done["flagged"] / max(1, done["seen"]),
-                           "updates": done["updates"], "skipped_updates": done["skipped_updates"],
-                           **metrics, "seconds": round(time.time() - t0, 2)}
-                    kinds = Counter(str(pool[i].extra["kind"]) for i in labelled if "kind" in pool[i].extra)
-                    if kinds:
-                        run["labelled_kinds"] = dict(kinds)
-                    runs.append(run)
+        for strategy, budget in grid:
+            for seed in range(config.seeds):
+                stream, val_idx = splits[seed]
+                bar.set_postfix_str(f"{strategy} b={budget} seed={seed}")
+                t0 = time.time()
+                engine.new_run(seed)
+                done = replay(engine, pool, stream, strategy, budget, seed, config, bar)
+                metrics = evaluate_run(engine, pool, test, val_idx, done["labelled"])
+                labelled = done["labelled"]
+                run = {"strategy": strategy, "budget": budget, "seed": seed,
+                       "labels_used": len(labelled), "label_share": len(labelled) / max(1, len(stream)),
+                       "flagged_share": done["flagged"] / max(1, done["seen"]),
+                       "updates": done["updates"], "skipped_updates": done["skipped_updates"],
+                       **metrics, "seconds": round(time.time() - t0, 2)}
+                kinds = Counter(str(pool[i].extra["kind"]) for i in labelled if "kind" in pool[i].extra)
+                if kinds:
+                    run["labelled_kinds"] = dict(kinds)
+                runs.append(run)
     summary = summarise_runs(runs)
     return {"config": config_dict(config), "n_pool": len(pool), "n_stream": n_stream,
             "n_val": len(splits[0][1]), "n_test": len(test), "runs": runs, "summary": summary,
