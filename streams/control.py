@@ -27,6 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from actprm.streams import messages
+from actprm.streams.config import SECTIONS
 from actprm.streams.ledger import META, PENDING, mark_trained
 from actprm.streams.messages import ControlAck, ControlCommand
 from actprm.streams.topics import partition_reader, read_from
@@ -100,10 +101,8 @@ def parse_setting(key: str, raw_value: Any) -> Any:
     """The validated value for `key`, or a ValueError naming the key; changes nothing."""
     if key not in LIVE_SETTINGS:
         raise ValueError(f"{key} cannot be set on a running daemon; live settings: {', '.join(LIVE_SETTINGS)}")
-    from actprm.daemon.settings import Settings
-
     section, field = key.split(".")
-    info = Settings.model_fields[section].annotation.model_fields[field]
+    info = SECTIONS[section].model_fields[field]
     adapter = TypeAdapter(Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation)
     try:
         return adapter.validate_python(raw_value)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from actprm.daemon.settings import Settings
 from actprm.model.backbone import default_hidden_layer, load_backbone
 from actprm.model.build import publish_initial
 from actprm.model.checkpoints import CheckpointStore
@@ -31,6 +30,7 @@ from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import Trainer
 from actprm.model.uncertainty import make_selector, predicted_first_error
 from actprm.streams import messages
+from actprm.streams.config import ProcessSettings
 from actprm.streams.control import accept_label
 from actprm.streams.epoch import WriteGate
 from actprm.streams.journal import Journal
@@ -60,7 +60,7 @@ class Event:
 
 @dataclass
 class Runtime:
-    settings: Settings
+    settings: ProcessSettings  # daemon/settings.py's Settings, or any object with these sections
     roles: tuple[str, ...]
     topics: Topics
     send: object = None  # async (topic_name, key: str|None, value: bytes) -> None, set by the app

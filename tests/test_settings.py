@@ -29,3 +29,20 @@ def test_actprm_config_in_the_environment_is_still_read(tmp_path, monkeypatch):
     other = tmp_path / "flag.toml"
     other.write_text('[kafka]\ntopic_prefix = "from-flag-file"\n')
     assert load_settings(other).kafka.topic_prefix == "from-flag-file"  # --config beats ACTPRM_CONFIG
+
+
+def test_the_daemon_settings_compose_the_sections_each_layer_owns():
+    """streams/config.py's sections are the ones Settings reads (ctl set validates against them),
+    and the stream side reads the settings without importing the daemon."""
+    import subprocess
+    import sys
+
+    from actprm.model.config import ModelSettings
+    from actprm.streams.config import SECTIONS
+
+    for key, section in SECTIONS.items():
+        assert Settings.model_fields[key].annotation is section, key
+    assert Settings.model_fields["model"].annotation is ModelSettings
+    probe = ("import sys, actprm.streams.runtime, actprm.streams.control, actprm.streams.agents; "
+             "print([m for m in sys.modules if m.startswith('actprm.daemon')])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

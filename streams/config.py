@@ -1,0 +1,117 @@
+"""The settings of the stream side's parts: Kafka, selection, scorer, judge, rounds, updates, control.
+
+Each part reads its own section. daemon/settings.py composes these with the model's sections
+(model/config.py, model/trainer.py) and the daemon's own into the one Settings it reads from
+flags, the environment and a TOML file; `ProcessSettings` is what the stream side reads of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from actprm.model.config import ModelSettings
+from actprm.model.trainer import FitConfig, TrainerConfig
+
+
+class Section(BaseModel):
+    """One section of the settings: unknown keys are errors, and so is a bad value set later."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(Section):
+    bootstrap: str | None = Field(None, description="host:port[,host:port]; empty starts the embedded broker (memory only: everything is lost when it stops)")
+    topic_prefix: str = Field("actprm", pattern=r"^[A-Za-z0-9._-]+$", description="prefix of every topic name")
+    embedded_port: int | None = Field(None, ge=1, le=65535, description="port of the embedded broker (default: a free one; a daemon that restarts it keeps it)")
+    partitions: int = Field(4, ge=1, description="partitions of the trajectories topic (the most scorer processes that can share it)")
+    replication_factor: int = Field(1, ge=1, description="replication of the topics actprm creates (3 on a production cluster)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once needs a real Kafka cluster (transactions); consumers dedupe by id either way")
+    session_timeout_s: float = Field(6.0, gt=0, description="consumer-group session timeout; a join takes about half of it")
+    fetch_max_wait_ms: int = Field(50, ge=1, le=1500, description="longest a consumer's fetch waits for data: the floor of "
+                                   "a message's latency through each hop (faust's own 1500 ms cost 0.7 s per gateway request)")
+
+
+class SelectionSettings(Section):
+    strategy: Literal["actprm", "random", "confidence", "disagreement", "full"] = "actprm"
+    delta_pred: float = Field(0.95, gt=0.5, le=1.0, description="aleatoric threshold (published 0.95)")
+    delta_std: float = Field(0.005, ge=0.0, description="epistemic threshold (published 0.005)")
+    random_rate: float = Field(0.5, ge=0.0, le=1.0, description="selection rate of the random strategy")
+
+
+class ScorerSettings(Section):
+    max_batch: int = Field(8, ge=1, description="trajectories per scoring batch")
+    max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per scoring batch (rows x longest row); batches are sorted by length and cut by count and by this")
+    max_wait_s: float = Field(0.2, gt=0, description="longest wait to fill a batch")
+    version_poll_s: float = Field(1.0, gt=0, description="how often the checkpoint store is checked for a newer version")
+
+
+class JudgeSettings(Section):
+    kind: Literal["oracle", "openai", "vllm"] = "oracle"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/QwQ-32B"
+    api_key: SecretStr | None = None
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    temperature: float = Field(0.5, ge=0)
+    max_tokens: int = Field(8192, ge=1)
+    device: str = Field("cuda", pattern=r"^(auto|cuda(:\d+)?)$", description="vllm: the GPU the engine runs on (a CPU host is refused)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of the GPU's memory the engine may take; lower it to share a GPU with the scorer")
+
+
+class RoundSettings(Section):
+    budget: int = Field(1000, ge=0, description="annotation requests allowed in a round")
+
+
+class UpdateSettings(FitConfig, Section):
+    """How labels become versions; steps, mini_batch, replay_share and replay_size (FitConfig)
+    say how much each update trains and what it replays."""
+
+    batch_size: int = Field(16, ge=1, description="new labels per incremental update")
+    max_wait_s: float = Field(30.0, gt=0, description="update with fewer labels after this long")
+    min_batch: int = Field(1, ge=1, description="fewest labels worth an update when the wait runs out")
+    canary_size: int = Field(0, ge=0, description="hold back the first N judged labels as a canary set (0: off)")
+    canary_tolerance: float = Field(0.05, ge=0, le=1, description="refuse an update that lowers canary F1 by more than this")
+    keep_versions: int = Field(50, ge=0, description="weights of the newest N versions (and v0) are kept; older versions keep only their manifest (0: keep all)")
+    online_window: int = Field(64, ge=1, description="labels in the prequential window (online F1, step accuracy, first-error agreement)")
+
+
+class ControlSettings(Section):
+    max_age_s: float = Field(300.0, gt=0, description="commands issued further from now than this are refused (replays, skew)")
+    ack_timeout_s: float = Field(10.0, gt=0, description="how long `actprm ctl` waits for daemons to answer")
+
+
+# Each section by its key in the settings (the TOML table, the ACTPRM_<KEY>__ prefix), for
+# `ctl set section.field`, which validates a value against its field before anything is sent.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "kafka": KafkaSettings, "selection": SelectionSettings, "scorer": ScorerSettings, "judge": JudgeSettings,
+    "round": RoundSettings, "update": UpdateSettings, "control": ControlSettings,
+}
+
+
+class ProcessSettings(Protocol):
+    """What the stream side of a daemon process reads (daemon/settings.py's Settings is one)."""
+
+    state_dir: Path
+    kafka: KafkaSettings
+    model: ModelSettings
+    selection: SelectionSettings
+    scorer: ScorerSettings
+    judge: JudgeSettings
+    round: RoundSettings
+    update: UpdateSettings
+    trainer: TrainerConfig
+    control: ControlSettings
+    control_secret: SecretStr | None
+
+    @property
+    def checkpoints(self) -> Path: ...
