@@ -1,7 +1,8 @@
 """Built-in labelled streams and toy tasks with known first-error labels.
 
-- `arithmetic_trajectories`: readable multi-step word problems with a worked solution, an
-  arithmetic slip injected at a known step (the zero-setup default stream).
+- `word_problems`: readable multi-step word problems with a worked solution and one error of a
+  given kind (carry-over, misread operand, wrong operation, arithmetic slip) at a known step,
+  the later steps consistent with it (the zero-setup default stream).
 - `marker_trajectories`: the label is written in the step text ("step 2 bad"), so a tiny
   random model with a byte-level tokenizer can learn it in seconds (learning tests).
 - `hard_minority_pool`: an easy majority and a hard minority with a different, subtler
@@ -104,66 +105,6 @@ def _phrase(rng: random.Random, kind: str, a: int, pronoun: str) -> str:
     else:
         template = _DIV[a] if a in _DIV and rng.random() < 0.7 else _DIV_N
     return template.format(a=a, p=pronoun)
-
-
-def arithmetic_trajectories(
-    n: int, seed: int = 0, error_rate: float = 0.5, min_steps: int = 3, max_steps: int = 8
-) -> list[Record]:
-    """Word problems with one solution step per operation plus a final "The answer is X." step.
-
-    Steps counts include the final step (so min_steps >= 2). In round(n * error_rate) records
-    the result of operation step k is off by a small slip and every later step continues
-    correctly from the wrong value; label = k. Otherwise label = -1.
-    extra: {"answer": true answer, "stated_answer": the solution's answer, "ops": [[kind, operand], ...]}.
-    """
-    _check(n, {"error_rate": error_rate}, min_steps, max_steps, least=2)
-    rng = random.Random(f"actprm-arith-{seed}")
-    wrong = _exact_flags(rng, n, error_rate)
-    records = []
-    for i in range(n):
-        name, pronoun = rng.choice(_NAMES)
-        obj = rng.choice(_OBJECTS)
-        n_ops = rng.randint(min_steps, max_steps) - 1
-        k = rng.randrange(n_ops) if wrong[i] else -1
-        true = shown = rng.randint(5, 40)
-        start = true
-        phrases, steps, ops = [], [], []
-        last_kind = ""
-        for j in range(n_ops):
-            choices = _valid_ops(rng, (true, shown))
-            # Prefer a different operation from the previous one, for varied text.
-            varied = [c for c in choices if c[0] != last_kind] or choices
-            kind, a = rng.choice(varied)
-            last_kind = kind
-            phrase = _phrase(rng, kind, a, pronoun)
-            result = _apply(kind, shown, a)
-            true = _apply(kind, true, a)
-            if j == k:
-                slips = [d for d in _SLIPS if result + d >= 1]
-                result += rng.choice(slips)
-            steps.append(f"{pronoun.capitalize()} {phrase}: {shown} {_SYMBOL[kind]} {a} = {result}.")
-            phrases.append(phrase)
-            ops.append([kind, a])
-            shown = result
-        steps.append(f"The answer is {shown}.")
-        if len(phrases) == 1:
-            story = phrases[0]
-        else:
-            story = ", ".join(phrases[:-1]) + ", then " + phrases[-1]
-        problem = (
-            f"{name} has {start} {obj}. {pronoun.capitalize()} {story}. "
-            f"How many {obj} does {pronoun} have now?"
-        )
-        records.append(
-            Record(
-                id=f"syn-{seed}-{i}",
-                problem=problem,
-                steps=steps,
-                label=k,
-                extra={"source": "synthetic-arithmetic", "answer": true, "stated_answer": shown, "ops": ops},
-            )
-        )
-    return records
 
 
 def _marker_steps(rng: random.Random, n_steps: int, label: int, ok: str, bad: str) -> list[str]:

@@ -431,6 +431,8 @@ class Runtime:
                     "labels_stale_round": c["labels_stale_round"], "labels_trained": c["labels_trained"],
                     "labels_replayed": c["labels_replayed"],
                     "replay_labels": len(self.updates.replay) if self.updates.replay is not None else 0,
+                    # labels whose hidden states came from this process's scorer, not a second backbone pass
+                    "features_reused": self.memo.hits if self.memo is not None else 0,
                     "online": self.online.summary()}
         return out
 

@@ -48,6 +48,8 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     early, late = summarise_tests(tests[:16]), summarise_tests(tests[-16:])
     assert (late["first_error_agreement"] or 0) > (early["first_error_agreement"] or 0) + 0.2, (early, late)
     assert final["online"]["labels"] > 0 and final["labels_replayed"] > 0
+    # scorer and trainer share this process: the trainer took the scorer's hidden states
+    assert final["features_reused"] >= final["labels_trained"] // 2, final
 
     # The journal has the rest of the story: every update's new and replayed labels, each
     # version's held-out figure, the scored chunks by kind.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections import Counter
 
 import pytest
 
@@ -12,9 +13,12 @@ from actprm.model.synthetic import (
     EASY_OK,
     HARD_BAD,
     HARD_OK,
-    arithmetic_trajectories,
+    DEFAULT_KINDS,
+    KINDS,
     hard_minority_pool,
     marker_trajectories,
+    parse_kinds,
+    word_problems,
 )
 
 _STEP = re.compile(r"^(?P<text>[A-Z][a-z]+ .+): (?P<x>\d+) (?P<op>[-+*/]) (?P<a>\d+) = (?P<y>\d+)\.$")
@@ -22,66 +26,74 @@ _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.f
 _KIND = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
-# ---------------------------------------------------------------- arithmetic
+# ---------------------------------------------------------------- word problems
+
+ALL_KINDS = {k: 0.25 for k in KINDS}
+_NAME_OF = {v: k for k, v in _KIND.items()}
 
 
-def test_arithmetic_deterministic_and_seeded():
-    a = arithmetic_trajectories(50, seed=7)
-    assert a == arithmetic_trajectories(50, seed=7)
-    assert a != arithmetic_trajectories(50, seed=8)
-    assert [r.id for r in a[:3]] == ["syn-7-0", "syn-7-1", "syn-7-2"]
+def test_word_problems_deterministic_and_seeded():
+    a = word_problems(50, seed=7)
+    assert a == word_problems(50, seed=7)
+    assert a != word_problems(50, seed=8)
+    assert [r.id for r in a[:3]] == ["wp-7-0", "wp-7-1", "wp-7-2"]
 
 
-def test_arithmetic_labels_recomputed_from_text():
-    records = arithmetic_trajectories(300, seed=3, error_rate=0.5, min_steps=2, max_steps=8)
+def test_each_error_kind_is_what_its_name_says_and_later_steps_follow_it():
+    records = word_problems(400, seed=3, kinds=ALL_KINDS, error_rate=0.6, min_steps=2, max_steps=8)
     for r in records:
+        kind = r.extra["kind"]
+        assert (kind == "correct") == (r.label == -1)
         start = int(re.match(r"^[A-Z][a-z]+ has (\d+) ", r.problem).group(1))
         *op_steps, final = r.steps
-        assert 1 <= len(op_steps) <= 7
-        assert -1 <= r.label < len(op_steps)  # errors are injected into operation steps
-        value = start  # the value the solution carries forward
-        true = start  # the right value
+        assert 1 <= len(op_steps) <= 7 and -1 <= r.label < len(op_steps)
+        value = true = start
         for j, step in enumerate(op_steps):
             m = _STEP.match(step)
             assert m, step
             x, a, y, sym = int(m["x"]), int(m["a"]), int(m["y"]), m["op"]
-            # the step continues from the previous stated result (consistent after an error)
-            assert x == value, (r.id, j, step)
-            assert [{v: k for k, v in _KIND.items()}[sym], a] == r.extra["ops"][j]
+            words_op, words_a = r.extra["ops"][j]  # what the words say (also in the problem)
+            here = j == r.label
+            assert (x != value) == (here and kind == "carry_over"), (r.id, j, step)
+            assert (a != words_a) == (here and kind == "misread"), (r.id, j, step)
+            assert (_NAME_OF[sym] != words_op) == (here and kind == "wrong_operation"), (r.id, j, step)
+            assert (y != _OPS[sym](x, a)) == (here and kind == "arithmetic"), (r.id, j, step)
             if sym == "/":
                 assert x % a == 0, step  # divisions are exact
-            right = _OPS[sym](x, a)
-            if j == r.label:
-                assert y != right, (r.id, step)  # the labelled step is wrong
-            else:
-                assert y == right, (r.id, step)  # every other step's arithmetic is right
             assert y >= 1
-            # the operation is described in the problem, in the same words
             phrase = m["text"].split(" ", 1)[1]
             assert phrase in r.problem, (phrase, r.problem)
             value = y
-            true = _OPS[sym](true, a)
+            true = _OPS[_KIND[words_op]](true, words_a)
         assert final == f"The answer is {value}."
-        assert r.extra["stated_answer"] == value
-        assert r.extra["answer"] == true
+        assert r.extra["stated_answer"] == value and r.extra["answer"] == true
         # an error never cancels out: the stated answer is wrong exactly when there is an error
         assert (value != true) == (r.label != -1)
 
 
-def test_arithmetic_exact_error_share_and_step_bounds():
-    records = arithmetic_trajectories(101, seed=0, error_rate=0.3, min_steps=4, max_steps=5)
+def test_kind_shares_are_exact_with_rare_fallbacks_said():
+    records = word_problems(400, seed=1, kinds={"carry_over": 0.5, "misread": 0.25, "wrong_operation": 0.25})
+    counts = Counter(r.extra["kind"] for r in records)
+    assert counts["correct"] == 200
+    # a kind the numbers do not allow at the chosen step becomes an arithmetic slip, and says so
+    assert counts["arithmetic"] <= 12
+    assert abs(counts["carry_over"] - 100) <= 12 and abs(counts["misread"] - 50) <= 12
+    assert abs(counts["wrong_operation"] - 50) <= 12
+    assert {r.extra["kind"] for r in word_problems(40, seed=2)} <= set(DEFAULT_KINDS) | {"correct", "arithmetic"}
+
+
+def test_error_share_step_bounds_and_positions():
+    records = word_problems(101, seed=0, error_rate=0.3, min_steps=4, max_steps=5)
     assert sum(r.label != -1 for r in records) == round(101 * 0.3)
     assert all(4 <= len(r.steps) <= 5 for r in records)
-    assert all(r.label == -1 for r in arithmetic_trajectories(20, error_rate=0.0))
-    assert all(r.label != -1 for r in arithmetic_trajectories(20, error_rate=1.0))
-    assert arithmetic_trajectories(0) == []
-    # errors land at varied positions, not always the first step
-    positions = {r.label for r in arithmetic_trajectories(200, seed=1, error_rate=1.0)}
-    assert len(positions) >= 5
+    assert all(r.label == -1 for r in word_problems(20, error_rate=0.0))
+    assert all(r.label != -1 for r in word_problems(20, error_rate=1.0))
+    assert word_problems(0) == []
+    assert len({r.label for r in word_problems(200, seed=1, error_rate=1.0)}) >= 5
 
 
-def test_arithmetic_text_is_varied():
-    records = arithmetic_trajectories(200, seed=0)
+def test_word_problem_text_is_varied():
+    records = word_problems(200, seed=0)
     assert len({r.problem for r in records}) == 200
     assert len({r.problem.split(" ", 1)[0] for r in records}) >= 10  # names
     assert len({re.search(r"How many (.+) does", r.problem).group(1) for r in records}) >= 10  # objects
@@ -96,11 +108,21 @@ def test_arithmetic_text_is_varied():
         ({"n": 3, "error_rate": 1.5}, "error_rate"),
         ({"n": 3, "min_steps": 1}, "min_steps"),
         ({"n": 3, "min_steps": 5, "max_steps": 4}, "min_steps"),
+        ({"n": 3, "kinds": {"typo": 1.0}}, "unknown error kind"),
     ],
 )
-def test_arithmetic_rejects_bad_parameters(kw, msg):
+def test_word_problems_reject_bad_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        arithmetic_trajectories(**kw)
+        word_problems(**kw)
+
+
+def test_parse_kinds():
+    assert parse_kinds("carry_over=3,misread=1") == {"carry_over": 0.75, "misread": 0.25}
+    assert parse_kinds("carry_over, misread") == {"carry_over": 0.5, "misread": 0.5}
+    for bad, msg in (("typo=1", "unknown error kind"), ("misread=x", "must be a number"), ("misread=0", "no error kind"),
+                     ("", "no error kind"), ("misread=-1", ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            parse_kinds(bad)
 
 
 # ---------------------------------------------------------------- marker task
