@@ -149,6 +149,13 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
             async for batch in stream.take_events(max(SCORER_TAKE, s.scorer.max_batch), within=s.scorer.max_wait_s):
                 await _handle(rt, "scorer", rt.on_trajectories, _events(batch))
 
+        @app.on_partitions_assigned.connect
+        def note_assignment(_app, assigned, **_kwargs):
+            # This scorer's share of the stream after each rebalance: which process has which
+            # partitions (an operator's question, and what a test waits for before producing).
+            log.info("partitions assigned", topic=t.trajectories,
+                     partitions=sorted(tp.partition for tp in assigned if tp.topic == t.trajectories))
+
         @app.timer(s.scorer.version_poll_s)
         async def follow_versions():
             await _guarded(rt, "follow_versions", rt.follow_versions)

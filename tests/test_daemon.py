@@ -140,6 +140,12 @@ def _produce_raw(bootstrap: str, topic: str, items: list) -> None:
     asyncio.run(go())
 
 
+def _latest_assignment(daemon: Daemon) -> list[int]:
+    """The trajectories partitions a scorer logged at its latest rebalance ([] before any)."""
+    lines = [line for line in daemon.stderr().splitlines() if '"partitions assigned"' in line]
+    return json.loads(lines[-1])["partitions"] if lines else []
+
+
 def test_two_scorers_share_the_stream_and_the_budget_holds(broker, topic_prefix, tmp_path):
     topics = Topics(topic_prefix)
     shared = {"ACTPRM_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "ACTPRM_SELECTION__STRATEGY": "full",
@@ -152,10 +158,13 @@ def test_two_scorers_share_the_stream_and_the_budget_holds(broker, topic_prefix,
     try:
         for s in scorers:
             wait_until(lambda: '"serving"' in s.stderr(), 120, what="a scorer to load its model")
-        wait_until(lambda: all('"control commands' in s.stderr() for s in scorers), 60, what="scorers to start")
-        import time
+        # Both join the group and split its partitions before the stream starts (a join takes
+        # session_timeout/2): each scorer's latest assignment is non-empty, and they do not overlap.
+        def split() -> bool:
+            shares = [_latest_assignment(s) for s in scorers]
+            return all(shares) and not set(shares[0]) & set(shares[1])
 
-        time.sleep(6)  # both join the group (a join takes session_timeout/2) before the stream starts
+        wait_until(split, 60, what="both scorers to hold partitions of the trajectories topic")
         produce_trajectories(broker.bootstrap, topic_prefix, stream)
         rewards = _rewards_for(broker.bootstrap, topics, ids, timeout_s=180)
         wait_until(lambda: len(read_topic(broker.bootstrap, topics.labels, settle_s=0.3)) >= 10, 120, interval=1,

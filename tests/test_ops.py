@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import urllib.request
@@ -56,6 +57,12 @@ def test_operators_steer_a_running_daemon(broker, topic_prefix, tmp_path):
     def rewarded(ids) -> set[str]:
         return {r.id for r in read_topic(bs, topics.rewards, settle_s=0.3)} & set(ids)
 
+    def counted(name: str) -> float:
+        """A counter of the daemon's metrics page (0 before it is first bumped)."""
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = re.search(rf"^actprm_{name}_total (\S+)$", page, re.M)
+        return float(found.group(1)) if found else 0.0
+
     try:
         first = _wave("w1", 8, 1)
         produce_trajectories(bs, topic_prefix, first)
@@ -68,6 +75,10 @@ def test_operators_steer_a_running_daemon(broker, topic_prefix, tmp_path):
         produce_trajectories(bs, topic_prefix, second)
         ids2 = {t.id for t in second}
         wait_until(lambda: rewarded(ids2) == ids2, 120, interval=1, what="rewards while annotation is paused")
+        # Rewards come before the round keeper has seen the candidates: wait for its verdicts,
+        # so "nothing annotated" is checked after the keeper decided, not before.
+        wait_until(lambda: counted("not_requested_paused") >= len(ids2), 60, interval=0.5,
+                   what="the round keeper to turn the paused wave away")
         assert annotated(ids2) == set()
 
         # Resume: new trajectories are annotated again.
