@@ -104,11 +104,11 @@ def exported(tmp_path_factory) -> set[str]:
         # Two labels as prequential tests of version 0 (one with an error, one without), so the
         # online figures have values to export. (getattr: a runtime from before the learning
         # code has no window; the learning test below then skips.)
-        from actprm.model.prequential import test_label
+        from actprm.model.prequential import score_label
 
         if getattr(rt, "online", None) is not None:
-            rt.online.add(test_label([0.9, 0.2], 1, 2, version=0))
-            rt.online.add(test_label([0.9, 0.8], -1, 2, version=0))
+            rt.online.add(score_label([0.9, 0.2], 1, 2, version=0))
+            rt.online.add(score_label([0.9, 0.8], -1, 2, version=0))
         # What daemon/run.py's held-out evaluation leaves on the runtime after scoring a version.
         rt.heldout = {"version": 0, "f1": 0.5, "acc_error": 0.5, "acc_correct": 0.5}
         text = m.exposition().decode()
