@@ -161,7 +161,9 @@ def test_cli_writes_results_and_curve_and_reports_skipped(tmp_path, monkeypatch)
     assert "skipped 2 unusable records" in got.output and "out of range" in got.output
     assert "full-data F1" in got.output and "ActPRM - random at budget 0.5" in got.output
     result = json.loads((out / "results.json").read_text())
-    assert result["pool_skipped"] == 2 and len(result["runs"]) == 3 * 2 * 2
+    # actprm and random at both budgets, full once at 1.0 (its reference), each for 2 seeds
+    assert result["pool_skipped"] == 2 and len(result["runs"]) == (2 * 2 + 1) * 2
+    assert {(r["strategy"], r["budget"]) for r in result["runs"] if r["strategy"] == "full"} == {("full", 1.0)}
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     first = result["feature_cache"]
     assert first["misses"] > 0 and first["hits"] + first["misses"] == 40  # toy texts repeat across files
