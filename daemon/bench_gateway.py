@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from actprm.model.backbone import default_hidden_layer
 from actprm.model.build import build_prm, publish_initial
 from actprm.model.checkpoints import CheckpointStore
 from actprm.model.prm import PRMConfig
@@ -97,7 +98,8 @@ def bench_gateway(spec: str, concurrency: tuple[int, ...] = (1, 8, 32), rounds: 
     warmup = _samples(1, seed=seed + 10_000)[0]
     with tempfile.TemporaryDirectory(prefix="actprm-bench-gw-") as tmp, EmbeddedBroker() as broker:
         tmp = Path(tmp)
-        prm = build_prm(spec, prm=PRMConfig(score_batch_size=max_batch))
+        # The layers the daemon's scorer runs (smollm2-135m: 15 of 30), or the comparison is unfair.
+        prm = build_prm(spec, hidden_layer=default_hidden_layer(spec), prm=PRMConfig(score_batch_size=max_batch))
         store = CheckpointStore(tmp / "checkpoints")
         publish_initial(store, prm, TrainerConfig(mode="heads"))
 
