@@ -362,10 +362,11 @@ class Runtime:
             outcome = await loop.run_in_executor(self.train_pool, self.updates.update)
         finally:
             self._updating = False
-        r = outcome.result
+        r, published = outcome.result, outcome.manifest
         self.journal.append("updates", {
-            "version": outcome.manifest.version if outcome.manifest else None, "parent": self.updates.version
-            if outcome.manifest is None else outcome.manifest.parent, "refused": outcome.rejected, "error": outcome.error,
+            "version": published.version if published else None,
+            "parent": published.parent if published else self.updates.version,
+            "refused": outcome.rejected, "error": outcome.error,
             "loss": r.loss if r.applied else None, "labels_new": len(outcome.label_ids), "labels_replayed": r.n_replayed,
             "steps": r.steps})
         if outcome.error:
