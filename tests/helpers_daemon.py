@@ -133,6 +133,19 @@ def read_topic(bootstrap: str, topic: str, *, until=lambda got: True, settle_s: 
     return asyncio.run(_read_all(bootstrap, topic, settle_s, timeout_s, until))
 
 
+async def publish(bootstrap: str, topic: str, items: list) -> None:
+    """Send schema messages to a topic, keyed by id, each acknowledged before the next."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for m in items:
+            await producer.send_and_wait(topic, key=m.id.encode(), value=messages.encode(m))
+    finally:
+        await producer.stop()
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

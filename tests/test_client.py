@@ -6,14 +6,12 @@ import asyncio
 import time
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from actprm.daemon.settings import KafkaSettings
-from actprm.streams import messages
 from actprm.streams.client import (ItemError, RewardClient, RewardTimeout, StaleRewardError, reduce_steps,
                                    to_trajectory)
 from actprm.streams.messages import Reward
-from helpers_daemon import Daemon
+from helpers_daemon import Daemon, publish
 
 
 def test_reductions():
@@ -42,16 +40,6 @@ def _kafka(broker, prefix: str) -> KafkaSettings:
     return KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=prefix, partitions=2)
 
 
-async def _publish(bootstrap: str, topic: str, rewards: list[Reward]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for r in rewards:
-            await producer.send_and_wait(topic, key=r.id.encode(), value=messages.encode(r))
-    finally:
-        await producer.stop()
-
-
 def _reward(i: str, version: int) -> Reward:
     return Reward(id=i, mu=[0.5], sigma=[0.1], first_error=-1, selected=False, model_version=version, n_steps=1,
                   truncated=False, round_id=0)
@@ -70,7 +58,7 @@ def test_timeout_names_missing_ids_and_repeats_and_old_versions_are_handled(brok
 
             call = asyncio.create_task(client.score([{"id": "dup-1", "problem": "p", "steps": ["x"]}], timeout_s=30))
             await asyncio.sleep(0)  # the call registers its waiter before the rewards are published
-            await _publish(broker.bootstrap, client.topics.rewards, [_reward("dup-1", 3), _reward("dup-1", 4)])
+            await publish(broker.bootstrap, client.topics.rewards, [_reward("dup-1", 3), _reward("dup-1", 4)])
             (got,) = await call
             assert got.model_version == 3  # the first reward for an id wins
             deadline = time.monotonic() + 10
@@ -80,7 +68,7 @@ def test_timeout_names_missing_ids_and_repeats_and_old_versions_are_handled(brok
             call = asyncio.create_task(client.score([{"id": "old-1", "problem": "p", "steps": ["x"]}], timeout_s=30,
                                                     min_version=5))
             await asyncio.sleep(0)
-            await _publish(broker.bootstrap, client.topics.rewards, [_reward("old-1", 4)])
+            await publish(broker.bootstrap, client.topics.rewards, [_reward("old-1", 4)])
             with pytest.raises(StaleRewardError, match=r"old-1 \(v4\)"):
                 await call
             with pytest.raises(ItemError, match="ids repeated in one call: x"):

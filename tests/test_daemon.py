@@ -16,7 +16,7 @@ from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.messages import Trajectory
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
-from helpers_daemon import Daemon, consumed_ids, manifests, read_topic, wait_until
+from helpers_daemon import Daemon, consumed_ids, manifests, publish, read_topic, wait_until
 from helpers_faults import FaultyJudge
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -124,20 +124,7 @@ def test_crash_and_redelivery_cost_no_second_judge_call_or_gradient_step(broker,
 def _produce_raw(bootstrap: str, topic: str, items: list) -> None:
     import asyncio
 
-    from aiokafka import AIOKafkaProducer
-
-    from actprm.streams import messages
-
-    async def go():
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            for m in items:
-                await producer.send_and_wait(topic, key=m.id.encode(), value=messages.encode(m))
-        finally:
-            await producer.stop()
-
-    asyncio.run(go())
+    asyncio.run(publish(bootstrap, topic, items))
 
 
 def _latest_assignment(daemon: Daemon) -> list[int]:
