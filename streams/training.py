@@ -163,7 +163,8 @@ class UpdateLoop:
             self._canary_f1[manifest.version] = after
         if self.replay is not None:
             try:
-                self.replay.add([s for s in samples if s.id in set(ids)])
+                trained = set(ids)
+                self.replay.add([s for s in samples if s.id in trained])
             except OSError as err:  # replay is an aid to learning: the update itself has succeeded
                 log.warning("could not keep labels for replay", error=str(err))
         try:
