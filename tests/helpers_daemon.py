@@ -1,7 +1,7 @@
 """Drive the real daemon in tests: a subprocess `actprm run`, topic readers and waits.
 
 Everything here is real: the daemon is the console script in its own process (so it can be
-SIGKILLed) and the broker is Tansu. The judge server is FaultyJudge in helpers_faults.py.
+SIGKILLed) and the broker is Tansu. The judge server is FaultyJudge in helpers_faulty_judge.py.
 """
 
 from __future__ import annotations

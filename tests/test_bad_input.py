@@ -135,7 +135,7 @@ def test_malformed_messages_through_a_running_daemon_become_dead_letters_and_the
     from actprm.streams.tools import synthetic_trajectories
     from actprm.streams.topics import Topics
     from helpers_daemon import Daemon, read_topic
-    from helpers_faults import produce_raw
+    from helpers_kafka_io import produce_raw
 
     topics, bs = Topics(topic_prefix), broker.bootstrap
     bad = _generated(300)

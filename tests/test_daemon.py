@@ -17,7 +17,7 @@ from actprm.streams.messages import Trajectory
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, manifests, publish, read_topic, wait_until
-from helpers_faults import FaultyJudge
+from helpers_faulty_judge import FaultyJudge
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

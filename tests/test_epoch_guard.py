@@ -12,7 +12,7 @@ import pytest
 
 from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch, read_epoch
-from helpers_faults import TcpRelay
+from helpers_network import TcpRelay
 
 pytestmark = pytest.mark.broker
 

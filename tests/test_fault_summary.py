@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers_faults import SummaryRow, format_summary
+from helpers_fault_summary import SummaryRow, format_summary
 
 
 def test_the_summary_counts_ids_rewarded_twice_and_marks_scenarios_that_do_not_count_them():

@@ -17,7 +17,11 @@ import pytest
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
-from helpers_faults import child_pids, format_summary, run_crash_trials, tagged_stream, topic_ids
+from helpers_crash_trials import run_crash_trials
+from helpers_fault_summary import format_summary
+from helpers_faulty_judge import tagged_stream
+from helpers_kafka_io import topic_ids
+from helpers_processes import child_pids
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

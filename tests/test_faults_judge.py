@@ -17,7 +17,7 @@ from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, read_topic
-from helpers_faults import RETRYABLE_MODES, FaultyJudge, with_mode
+from helpers_faulty_judge import RETRYABLE_MODES, FaultyJudge, with_mode
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

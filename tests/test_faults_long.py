@@ -18,8 +18,12 @@ from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
-from helpers_faults import (SUMMARY_FILE, FaultyJudge, SummaryRow, TcpRelay, cpu_seconds, format_summary, free_port,
-                            run_crash_trials, tagged_stream, topic_ids)
+from helpers_crash_trials import run_crash_trials
+from helpers_fault_summary import SUMMARY_FILE, SummaryRow, format_summary
+from helpers_faulty_judge import FaultyJudge, tagged_stream
+from helpers_kafka_io import topic_ids
+from helpers_network import TcpRelay, free_port
+from helpers_processes import cpu_seconds
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow]
 

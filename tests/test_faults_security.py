@@ -19,7 +19,8 @@ from actprm.streams.agents import _credentials, aiokafka_options
 from actprm.streams.control import sign
 from actprm.streams.messages import ControlCommand
 from helpers_daemon import Daemon, wait_until
-from helpers_faults import free_port, listen_addresses, listening_sockets
+from helpers_network import free_port
+from helpers_processes import listen_addresses, listening_sockets
 
 SECRET = "s3cret-for-tests"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +21,7 @@ from actprm.model.judges import (
     make_judge,
     parse_verdict,
 )
+from helpers_network import free_port
 
 STEPS = ["Let x = 2.", "Then 2x = 4.", "So 4 + 1 = 6.", "The answer is 6."]
 REQUEST = JudgeRequest(id="t-1", problem="What is 2*2 + 1?", steps=STEPS)
@@ -165,13 +165,6 @@ def judge_error(base_url: str, **settings) -> JudgeError:
     with pytest.raises(JudgeError) as info:
         judge_once(base_url, **settings)
     return info.value
-
-
-def free_port() -> int:
-    """A port nothing listens on: bind, read the number, close."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
