@@ -1,10 +1,10 @@
 """Prometheus metrics and the health endpoint of one daemon process.
 
-The handlers' counters (rt.counters) and round state (rt.status()) are read at scrape time by
+The roles' counts (proc.counters()) and round state (proc.status()) are read at scrape time by
 a collector, so the hot path only bumps a Counter. What needs a distribution (per-step
 scores, judge latency, swap time) and the ensemble's agreement with the judge are observed
 directly. Everything lives on this class's own registry, never the process-global one, so
-two runtimes in one process (tests) do not collide.
+two daemon processes in one Python process (tests) do not collide.
 """
 
 from __future__ import annotations
@@ -35,21 +35,21 @@ ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judg
                   "duplicates_skipped", "labels_replayed")
 
 
-class _RuntimeCollector:
-    """Reads rt.counters and rt.status() at scrape time."""
+class _ProcessCollector:
+    """Reads proc.counters and proc.status() at scrape time."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
     def collect(self) -> Iterable:
-        rt = self.metrics.rt
-        if rt is None:
+        proc = self.metrics.proc
+        if proc is None:
             return
         # The named counters exist from the start (at 0), so dashboards and alerts never miss them.
-        counters = {name: 0 for name in ALWAYS_COUNTED} | dict(rt.counters)
+        counters = {name: 0 for name in ALWAYS_COUNTED} | dict(proc.counters())
         for name, value in sorted(counters.items()):
-            yield CounterMetricFamily(f"actprm_{name}", f"rt.counters[{name!r}]", value=value)
-        st = rt.status()
+            yield CounterMetricFamily(f"actprm_{name}", f"counted {name}", value=value)
+        st = proc.status()
         for name in STATUS_GAUGES:
             if st.get(name) is not None:
                 yield GaugeMetricFamily(f"actprm_{name}", f"status {name}", value=st[name])
@@ -58,16 +58,16 @@ class _RuntimeCollector:
         for name in STATUS_FLAGS:
             if name in st:
                 flags.add_metric([name.removeprefix("paused_")], float(st[name]))
-        flags.add_metric(["consume"], float(rt.paused_consume))
+        flags.add_metric(["consume"], float(proc.paused_consume))
         yield flags
         yield GaugeMetricFamily("actprm_sends_held", "1 while sends wait for the broker's data to be confirmed",
-                                value=float(rt.write_gate.held))
+                                value=float(proc.sender.gate.held))
         yield CounterMetricFamily("actprm_sends_held_times", "times sends were held (broker outages)",
-                                  value=rt.write_gate.holds)
+                                  value=proc.sender.gate.holds)
         busy = GaugeMetricFamily("actprm_busy_seconds", "how long each role's current handler call has run (0: idle)",
                                  labels=["role"])
         now = time.time()
-        for role, since in rt.busy_since.items():
+        for role, since in proc.busy_since.items():
             busy.add_metric([role], 0.0 if since is None else now - since)
         yield busy
         accuracy = self.metrics.confident_accuracy()
@@ -100,8 +100,8 @@ def _learning_gauges(st: dict) -> Iterable:
 
 
 class Metrics:
-    def __init__(self, rt=None):
-        self.rt = rt
+    def __init__(self, proc=None):
+        self.proc = proc
         self.registry = CollectorRegistry()
         r = self.registry
         self.step_score = Histogram("actprm_step_score", "per-step score mu of every scored step",
@@ -113,7 +113,7 @@ class Metrics:
                                       buckets=SWAP_BUCKETS, registry=r)
         self.agreement = Counter("actprm_agreement", "ensemble's first error vs the judge's, by confidence",
                                  ["confident", "outcome"], registry=r)
-        r.register(_RuntimeCollector(self))
+        r.register(_ProcessCollector(self))
         self._recent_latency: deque[float] = deque(maxlen=256)
         self._confident = [0, 0]  # right, wrong
 
@@ -189,24 +189,22 @@ class MetricsServer:
         await self._runner.cleanup()
 
 
-def health(rt, stuck_after_s: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
+def health(proc, stuck_after_s: float, now: float | None = None) -> tuple[bool, dict[str, Any]]:
     """Not ok when a role has been inside one handler call for longer than stuck_after_s."""
     now = time.time() if now is None else now
-    busy = {role: round(now - since, 1) for role, since in rt.busy_since.items() if since is not None}
+    busy = {role: round(now - since, 1) for role, since in proc.busy_since.items() if since is not None}
     stuck = {role: s for role, s in busy.items() if s > stuck_after_s}
-    detail: dict[str, Any] = {"process_id": rt.process_id, "roles": list(rt.roles), "busy_s": busy,
-                              "paused": rt.paused_consume}
+    detail: dict[str, Any] = {"process_id": proc.process_id, "roles": list(proc.roles), "busy_s": busy,
+                              "paused": proc.paused_consume}
     if stuck:
         detail["reason"] = "; ".join(f"role {role} busy for {s:.0f}s (stuck_after_s={stuck_after_s:g})"
                                      for role, s in stuck.items())
     return not stuck, detail
 
 
-async def start_metrics(rt) -> MetricsServer | None:
-    """Attach a Metrics to rt (if none) and serve it as settings.metrics says; None when port is 0."""
-    m = rt.settings.metrics
-    if rt.metrics is None:
-        rt.metrics = Metrics(rt)
+async def start_metrics(proc) -> MetricsServer | None:
+    """Serve the process's Metrics as settings.metrics says; None when port is 0."""
+    m = proc.settings.metrics
     if m.port == 0:
         return None
-    return await rt.metrics.serve(m.host, m.port, lambda: health(rt, m.stuck_after_s))
+    return await proc.metrics.serve(m.host, m.port, lambda: health(proc, m.stuck_after_s))

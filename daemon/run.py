@@ -1,4 +1,4 @@
-"""Process wiring for `actprm run`: broker, topics, runtime, faust worker, status, stop.
+"""Process wiring for `actprm run`: broker, topics, the roles, faust worker, status, stop.
 
 With no Kafka configured, the embedded broker starts on a free 127.0.0.1 port (memory only:
 everything on it is lost when it stops). The built-in synthetic stream, when asked for, is
@@ -20,14 +20,30 @@ import faust
 import structlog
 
 from actprm.daemon.logs import PROCESS_CONTEXT
+from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
+from actprm.model.backbone import default_hidden_layer, load_backbone
+from actprm.model.build import publish_initial
+from actprm.model.checkpoints import CheckpointStore
+from actprm.model.features import cache_key
+from actprm.model.judges import Judge, make_judge
+from actprm.model.prm import EnsemblePRM, PRMConfig
+from actprm.model.replay import FeatureMemo, ReplayStore
+from actprm.model.trainer import Trainer
 from actprm.streams import messages
-from actprm.streams.agents import aiokafka_options, build_app
-from actprm.streams.epoch import claim_epoch, restart_this_process
-from actprm.streams.rounds import ADMISSION_COUNTERS
-from actprm.streams.runtime import ROLES, Runtime
+from actprm.streams.agents import aiokafka_options, kafka_sender, make_app, wire_agents
+from actprm.streams.epoch import WriteGate, claim_epoch, restart_this_process
+from actprm.streams.journal import Journal
+from actprm.streams.judging import JudgeRole
+from actprm.streams.ledger import Ledger
+from actprm.streams.process import ROLES, Process
+from actprm.streams.rounds import ADMISSION_COUNTERS, KeeperRole, RoundKeeper
+from actprm.streams.scoring import ScorerRole
+from actprm.streams.sender import LastError, Sender
+from actprm.streams.swap import ServedModel, Serving, load_for_swap
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.topics import Topics, ensure_topics
+from actprm.streams.training import TrainerRole, UpdateLoop
 
 log = structlog.get_logger("actprm")
 
@@ -50,6 +66,81 @@ def parse_roles(role: str) -> tuple[str, ...]:
     if unknown or not roles:
         raise ValueError(f"unknown role {', '.join(unknown) or role!r}; choose from all, {', '.join(ROLES)}")
     return roles
+
+
+def build_process(settings: Settings, roles: tuple[str, ...], topics: Topics, sender: Sender,
+                  broker_epoch: str | None = None) -> Process:
+    """Load what the roles need (blocking: before the worker starts) and build them.
+
+    The trainer publishes version 0 when the store is empty; a scorer waits for a version to
+    appear (its trainer may be another process) and serves the newest."""
+    s = settings
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(s.state_dir / "ledger")
+    store = CheckpointStore(s.checkpoints)
+    store.clean_partial()
+    journal = Journal(s.state_dir)
+    errors, metrics = LastError(), Metrics()
+    parts: dict = {}
+    if "scorer" in roles or "trainer" in roles:
+        backbone = load_backbone(s.model.backbone, hidden_layer=default_hidden_layer(s.model.backbone, s.model.hidden_layer),
+                                 seed=s.model.seed, device=s.model.device, dtype=s.model.dtype,
+                                 attn_implementation=s.model.attn_implementation)
+        parts["backbone_placement"] = {k: v for k, v in backbone.reference().items()
+                                       if k in ("device", "dtype", "attn_implementation")}
+        prm_cfg = PRMConfig(n_heads=s.model.n_heads, head_width=s.model.head_width, max_length=s.model.max_length,
+                            score_batch_size=s.scorer.max_batch, score_max_tokens=s.scorer.max_batch_tokens,
+                            seed=s.model.seed)
+        template = EnsemblePRM(backbone, prm_cfg)
+        # Only a frozen backbone's hidden states stay valid: then the scorer hands them to the trainer.
+        heads_only = s.trainer.mode == "heads"
+        memo = FeatureMemo() if heads_only and "scorer" in roles and "trainer" in roles else None
+        if "trainer" in roles:
+            if store.latest() is None:
+                publish_initial(store, template, s.trainer)
+            u = s.update
+            replay = ReplayStore(s.state_dir / "replay", u.replay_size, cache_key(template)[0] if heads_only else None)
+            updates = UpdateLoop(Trainer(template, s.trainer), store, ledger, u.batch_size, u.max_wait_s, u.min_batch,
+                                 canary_size=u.canary_size, canary_tolerance=u.canary_tolerance,
+                                 keep_versions=u.keep_versions, fit=u, replay=replay, memo=memo)
+            rounds = RoundKeeper(ledger, s.round.budget)
+            parts["keeper"] = KeeperRole(rounds, sender, topics)
+        if "scorer" in roles:
+            first = _first_version(store, EnsemblePRM(backbone, prm_cfg))  # its own heads: the trainer's keep changing
+            log.info("serving", version=first.version)
+            keeper = parts.get("keeper")
+            parts["scorer"] = ScorerRole(s.scorer, s.selection, s.model.seed, Serving(first, store, errors, metrics),
+                                         ledger, sender, topics, journal, memo=memo, epoch=broker_epoch, metrics=metrics,
+                                         round_id=(lambda: keeper.rounds.state.round_id) if keeper else (lambda: 0))
+        if "trainer" in roles:
+            scorer = parts.get("scorer")
+            parts["trainer"] = TrainerRole(updates, rounds, sender, topics, journal, errors, u.online_window,
+                                           after_publish=scorer.serving.follow if scorer else None)
+    if "judge" in roles:
+        parts["judge"] = JudgeRole(_make_judge(s), ledger, sender, topics, s.selection, metrics)
+    proc = Process(s, roles, topics, sender, ledger, store, journal, metrics=metrics, errors=errors, **parts)
+    metrics.proc = proc
+    return proc
+
+
+def _first_version(store: CheckpointStore, base: EnsemblePRM, wait_s: float = 600) -> ServedModel:
+    deadline = time.monotonic() + wait_s
+    while store.latest() is None:  # the trainer (maybe elsewhere) publishes version 0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no model version appeared in {store.root} within {wait_s / 60:g} minutes")
+        time.sleep(1.0)
+    return load_for_swap(ServedModel(-1, base), store, store.latest())
+
+
+def _make_judge(s: Settings) -> Judge:
+    j = s.judge
+    kwargs = {} if j.kind == "oracle" else {
+        "base_url": j.base_url, "model": j.model, "timeout_s": j.timeout_s, "max_retries": j.max_retries,
+        "concurrency": j.concurrency, "temperature": j.temperature, "max_tokens": j.max_tokens,
+        "api_key": j.api_key.get_secret_value() if j.api_key else None}
+    if j.kind == "vllm":
+        kwargs |= {"device": j.device, "gpu_memory_utilization": j.gpu_memory_utilization}
+    return make_judge(j.kind, **kwargs)
 
 
 class HeldOut:
@@ -82,14 +173,14 @@ def share(flags, part: slice) -> float | None:
     return round(sum(chunk) / len(chunk), 4) if len(chunk) else None
 
 
-def pipeline_settled(rt: Runtime) -> bool:
+def pipeline_settled(proc: Process) -> bool:
     """Has every selected trajectory gone through the stages this process runs?"""
-    c = rt.counters
+    c = proc.counters()
     ok = True
-    if "trainer" in rt.roles and "scorer" in rt.roles:
+    if proc.trainer is not None and proc.scorer is not None:
         kept = sum(c[name] for name in ADMISSION_COUNTERS.values())  # each candidate the keeper saw, once
         ok = ok and kept >= c["selected"]
-    if "judge" in rt.roles and "trainer" in rt.roles:
+    if proc.judge is not None and proc.trainer is not None:
         ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] >= c["annotation_requests"]
         ok = ok and c["labels_received"] + c["labels_duplicate"] >= c["judged"]
     return ok
@@ -98,32 +189,32 @@ def pipeline_settled(rt: Runtime) -> bool:
 class StatusService(faust.Service):
     """Prints the live status line, keeps the held-out F1 fresh, and stops the run when done."""
 
-    def __init__(self, rt: Runtime, options: RunOptions, **kwargs):
+    def __init__(self, proc: Process, options: RunOptions, **kwargs):
         super().__init__(**kwargs)
-        self.rt, self.options = rt, options
+        self.proc, self.options = proc, options
         self.f1: dict | None = None  # ProcessBench f1, acc_error, acc_correct of the served version
         self.f1_version: int | None = None
         self.f1_by_version: dict[int, dict] = {}
         self.curve: list[dict] = []  # (labels, held-out F1, online F1, recent selected share) over the run
         self._heldout: HeldOut | None = None
-        if options.heldout and rt.served is not None:
+        if options.heldout and proc.scorer is not None:
             from actprm.model.synthetic import builtin_records, parse_kinds
 
-            b = rt.settings.builtin
-            records = builtin_records(options.heldout, seed=10_000 + rt.settings.model.seed, kinds=parse_kinds(b.kinds),
+            b = proc.settings.builtin
+            records = builtin_records(options.heldout, seed=10_000 + proc.settings.model.seed, kinds=parse_kinds(b.kinds),
                                       error_rate=b.error_rate, markers=b.markers)
-            self._heldout = HeldOut(records, frozen_backbone=rt.settings.trainer.mode == "heads")
+            self._heldout = HeldOut(records, frozen_backbone=proc.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
 
     async def on_start(self) -> None:
         from actprm.daemon.metrics import start_metrics
 
-        m = self.rt.settings.metrics
+        m = self.proc.settings.metrics
         try:
-            self.metrics_server = await start_metrics(self.rt)
+            self.metrics_server = await start_metrics(self.proc)
         except OSError as err:  # e.g. the port is taken: the service runs on, without metrics
             self.metrics_server = None
-            self.rt.last_error = f"metrics server on {m.host}:{m.port} not started: {err}"
+            self.proc.errors.note(f"metrics server on {m.host}:{m.port} not started: {err}")
             log.error("metrics server not started", host=m.host, port=m.port, error=str(err))
         else:
             if self.metrics_server is not None:
@@ -132,10 +223,10 @@ class StatusService(faust.Service):
     async def on_stop(self) -> None:
         if getattr(self, "metrics_server", None) is not None:
             await self.metrics_server.close()
-        await self.rt.close_judge()
+        await self.proc.close_judge()
 
     def line(self) -> str:
-        st = self.rt.status()
+        st = self.proc.status()
         parts = [f"scored {st['scored']}", f"selected {st['selected_pct']:.0f}%", f"judged {st['judged']}",
                  f"updates {st['updates']}", f"served v{st['served_version']}"]
         if "budget_left" in st:
@@ -160,22 +251,22 @@ class StatusService(faust.Service):
         while not self.should_stop:
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
-            self.rt.journal.append("status", self.rt.status())
+            self.proc.journal.append("status", self.proc.status())
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.should_stop and self._heldout:
-            served = self.rt.served
-            if served is not None and served.version != self.f1_version:
+            served = self.proc.scorer.serving.current
+            if served and served.version != self.f1_version:
                 # Its own thread: the held-out set never delays scoring of the live stream.
                 self.f1 = await loop.run_in_executor(None, self._heldout.scores, served)
                 self.f1_version = served.version
-                labels = self.rt.counters["labels_trained"]
+                labels = self.proc.trainer.counts["labels_trained"] if self.proc.trainer else 0
                 self.f1_by_version[served.version] = self.f1 | {"labels_trained": labels}
-                self.rt.heldout = {"version": served.version, "f1": self.f1["f1"], "acc_error": self.f1["acc_error"],
+                self.proc.heldout = {"version": served.version, "f1": self.f1["f1"], "acc_error": self.f1["acc_error"],
                                    "acc_correct": self.f1["acc_correct"]}
-                self.rt.journal.append("heldout", {"version": served.version, "f1": self.f1["f1"],
+                self.proc.journal.append("heldout", {"version": served.version, "f1": self.f1["f1"],
                                                    "acc_error": self.f1["acc_error"], "acc_correct": self.f1["acc_correct"],
                                                    "labels_trained": labels})
             await self.sleep(1.0)
@@ -187,31 +278,33 @@ class StatusService(faust.Service):
             await self.sleep(1.0)
 
     def _record_curve_point(self) -> None:
-        rt = self.rt
-        online = rt.online.summary() if rt.updates is not None else {}
-        point = {"labels": rt.counters["labels_received"], "scored": len(rt.selected_flags),
+        trainer = self.proc.trainer
+        flags = self.proc.scorer.selected_flags if self.proc.scorer else bytearray()
+        online = trainer.online.summary() if trainer is not None else {}
+        point = {"labels": trainer.counts["labels_received"] if trainer else 0, "scored": len(flags),
                  "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),
-                 "selected_share": share(rt.selected_flags, slice(-32, None))}
+                 "selected_share": share(flags, slice(-32, None))}
         if not self.curve or (point["labels"], point["scored"]) != (self.curve[-1]["labels"], self.curve[-1]["scored"]):
             self.curve.append(point)
 
     def learning(self) -> dict | None:
         """The run's learning in one object (the final status), and its curve as a PNG."""
-        rt = self.rt
-        if self._heldout is None or rt.updates is None:
+        trainer = self.proc.trainer
+        if self._heldout is None or trainer is None:
             return None
-        flags, q = rt.selected_flags, len(rt.selected_flags) // 4
+        flags = self.proc.scorer.selected_flags
+        q = len(flags) // 4
         final = self.f1_by_version.get(max(self.f1_by_version)) if self.f1_by_version else None
         out = {"heldout_f1_v0": (self.f1_by_version.get(0) or {}).get("f1"),
                "heldout_f1_final": final["f1"] if final else None,
-               "online_f1": rt.online.summary()["online_f1"],
+               "online_f1": trainer.online.summary()["online_f1"],
                "selected_share_first": share(flags, slice(0, q)) if q else None,
                "selected_share_last": share(flags, slice(len(flags) - q, None)) if q else None,
-               "labels": rt.counters["labels_trained"], "curve": None}
+               "labels": trainer.counts["labels_trained"], "curve": None}
         try:
             from actprm.model.plots import run_learning_curve
 
-            out["curve"] = str(run_learning_curve(self.curve, rt.settings.state_dir / "learning_curve.png"))
+            out["curve"] = str(run_learning_curve(self.curve, self.proc.settings.state_dir / "learning_curve.png"))
         except (OSError, ValueError) as err:
             log.warning("could not write the learning curve", error=str(err))
         return out
@@ -221,19 +314,21 @@ class StatusService(faust.Service):
         limit = self.options.max_trajectories
         if limit is None:
             return
-        rt = self.rt
+        proc = self.proc
         while not self.should_stop:
             await self.sleep(0.5)
-            if rt.counters["scored"] < limit:
+            scored = proc.counters()["scored"]
+            if scored < limit:
                 continue
             if self._drain_started is None:
                 self._drain_started = time.monotonic()
-                log.info("max trajectories scored; draining judge and trainer", scored=rt.counters["scored"])
-            settled = pipeline_settled(rt)
-            if "trainer" in rt.roles and settled:
-                await rt.maybe_update(force=True)
-                settled = not rt.updates.pending() and not rt._updating
-            waiting_f1 = settled and self._heldout is not None and rt.served is not None and self.f1_version != rt.served.version
+                log.info("max trajectories scored; draining judge and trainer", scored=scored)
+            settled = pipeline_settled(proc)
+            if proc.trainer is not None and settled:
+                await proc.trainer.maybe_update(force=True)
+                settled = not proc.trainer.updates.pending() and not proc.trainer.updating
+            waiting_f1 = (settled and self._heldout is not None and proc.scorer is not None
+                          and self.f1_version != proc.scorer.serving.current.version)
             if waiting_f1 and time.monotonic() - self._drain_started <= self.options.drain_timeout_s:
                 continue  # the last version's held-out figure first (the heldout task computes it)
             if settled or time.monotonic() - self._drain_started > self.options.drain_timeout_s:
@@ -294,13 +389,13 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         topics = Topics(settings.kafka.topic_prefix)
         asyncio.run(ensure_topics(bootstrap, topics, partitions=settings.kafka.partitions,
                                   replication_factor=settings.kafka.replication_factor, **aiokafka_options(settings.kafka)))
-        rt = Runtime(settings, options.roles, topics)
-        PROCESS_CONTEXT.update(rt.log_context())
-        rt.broker_epoch = asyncio.run(claim_epoch(bootstrap, topics.epoch, **aiokafka_options(settings.kafka)))
-        rt.prepare_models()
-        rt.prepare_judge()
-        app = build_app(rt, bootstrap)
-        status = StatusService(rt, options)
+        PROCESS_CONTEXT.update(role=",".join(options.roles))
+        epoch = asyncio.run(claim_epoch(bootstrap, topics.epoch, **aiokafka_options(settings.kafka)))
+        app = make_app(settings, options.roles, bootstrap, epoch)
+        proc = build_process(settings, options.roles, topics, kafka_sender(app, topics, WriteGate()), epoch)
+        PROCESS_CONTEXT.update(proc.log_context())
+        wire_agents(app, proc, bootstrap, epoch)
+        status = StatusService(proc, options)
         app.service(status)
         if broker is not None:
             supervise_embedded_broker(app, broker)
@@ -320,21 +415,21 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
                 for i, t in enumerate(stream):
                     if rate > 0:
                         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-                    acks.append(await rt.enqueue(topics.trajectories, t.id, messages.encode(t)))
+                    acks.append(await proc.sender.enqueue(topics.trajectories, t.id, messages.encode(t)))
                 await asyncio.gather(*acks)
                 log.info("built-in stream produced", n=len(stream))
 
         def stop_now() -> None:
             log.error("the stop did not finish in time (is the broker unreachable?); exiting now: what is durable "
                       "is on disk, and whatever was not acknowledged is delivered again after the restart",
-                      sends_held=rt.write_gate.held_because)
-            print(json.dumps(rt.status(), indent=2, default=str), flush=True)
+                      sends_held=proc.sender.gate.held_because)
+            print(json.dumps(proc.status(), indent=2, default=str), flush=True)
             if broker is not None:
                 broker.stop()
             sys.stderr.flush()
             os._exit(0)  # as safe as a crash, which the fault suite proves; the stop was asked for
 
-        worker = BoundedStopWorker(app, stop_timeout=lambda: 5.0 if rt.write_gate.held else settings.stop_timeout_s,
+        worker = BoundedStopWorker(app, stop_timeout=lambda: 5.0 if proc.sender.gate.held else settings.stop_timeout_s,
                                    on_timeout=stop_now, loglevel="warning", quiet=True, redirect_stdouts=False,
                                    stdout=sys.stderr)
         worker.spinner = None  # its cursor codes would end up in the final JSON on stdout
@@ -344,13 +439,13 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
             pass
         if worker.stop_timer is not None:
             worker.stop_timer.cancel()  # the stop finished in time
-        final = rt.status()
+        final = proc.status()
         learning = status.learning()
         if learning is not None:
             final["learning"] = learning
             if learning["curve"]:
                 print(f"learning curve: {learning['curve']}", file=sys.stderr, flush=True)
-        rt.close()
+        proc.close()
         return final
     finally:
         if broker is not None:

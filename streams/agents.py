@@ -1,7 +1,9 @@
-"""The faust app: agents that wire topics to the runtime's handlers, nothing more.
+"""The faust app: agents that wire topics to the roles' handlers, nothing more.
 
 Every topic is read as raw bytes so a malformed message becomes a dead letter with its
 reason instead of a crashed agent. Micro-batches always use ``take_events(n, within=t)``.
+daemon/run.py makes the app (`make_app`), the roles' Sender over its producer
+(`kafka_sender`), the roles, then wires them here (`wire_agents`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import faust
 import structlog
 from aiokafka.errors import KafkaError
 
+from actprm.streams.config import ProcessSettings
 from actprm.streams.control import run_control_consumer
-from actprm.streams.epoch import BrokerLink, guard_epoch, read_epoch, restart_this_process
-from actprm.streams.runtime import Event, Runtime
+from actprm.streams.epoch import BrokerLink, WriteGate, guard_epoch, read_epoch, restart_this_process
+from actprm.streams.process import Process
+from actprm.streams.sender import Event, Sender
+from actprm.streams.topics import Topics
 
 log = structlog.get_logger("actprm")
 
@@ -26,31 +31,32 @@ def _events(batch) -> list[Event]:
     return [Event(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.value) for e in batch]
 
 
-async def _guarded(rt: Runtime, what: str, work) -> None:
+async def _guarded(proc: Process, what: str, work) -> None:
     """A timer's failure is logged and shown in status, never allowed to crash the worker."""
     try:
         await work()
     except asyncio.CancelledError:
         raise
     except Exception as err:  # noqa: BLE001  (the loop must go on; the error is reported)
-        rt.last_error = f"{what}: {type(err).__name__}: {err}"
+        proc.errors.note(f"{what}: {type(err).__name__}: {err}")
         log.exception("timer failed", timer=what)
 
 
-async def _handle(rt: Runtime, role: str, handler, events: list[Event]) -> None:
+async def _handle(proc: Process, role: str, handler, events: list[Event]) -> None:
     """Run one batch; a Kafka error on the way out (broker down, topic lost) retries the whole
     batch with backoff instead of crashing the agent, which would stop the role for good. The
     handlers dedupe by id, so a retry at most re-sends what already went out."""
     delay = 0.5
     while True:
         try:
-            async with rt.busy(role):
+            async with proc.busy(role):
                 await handler(events)
             return
         except KafkaError as err:
-            rt.counters["batch_retries"] += 1
-            rt.last_error = f"{role}: {type(err).__name__}: {err}"[:300]
-            log.warning("batch failed on a Kafka error; retrying", role=role, retry_in_s=delay, error=rt.last_error)
+            proc.counts["batch_retries"] += 1
+            error = f"{role}: {type(err).__name__}: {err}"[:300]
+            proc.errors.note(error)
+            log.warning("batch failed on a Kafka error; retrying", role=role, retry_in_s=delay, error=error)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -103,15 +109,14 @@ def _with_fetch_wait(fetch_max_wait_ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
 
 
-def build_app(rt: Runtime, bootstrap: str) -> faust.App:
-    s, t = rt.settings, rt.topics
-    k = s.kafka
+def make_app(settings: ProcessSettings, roles: tuple[str, ...], bootstrap: str, broker_epoch: str | None) -> faust.App:
+    k = settings.kafka
     _with_fetch_wait(k.fetch_max_wait_ms)
-    app = faust.App(
+    return faust.App(
         # The consumer group: processes with the same roles share work. The broker data's epoch
         # is part of it, so after the broker loses its data no stale committed offset (a process
         # that had not noticed yet may commit old ones) can make the new group skip messages.
-        f"{k.topic_prefix}-{'-'.join(rt.roles)}" + (f"-{rt.broker_epoch[:8]}" if rt.broker_epoch else ""),
+        f"{k.topic_prefix}-{'-'.join(roles)}" + (f"-{broker_epoch[:8]}" if broker_epoch else ""),
         broker=[f"kafka://{host}" for host in bootstrap.split(",")],
         broker_credentials=_credentials(k),
         store="memory://",  # durable state lives in our own ledger, not in faust tables
@@ -123,31 +128,37 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         topic_partitions=1,
         topic_allow_declare=True,
-        datadir=str(s.state_dir / "faust"),
+        datadir=str(settings.state_dir / "faust"),
     )
 
-    def raw_topic(name: str, partitions: int | None = None):
-        return app.topic(name, value_type=bytes, value_serializer="raw", key_serializer="raw", partitions=partitions)
 
-    producers = {name: raw_topic(name) for name in
+def _raw_topic(app: faust.App, name: str, partitions: int | None = None):
+    return app.topic(name, value_type=bytes, value_serializer="raw", key_serializer="raw", partitions=partitions)
+
+
+def kafka_sender(app: faust.App, topics: Topics, gate: WriteGate) -> Sender:
+    """The roles' Sender over the app's producer: a send resolves on the broker's ack."""
+    t = topics
+    producers = {name: _raw_topic(app, name) for name in
                  (t.trajectories, t.rewards, t.candidates, t.annotations, t.labels, t.versions, t.acks, t.dead_letters)}
 
-    async def enqueue(topic: str, key: str | None, value: bytes) -> asyncio.Future:
-        """Hand a record to the producer; the returned future resolves on the broker's ack."""
-        await rt.write_gate.wait()  # held while the broker's data is in doubt (streams/epoch.py)
-        return await producers[topic].send(key=key.encode() if key else None, value=value)
+    async def produce(topic: str, key: bytes | None, value: bytes):
+        return await producers[topic].send(key=key, value=value)
 
-    async def send(topic: str, key: str | None, value: bytes) -> None:
-        await (await enqueue(topic, key, value))  # acked before the input offset can be committed
+    return Sender(produce, topics.dead_letters, gate)
 
-    rt.send, rt.enqueue = send, enqueue
 
-    if "scorer" in rt.roles:
-        @app.agent(raw_topic(t.trajectories, k.partitions))
+def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str | None) -> None:
+    s, t, k = proc.settings, proc.topics, proc.settings.kafka
+
+    if proc.scorer is not None:
+        scorer = proc.scorer
+
+        @app.agent(_raw_topic(app, t.trajectories, k.partitions))
         async def score(stream):
-            # Take generously; on_trajectories scores in chunks of the live scorer.max_batch.
+            # Take generously; the scorer scores in chunks of the live scorer.max_batch.
             async for batch in stream.take_events(max(SCORER_TAKE, s.scorer.max_batch), within=s.scorer.max_wait_s):
-                await _handle(rt, "scorer", rt.on_trajectories, _events(batch))
+                await _handle(proc, "scorer", scorer.on_trajectories, _events(batch))
 
         @app.on_partitions_assigned.connect
         def note_assignment(_app, assigned, **_kwargs):
@@ -158,34 +169,35 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
 
         @app.timer(s.scorer.version_poll_s)
         async def follow_versions():
-            await _guarded(rt, "follow_versions", rt.follow_versions)
+            await _guarded(proc, "follow_versions", scorer.serving.follow)
 
         @app.task
         async def watch_loop_lag():
-            await rt.watch_loop_lag()
+            await scorer.serving.watch_loop_lag()
 
-    if "trainer" in rt.roles:
-        @app.agent(raw_topic(t.candidates, 1))
+    if proc.keeper is not None:
+        @app.agent(_raw_topic(app, t.candidates, 1))
         async def keep_round(stream):
             async for batch in stream.take_events(64, within=0.1):
-                await _handle(rt, "trainer", rt.on_candidates, _events(batch))
+                await _handle(proc, "trainer", proc.keeper.on_candidates, _events(batch))
 
-        @app.agent(raw_topic(t.labels))
+    if proc.trainer is not None:
+        @app.agent(_raw_topic(app, t.labels))
         async def collect_labels(stream):
             async for batch in stream.take_events(64, within=0.2):
-                await _handle(rt, "trainer", rt.on_labels, _events(batch))
+                await _handle(proc, "trainer", proc.trainer.on_labels, _events(batch))
 
         @app.timer(0.5)
         async def update():
-            await _guarded(rt, "update", rt.maybe_update)
+            await _guarded(proc, "update", proc.trainer.maybe_update)
 
-    if "judge" in rt.roles:
-        @app.agent(raw_topic(t.annotations))
+    if proc.judge is not None:
+        @app.agent(_raw_topic(app, t.annotations))
         async def judge(stream):
             async for batch in stream.take_events(s.judge.concurrency, within=0.2):
-                await _handle(rt, "judge", rt.on_annotations, _events(batch))
+                await _handle(proc, "judge", proc.judge.on_annotations, _events(batch))
 
-    if rt.broker_epoch is not None:
+    if broker_epoch is not None:
         @app.task
         async def guard_broker_data():
             async def read(wait_ms: int) -> str | None:
@@ -193,13 +205,11 @@ def build_app(rt: Runtime, bootstrap: str) -> faust.App:
 
             def lost(now: str | None) -> None:
                 restart_this_process("the broker lost its data (it restarted empty?); restarting this worker",
-                                     epoch_was=rt.broker_epoch, epoch_now=now)
+                                     epoch_was=broker_epoch, epoch_now=now)
 
-            await guard_epoch(rt.broker_epoch, read, BrokerLink(bootstrap), rt.write_gate, lost, EPOCH_CHECK_S)
+            await guard_epoch(broker_epoch, read, BrokerLink(bootstrap), proc.sender.gate, lost, EPOCH_CHECK_S)
 
     @app.task
     async def obey_control_commands():
         # Its own consumer without a group: every process must see every command, also while paused.
-        await run_control_consumer(rt, bootstrap, **aiokafka_options(k))
-
-    return app
+        await run_control_consumer(proc, bootstrap, **aiokafka_options(k))

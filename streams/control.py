@@ -12,7 +12,6 @@ every process.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -28,8 +27,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from actprm.streams import messages
 from actprm.streams.config import SECTIONS
-from actprm.streams.ledger import META, PENDING, mark_trained
 from actprm.streams.messages import ControlAck, ControlCommand
+from actprm.streams.process import Process
 from actprm.streams.topics import partition_reader, read_from
 
 log = structlog.get_logger("actprm.control")
@@ -49,7 +48,6 @@ LIVE_SETTINGS: dict[str, str] = {
 }
 SCOPES = ("annotate", "train", "all")
 TRAINER_ONLY = {"reset-round", "rollback"}
-LABELS_FROM_ROUND = "labels_from_round"  # META key: labels of earlier rounds are dropped
 
 
 # --- signing -------------------------------------------------------------------------------
@@ -132,18 +130,19 @@ def apply_setting(settings, key: str, raw_value: Any) -> Any:
 LABEL_COUNTERS = ("labels_received", "labels_duplicate", "labels_stale_round", "pending_labels", "labels_replayed")
 
 
-def process_status(rt) -> dict[str, Any]:
-    """rt.status() plus what the operator needs to tell processes apart and spot a stuck one."""
+def process_status(proc: Process) -> dict[str, Any]:
+    """proc.status() plus what the operator needs to tell processes apart and spot a stuck one."""
     now = time.time()
-    st = dict(rt.status())
-    if "trainer" in rt.roles:
-        for key in LABEL_COUNTERS:  # pending_labels comes from rt.status(); the others are counters
-            st.setdefault(key, rt.counters.get(key, 0))
-    st |= {"process_id": rt.process_id, "roles": list(rt.roles), "paused_consume": rt.paused_consume,
-           "uptime_s": round(now - rt.started_at, 1),
-           "busy_s": {role: round(now - since, 1) for role, since in rt.busy_since.items() if since is not None}}
-    if rt.metrics is not None:
-        st |= rt.metrics.summary()
+    st = dict(proc.status())
+    if proc.trainer is not None:
+        counts = proc.counters()
+        for key in LABEL_COUNTERS:  # pending_labels comes from proc.status(); the others are counts
+            st.setdefault(key, counts.get(key, 0))
+    st |= {"process_id": proc.process_id, "roles": list(proc.roles), "paused_consume": proc.paused_consume,
+           "uptime_s": round(now - proc.started_at, 1),
+           "busy_s": {role: round(now - since, 1) for role, since in proc.busy_since.items() if since is not None}}
+    if proc.metrics is not None:
+        st |= proc.metrics.summary()
     st["state"] = round_state(st)
     return st
 
@@ -153,20 +152,6 @@ def round_state(st: dict[str, Any]) -> str:
         return "paused (all)"
     paused = [name for name in ("annotate", "train") if st.get(f"paused_{name}")]
     return f"paused ({', '.join(paused)})" if paused else "running"
-
-
-def accept_label(rt, label) -> bool:
-    """False for a label of a round closed by `reset-round` without --keep-pending (drop it)."""
-    return label.round_id >= rt.ledger.get(META, LABELS_FROM_ROUND, 0)
-
-
-def _retire_pending_before(ledger, round_id: int) -> int:
-    """Drop labels of earlier rounds that wait for training (as a rejected batch's are retired)."""
-    stale = [label_id for label_id, item in ledger.items(PENDING) if item["label"]["round_id"] < round_id]
-    with ledger.transaction():
-        mark_trained(ledger, stale, None)
-        ledger.put(META, LABELS_FROM_ROUND, round_id)
-    return len(stale)
 
 
 def _int_arg(args: dict, name: str, default: int | None = None) -> int | None:
@@ -185,78 +170,69 @@ def _scope(args: dict) -> str:
     return scope
 
 
-async def _pause(rt, paused: bool, scope: str) -> str | None:
+async def _pause(proc: Process, paused: bool, scope: str) -> str | None:
+    rounds = proc.keeper.rounds if proc.keeper is not None else None
     if scope == "all":
-        rt.paused_consume = paused
-        if rt.keeper is not None:
-            rt.keeper.pause(annotate=paused, train=paused)
+        proc.paused_consume = paused
+        if rounds is not None:
+            rounds.pause(annotate=paused, train=paused)
         return ("consumption paused; offsets stay uncommitted, so nothing is lost" if paused
                 else "consumption resumed")
-    if rt.keeper is None:
+    if rounds is None:
         return None
-    rt.keeper.pause(**{scope: paused})
+    rounds.pause(**{scope: paused})
     if scope == "annotate":
         return ("annotation paused: rewards keep flowing, no new judge requests" if paused
                 else "annotation resumed")
     return "training paused: labels are kept for later" if paused else "training resumed"
 
 
-async def _reset_round(rt, args: dict) -> str:
+async def _reset_round(proc: Process, args: dict) -> str:
     budget = _int_arg(args, "budget")
     keep = bool(args.get("keep_pending", False))
-    old = rt.keeper.state
+    old = proc.keeper.rounds.state
     in_flight = old.used
-    state = rt.keeper.new_round(budget)
+    state = proc.keeper.rounds.new_round(budget)
     if budget is not None:
-        rt.settings.round.budget = budget
-    loop = asyncio.get_running_loop()
+        proc.settings.round.budget = budget
     if keep:
         fate = "their labels, pending or still arriving, are trained in this round"
     else:
-        # In the training thread, so no update is reading the pending labels meanwhile.
-        dropped = await loop.run_in_executor(rt.train_pool, _retire_pending_before, rt.ledger, state.round_id)
+        dropped = await proc.trainer.drop_pending_before(state.round_id)
         fate = f"their labels are dropped ({dropped} pending dropped now, late ones on arrival; --keep-pending keeps them)"
     return (f"round {state.round_id} started with budget {state.budget}; the {in_flight} requests admitted in round "
             f"{old.round_id} are still judged and {fate}")
 
 
-async def _rollback(rt, args: dict) -> tuple[str, dict]:
+async def _rollback(proc: Process, args: dict) -> tuple[str, dict]:
     version = _int_arg(args, "version")
-    versions = rt.store.versions()
-    if version is None or version not in versions:
-        raise ValueError(f"version {version} does not exist (have {versions[0]}..{versions[-1]})" if versions
-                         else f"version {version} does not exist (no versions yet)")
-    loop = asyncio.get_running_loop()
-    # The training thread: never while an update writes, and the next update starts from it.
-    manifest = await loop.run_in_executor(rt.train_pool, rt.store.rollback, version)
-    await rt.publish_version(manifest)  # local scorers switch at once, others on their next poll
+    manifest = await proc.trainer.rollback(version)  # local scorers switch at once, others on their next poll
     return (f"version {manifest.version} published with the weights of version {version}; "
             f"scorers switch to it and training continues from it"), {"version": manifest.version}
 
 
-async def _set(rt, args: dict) -> str:
+async def _set(proc: Process, args: dict) -> str:
     key, raw = args.get("key"), args.get("value")
     if not isinstance(key, str):
         raise ValueError("set needs a key")
-    value = apply_setting(rt.settings, key, raw)
-    if key.startswith("selection."):
-        rt.rebuild_selector()
-    elif key.startswith("update.") and rt.updates is not None:
-        setattr(rt.updates, key.split(".")[1], value)
-    elif key == "round.budget" and rt.keeper is not None:
-        rt.keeper.state.budget = value
-        rt.keeper.pause()  # persists the round state unchanged otherwise
+    value = apply_setting(proc.settings, key, raw)  # the roles read their sections live
+    if key.startswith("selection.") and proc.scorer is not None:
+        proc.scorer.rebuild_selector()
+    elif key.startswith("update.") and proc.trainer is not None:
+        setattr(proc.trainer.updates, key.split(".")[1], value)
+    elif key == "round.budget" and proc.keeper is not None:
+        proc.keeper.set_budget(value)
     return f"{key} = {value!r}"
 
 
-async def handle_command(rt, cmd: ControlCommand) -> ControlAck | None:
+async def handle_command(proc: Process, cmd: ControlCommand) -> ControlAck | None:
     """Obey one verified command; None when this process has no part in it (sends no ack)."""
-    is_trainer = rt.keeper is not None
-    role = ",".join(rt.roles)
+    is_trainer = proc.trainer is not None
+    role = ",".join(proc.roles)
 
     def ack(ok: bool, message: str, state: dict | None = None) -> ControlAck:
-        return ControlAck(command_id=cmd.id, role=role, process_id=rt.process_id, ok=ok, message=message,
-                          state=state if state is not None else process_status(rt))
+        return ControlAck(command_id=cmd.id, role=role, process_id=proc.process_id, ok=ok, message=message,
+                          state=state if state is not None else process_status(proc))
 
     try:
         if cmd.command in TRAINER_ONLY and not is_trainer:
@@ -265,15 +241,15 @@ async def handle_command(rt, cmd: ControlCommand) -> ControlAck | None:
             case "status":
                 return ack(True, "")
             case "pause" | "resume":
-                message = await _pause(rt, cmd.command == "pause", _scope(cmd.args))
+                message = await _pause(proc, cmd.command == "pause", _scope(cmd.args))
                 return None if message is None else ack(True, message)
             case "reset-round":
-                return ack(True, await _reset_round(rt, cmd.args))
+                return ack(True, await _reset_round(proc, cmd.args))
             case "rollback":
-                message, extra = await _rollback(rt, cmd.args)
-                return ack(True, message, process_status(rt) | extra)
+                message, extra = await _rollback(proc, cmd.args)
+                return ack(True, message, process_status(proc) | extra)
             case "set":
-                return ack(True, await _set(rt, cmd.args))
+                return ack(True, await _set(proc, cmd.args))
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         # CheckpointError is a RuntimeError: a failed rollback leaves the served version as it was.
         log.warning("control command failed", command=cmd.command, id=cmd.id, reason=str(err)[:300])
@@ -281,7 +257,7 @@ async def handle_command(rt, cmd: ControlCommand) -> ControlAck | None:
     return ack(False, f"unknown command {cmd.command!r}")
 
 
-async def receive(rt, raw: bytes | None, secret: str | None, seen_nonces: MutableMapping[str, float],
+async def receive(proc: Process, raw: bytes | None, secret: str | None, seen_nonces: MutableMapping[str, float],
                   now: float | None = None) -> ControlAck | None:
     """Decode, verify and obey one record of the control topic; the ack to send, if any."""
     try:
@@ -289,16 +265,16 @@ async def receive(rt, raw: bytes | None, secret: str | None, seen_nonces: Mutabl
     except messages.MessageError as err:
         log.warning("unreadable control command", reason=err.reason)
         return None
-    if cmd.issued_at < rt.started_at:
+    if cmd.issued_at < proc.started_at:
         return None  # from before this process started: not for it
     now = time.time() if now is None else now
-    reason = verify(cmd, secret, seen_nonces, now, rt.settings.control.max_age_s)
+    reason = verify(cmd, secret, seen_nonces, now, proc.settings.control.max_age_s)
     if reason is not None:
         log.warning("control command rejected", command=cmd.command, id=cmd.id, reason=reason)
-        return ControlAck(command_id=cmd.id, role=",".join(rt.roles), process_id=rt.process_id, ok=False,
+        return ControlAck(command_id=cmd.id, role=",".join(proc.roles), process_id=proc.process_id, ok=False,
                           message=f"rejected: {reason}")
     log.info("control command", command=cmd.command, id=cmd.id, args=cmd.args)
-    return await handle_command(rt, cmd)
+    return await handle_command(proc, cmd)
 
 
 async def _started_consumer(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
@@ -318,21 +294,21 @@ async def _started_consumer(bootstrap: str, **kafka_options: Any) -> AIOKafkaCon
     return consumer
 
 
-async def run_control_consumer(rt, bootstrap: str, **kafka_options: Any) -> None:
+async def run_control_consumer(proc: Process, bootstrap: str, **kafka_options: Any) -> None:
     """Read every control command from the start of the topic, obey, ack; runs until cancelled."""
-    s = rt.settings
+    s = proc.settings
     secret = s.control_secret.get_secret_value() if s.control_secret else None
     if not secret:
         log.warning("control commands are not authenticated: set ACTPRM_CONTROL_SECRET on daemons and ctl")
     consumer = await _started_consumer(bootstrap, **kafka_options)
     try:
-        await read_from(consumer, rt.topics.control)
+        await read_from(consumer, proc.topics.control)
         seen: dict[str, float] = {}
         async for record in consumer:
             try:
-                ack = await receive(rt, record.value, secret, seen)
+                ack = await receive(proc, record.value, secret, seen)
                 if ack is not None:
-                    await rt.send(rt.topics.acks, ack.command_id, messages.encode(ack))
+                    await proc.sender.send(proc.topics.acks, ack.command_id, messages.encode(ack))
             except Exception as err:  # one bad command or a failed ack must not end the control plane
                 log.error("control command not handled", offset=record.offset, error=f"{type(err).__name__}: {err}"[:300])
     finally:

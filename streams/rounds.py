@@ -13,6 +13,8 @@ judge makes from it) carries the round the keeper admitted it in.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 from enum import Enum
 
 from pydantic import BaseModel, Field
@@ -20,6 +22,8 @@ from pydantic import BaseModel, Field
 from actprm.streams import messages
 from actprm.streams.ledger import ADMITTED, META, Ledger
 from actprm.streams.messages import AnnotationRequest
+from actprm.streams.sender import Event, Sender
+from actprm.streams.topics import Topics
 
 
 class RoundState(BaseModel):
@@ -105,3 +109,24 @@ def in_round(request: AnnotationRequest, raw: bytes, round_id: int) -> bytes:
     if request.round_id == round_id:
         return raw  # the bytes as they came: nothing to re-encode
     return messages.encode(request.model_copy(update={"round_id": round_id}))
+
+
+class KeeperRole:
+    """The round keeper of the trainer's process: admits candidates and forwards them to the judge."""
+
+    def __init__(self, rounds: RoundKeeper, sender: Sender, topics: Topics):
+        self.rounds, self.sender, self.topics = rounds, sender, topics
+        self.counts: Counter = Counter()  # one of ADMISSION_COUNTERS' names per candidate seen
+
+    async def on_candidates(self, events: Sequence[Event]) -> None:
+        for event, msg in await self.sender.decoded(AnnotationRequest, events):
+            verdict = self.rounds.admit(msg.id)
+            if verdict in (Admission.NEW, Admission.RESEND):
+                # The keeper's round, not the scorer's stamp: a scorer in its own process has none.
+                forward = in_round(msg, event.value, self.rounds.admitted_round(msg.id))
+                await self.sender.send(self.topics.annotations, msg.id, forward)
+            self.counts[ADMISSION_COUNTERS[verdict]] += 1
+
+    def set_budget(self, budget: int) -> None:
+        self.rounds.state.budget = budget
+        self.rounds.pause()  # persists the round state, unchanged otherwise

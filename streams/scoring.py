@@ -1,29 +1,31 @@
-"""Scorer logic: score a batch on the served version, pick candidates for the judge, hot-swap.
+"""The scorer: each trajectory scored once, its reward out, its selection to the round keeper.
 
-Plain functions and classes; the faust agent only feeds batches in and sends what comes out.
-Scoring runs in a worker thread (``score_batch`` is blocking); the served model is a single
-reference swapped between batches, so a batch is always scored by exactly one version.
+`ScorerRole.on_trajectories` is what the trajectories agent calls with each take. It scores in
+chunks of `scorer.max_batch` on a worker thread (`score_batch` is blocking torch work); each
+chunk is scored by exactly one version (streams/swap.py swaps between chunks). Rewards and
+candidates of a chunk go out while the next chunk is scored; the ids are marked scored only
+after every ack, so a crash re-scores rather than drops.
 """
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from actprm.model.build import apply_version
-from actprm.model.checkpoints import CheckpointError, CheckpointStore
-from actprm.model.prm import EnsembleHeads, EnsemblePRM
 from actprm.model.replay import FeatureMemo
-from actprm.model.uncertainty import Selector
+from actprm.model.uncertainty import Selector, make_selector
+from actprm.streams import messages
+from actprm.streams.config import ScorerSettings, SelectionSettings
+from actprm.streams.journal import Journal
 from actprm.streams.ledger import SCORED, Ledger
 from actprm.streams.messages import AnnotationRequest, Reward, Trajectory
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    version: int
-    prm: EnsemblePRM
+from actprm.streams.sender import Event, Observer, Sender
+from actprm.streams.swap import ServedModel, Serving
+from actprm.streams.topics import Topics
 
 
 @dataclass
@@ -86,45 +88,79 @@ def mark_scored(ledger: Ledger, rewards: list[Reward], epoch: str | None = None)
             ledger.put(SCORED, r.id, {"version": r.model_version, "epoch": epoch})
 
 
-def load_for_swap(current: ServedModel, store: CheckpointStore, version: int) -> ServedModel:
-    """Build the next served model off to the side; the current one keeps serving meanwhile.
+class ScorerRole:
+    def __init__(self, scorer: ScorerSettings, selection: SelectionSettings, seed: int, serving: Serving,
+                 ledger: Ledger, sender: Sender, topics: Topics, journal: Journal, *, memo: FeatureMemo | None = None,
+                 round_id: Callable[[], int] = lambda: 0, epoch: str | None = None, metrics: Observer | None = None):
+        self.settings, self.selection, self.seed = scorer, selection, seed  # live: `ctl set` changes them
+        self.serving, self.ledger, self.sender, self.topics, self.journal = serving, ledger, sender, topics, journal
+        self.memo = memo  # hidden states of selected trajectories, for a trainer in this process (heads mode)
+        self.round_id = round_id  # the round keeper's current round when it runs in this process
+        self.epoch = epoch  # the broker data's life this process started in (streams/epoch.py)
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-score")
+        self.counts: Counter = Counter()
+        self.selected_flags = bytearray()  # 1 per scored trajectory, in scoring order: the selected share over the run
+        self.rebuild_selector()
 
-    Heads-only versions get new heads around the same frozen backbone (megabytes). Versions
-    that change the backbone (LoRA, full) get their own copy of it, so a batch being scored
-    on the current version never sees weights change under it.
-    """
-    manifest, tensors = store.load(version)
-    old = current.prm
-    heads = EnsembleHeads(old.config.n_heads, old.backbone.hidden_size, old.config.head_width)
-    backbone = old.backbone
-    if manifest.mode != "heads" or any(k.startswith("body.") for k in tensors):
-        backbone = copy.copy(old.backbone)
-        backbone.model = copy.deepcopy(old.backbone.model)
-    prm = EnsemblePRM(backbone, old.config, heads)
-    apply_version(prm, manifest, tensors)  # the rule `load_prm` follows; only a backbone copied above is changed
-    for p in prm.parameters():
-        p.requires_grad_(False)
-    return ServedModel(manifest.version, prm)
+    def rebuild_selector(self) -> None:
+        """(Re)make the selection rule from the settings; `ctl set selection.*` calls this."""
+        sel = self.selection
+        self.selector = make_selector(sel.strategy, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
+                                      rate=sel.random_rate, seed=self.seed)
+
+    async def on_trajectories(self, events: Sequence[Event]) -> None:
+        batch: list[Trajectory] = []
+        for _, msg in await self.sender.decoded(Trajectory, events):
+            if any(t.id == msg.id for t in batch):
+                self.counts["duplicates_skipped"] += 1  # the same id twice in one take
+            else:
+                batch.append(msg)
+        self.counts["consumed"] += len(events)
+        size = self.settings.max_batch  # live: `ctl set scorer.max_batch` applies to the next chunk
+        # Chunks of similar length waste less compute on padding; rewards carry ids, not order.
+        batch.sort(key=lambda t: len(t.problem) + sum(len(x) for x in t.steps))
+        acks, scored = [], []
+        for start in range(0, len(batch), size):
+            result = await self._score_chunk(batch[start:start + size])
+            for r in result.rewards:
+                acks.append(await self.sender.enqueue(self.topics.rewards, r.id, messages.encode(r)))
+            for c in result.candidates:
+                acks.append(await self.sender.enqueue(self.topics.candidates, c.id, messages.encode(c)))
+            scored += result.rewards
+        await asyncio.gather(*acks)
+        mark_scored(self.ledger, scored, self.epoch)
+
+    async def _score_chunk(self, batch: list[Trajectory]) -> ScoredBatch:
+        served = self.serving.current  # this chunk is scored by exactly this version
+        round_id = self.round_id()
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.pool, score_batch, served, self.selector, self.ledger, batch,
+                                            round_id, self.epoch, self.memo)
+        self.counts["scored"] += len(result.rewards)
+        self.selected_flags.extend(int(r.selected) for r in result.rewards)
+        if result.rewards:
+            self.journal.append("scoring", {"version": served.version, "round_id": round_id, "scored": len(result.rewards),
+                                            "selected": len(result.candidates), "by_kind": kind_counts(batch, result)})
+        self.counts["selected"] += len(result.candidates)
+        self.counts["duplicates_skipped"] += len(result.duplicates)
+        self.counts["score_tokens"] += result.tokens
+        self.counts["score_seconds"] += result.seconds  # a float count: Counter adds any number
+        if self.metrics is not None:
+            self.metrics.observe_scores([r.mu for r in result.rewards])
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.serving.close()
 
 
-class VersionFollower:
-    """Decides when to load a newer version and remembers versions that failed to load."""
-
-    def __init__(self, store: CheckpointStore):
-        self.store = store
-        self.failed: dict[int, str] = {}
-
-    def newer_than(self, served: int) -> int | None:
-        """The newest stored version worth loading, else None. Lists the checkpoint directory
-        (blocking, maybe on NFS): the runtime calls it on its swap thread."""
-        latest = self.store.latest()
-        if latest is None or latest <= served or latest in self.failed:
-            return None
-        return latest
-
-    def try_load(self, current: ServedModel, version: int) -> ServedModel | None:
-        try:
-            return load_for_swap(current, self.store, version)
-        except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
-            self.failed[version] = str(err).splitlines()[0]
-            return None
+def kind_counts(batch: list[Trajectory], result: ScoredBatch) -> dict[str, list[int]]:
+    """{error kind (the trajectory's metadata "kind", else "-"): [scored, selected]} of a chunk."""
+    kind = {t.id: str(t.metadata.get("kind", "-")) for t in batch}
+    out: dict[str, list[int]] = {}
+    for r in result.rewards:
+        row = out.setdefault(kind.get(r.id, "-"), [0, 0])
+        row[0] += 1
+        row[1] += int(r.selected)
+    return out

@@ -1,4 +1,7 @@
-"""Trainer logic: collect judged labels, run an incremental update, publish the next version.
+"""The trainer: collect judged labels, run an incremental update, publish the next version.
+
+`TrainerRole` is what the labels agent and the update timer call; `UpdateLoop` is the update
+itself (blocking torch work, run on the trainer's own thread).
 
 An update is `Trainer.fit` on the oldest pending labels plus a replay sample of labels trained
 before (the ReplayStore, durable and bounded). In heads mode each label's hidden states come
@@ -14,7 +17,11 @@ trained twice.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import structlog
@@ -25,10 +32,18 @@ from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
+from actprm.model.prequential import OnlineWindow, score_label
+from actprm.streams import messages
+from actprm.streams.journal import Journal
 from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
-from actprm.streams.messages import Label
+from actprm.streams.messages import Label, ModelVersion
+from actprm.streams.rounds import RoundKeeper
+from actprm.streams.sender import Event, LastError, Sender
+from actprm.streams.topics import Topics
 
 log = structlog.get_logger("actprm")
+
+LABELS_FROM_ROUND = "labels_from_round"  # META key: labels of rounds before it are dropped (reset-round)
 
 
 @dataclass
@@ -210,3 +225,120 @@ class UpdateLoop:
         if version is not None:
             self._canary_f1[version] = f1
         return f1
+
+
+class TrainerRole:
+    """The single writer of versions: takes labels, updates when enough are pending, publishes."""
+
+    def __init__(self, updates: UpdateLoop, rounds: RoundKeeper, sender: Sender, topics: Topics, journal: Journal,
+                 errors: LastError, online_window: int, after_publish: Callable[[], Awaitable[None]] | None = None):
+        self.updates, self.rounds, self.sender, self.topics, self.journal = updates, rounds, sender, topics, journal
+        self.errors = errors
+        self.ledger, self.store = updates.ledger, updates.store
+        self.after_publish = after_publish  # a scorer in this process switches at once
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-train")  # updates, rollbacks, retiring labels
+        self.online = OnlineWindow(online_window)  # each label tests the version that scored it
+        self.counts: Counter = Counter()
+        self.updating = False
+        self._retry_at = 0.0  # after a failed write, the next try waits (backoff)
+        self._failures_in_row = 0
+
+    # --- labels ----------------------------------------------------------------------------
+
+    async def on_labels(self, events: Sequence[Event]) -> None:
+        for _, msg in await self.sender.decoded(Label, events):
+            if not self.accepts(msg):
+                self.counts["labels_stale_round"] += 1  # its round was reset without --keep-pending
+            elif self.updates.receive(msg):
+                self.counts["labels_received"] += 1
+                self._test_label(msg)
+            else:
+                self.counts["labels_duplicate"] += 1
+
+    def accepts(self, label: Label) -> bool:
+        """False for a label of a round closed by `reset-round` without --keep-pending (drop it)."""
+        return label.round_id >= self.ledger.get(META, LABELS_FROM_ROUND, 0)
+
+    def _test_label(self, label: Label) -> None:
+        """Prequential evaluation: the label first tests the version that asked for it."""
+        test = score_label(label.mu, label.first_error, label.n_steps, label.scored_version) if label.mu is not None else None
+        if test is not None:
+            self.online.add(test)
+        self.journal.append("labels", {
+            "id": label.id, "judged_at": label.judged_at, "round_id": label.round_id, "version": label.scored_version,
+            "first_error": label.first_error, "predicted_first_error": test.predicted if test else None,
+            "mu": label.mu, "n_steps": label.n_steps, "metadata": label.metadata})
+
+    async def drop_pending_before(self, round_id: int) -> int:
+        """Retire labels of earlier rounds that wait for training (as a rejected batch's are), and
+        drop such labels from now on. On the training thread: no update reads them meanwhile."""
+        def retire() -> int:
+            stale = [label_id for label_id, item in self.ledger.items(PENDING) if item["label"]["round_id"] < round_id]
+            with self.ledger.transaction():
+                mark_trained(self.ledger, stale, None)
+                self.ledger.put(META, LABELS_FROM_ROUND, round_id)
+            return len(stale)
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, retire)
+
+    # --- updates ---------------------------------------------------------------------------
+
+    async def maybe_update(self, force: bool = False) -> None:
+        if self.updating or self.rounds.state.paused_train or time.monotonic() < self._retry_at:
+            return
+        if not (self.updates.ready() or (force and self.updates.pending())):
+            return
+        self.updating = True
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(self.pool, self.updates.update)
+        finally:
+            self.updating = False
+        r, published = outcome.result, outcome.manifest
+        self.journal.append("updates", {
+            "version": published.version if published else None,
+            "parent": published.parent if published else self.updates.version,
+            "refused": outcome.rejected, "error": outcome.error,
+            "loss": r.loss if r.applied else None, "labels_new": len(outcome.label_ids), "labels_replayed": r.n_replayed,
+            "steps": r.steps})
+        if outcome.error:
+            # e.g. a full disk: each try costs a gradient step, so back off 1, 2, 4 ... 60 s.
+            self._failures_in_row += 1
+            self._retry_at = time.monotonic() + min(60.0, 2.0 ** (self._failures_in_row - 1))
+            self.counts["update_failures"] += 1
+            self.errors.note(outcome.error)
+            log.error("update failed; serving continues", reason=outcome.error)
+        elif published is None:
+            self.counts["updates_rejected"] += 1
+            self.errors.note(f"update rejected: {outcome.rejected}")
+            log.warning("update rejected; the served version stays", reason=outcome.rejected, labels=len(outcome.label_ids))
+        else:
+            self._failures_in_row = 0
+            self.counts["updates"] += 1
+            self.counts["labels_trained"] += len(outcome.label_ids)
+            self.counts["labels_replayed"] += r.n_replayed
+            await self.publish(published)
+            log.info("published", version=published.version, loss=round(r.loss, 4), labels=len(outcome.label_ids))
+
+    async def rollback(self, version: int | None) -> Manifest:
+        """Publish a new version with the weights of `version`; training continues from it."""
+        loop = asyncio.get_running_loop()
+        versions = await loop.run_in_executor(self.pool, self.store.versions)  # a directory listing, maybe NFS
+        if version is None or version not in versions:
+            raise ValueError(f"version {version} does not exist (have {versions[0]}..{versions[-1]})" if versions
+                             else f"version {version} does not exist (no versions yet)")
+        # The training thread: never while an update writes, and the next update starts from it.
+        manifest = await loop.run_in_executor(self.pool, self.store.rollback, version)
+        await self.publish(manifest)
+        return manifest
+
+    async def publish(self, m: Manifest) -> None:
+        """Announce a stored version (update or rollback); a scorer in this process switches to it at once."""
+        announce = ModelVersion(version=m.version, location=str(self.store.root), parent=m.parent,
+                                metrics={k: float(v) for k, v in m.metrics.items() if v is not None},
+                                created_at=m.created, status="rolled_back" if m.kind == "rollback" else "published")
+        await self.sender.send(self.topics.versions, str(m.version), messages.encode(announce))
+        if self.after_publish is not None:
+            await self.after_publish()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

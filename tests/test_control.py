@@ -18,8 +18,6 @@ from actprm.daemon.ctl import format_status, overall
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.control import (
-    LABELS_FROM_ROUND,
-    accept_label,
     apply_setting,
     handle_command,
     receive,
@@ -30,7 +28,10 @@ from actprm.streams.control import (
 from actprm.streams.ctl_client import CtlError, asend_command
 from actprm.streams.ledger import META, PENDING, TRAINED
 from actprm.streams.messages import ControlAck, ControlCommand, Label
-from actprm.streams.runtime import Runtime
+from actprm.streams.process import Process
+from actprm.streams.sender import Sender
+from actprm.streams.training import LABELS_FROM_ROUND
+from helpers_roles import event, memory_process, sent_to
 from actprm.streams.topics import Topics, ensure_topics
 
 SECRET = "s3cret"
@@ -116,13 +117,7 @@ def test_apply_setting_refuses_and_changes_nothing(key, value, words):
     assert s.model_dump() == before
 
 
-# ---------------------------------------------------------------- handle_command on a real Runtime
-
-
-def close(runtime: Runtime) -> None:
-    done = runtime.close()  # sync or async, as the Runtime of the day has it
-    if asyncio.iscoroutine(done):
-        asyncio.run(done)
+# ---------------------------------------------------------------- handle_command on a real process
 
 
 def tiny_settings(tmp_path, **kw) -> Settings:
@@ -130,26 +125,31 @@ def tiny_settings(tmp_path, **kw) -> Settings:
 
 
 @pytest.fixture
-def rt(tmp_path):
-    """All three roles on the tiny backbone, in a fresh state dir; sends are recorded."""
-    runtime = Runtime(tiny_settings(tmp_path / "state"), ("scorer", "judge", "trainer"), Topics("t"))
-    runtime.prepare_models()
-    runtime.sent = []
-
-    async def send(topic, key, value):
-        runtime.sent.append((topic, key, value))
-
-    runtime.send = send
-    yield runtime
-    close(runtime)
+def topics(request) -> Topics:
+    """Topics("t"); a broker test's are its own prefix's, created on the broker."""
+    if request.node.get_closest_marker("broker") is None:
+        return Topics("t")
+    broker, prefix = request.getfixturevalue("broker"), request.getfixturevalue("topic_prefix")
+    topics = Topics(prefix)
+    asyncio.run(ensure_topics(broker.bootstrap, topics))
+    return topics
 
 
 @pytest.fixture
-def judge_rt(tmp_path):
+def rt(tmp_path, topics):
+    """All three roles on the tiny backbone, in a fresh state dir; what they send is kept in rt.sent."""
+    process, sent = memory_process(tiny_settings(tmp_path / "state"), topics=topics)
+    process.sent = sent
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def judge_rt(tmp_path, topics):
     """A judge-only process: no model, no round keeper."""
-    runtime = Runtime(tiny_settings(tmp_path / "judge"), ("judge",), Topics("t"))
-    yield runtime
-    close(runtime)
+    process, _ = memory_process(tiny_settings(tmp_path / "judge"), ("judge",), topics)
+    yield process
+    process.close()
 
 
 def do(rt, name, **args) -> ControlAck | None:
@@ -168,15 +168,12 @@ def test_status_answers_with_the_runtime_status(rt, judge_rt):
 
 def test_status_shows_the_label_counters_that_explain_a_stalled_trainer(rt, judge_rt):
     from actprm.daemon.ctl import status_json
-    from actprm.streams.runtime import Event
-
-    def event(label: Label) -> Event:
-        return Event("t.labels", 0, 0, label.id.encode(), messages.encode(label))
 
     label = Label(id="a", first_error=-1, n_steps=1, judge="oracle", round_id=0, problem="p", steps=["s"])
-    asyncio.run(rt.on_labels([event(label), event(label)]))  # received, then a duplicate
+    labels = rt.topics.labels
+    asyncio.run(rt.trainer.on_labels([event(labels, label), event(labels, label)]))  # received, then a duplicate
     assert do(rt, "reset-round").ok
-    asyncio.run(rt.on_labels([event(label.model_copy(update={"id": "b"}))]))  # of the closed round 0: stale
+    asyncio.run(rt.trainer.on_labels([event(labels, label.model_copy(update={"id": "b"}))]))  # of the closed round 0: stale
     acks = [do(rt, "status"), do(judge_rt, "status")]
     s = acks[0].state
     assert (s["labels_received"], s["labels_duplicate"], s["labels_stale_round"]) == (1, 1, 1)
@@ -194,86 +191,86 @@ def test_status_shows_the_label_counters_that_explain_a_stalled_trainer(rt, judg
 def test_pause_scopes(rt, judge_rt):
     ack = do(rt, "pause", scope="annotate")
     assert ack.ok and "rewards keep flowing" in ack.message
-    assert rt.keeper.state.paused_annotate and not rt.keeper.state.paused_train and not rt.paused_consume
+    assert rt.keeper.rounds.state.paused_annotate and not rt.keeper.rounds.state.paused_train and not rt.paused_consume
     assert ack.state["state"] == "paused (annotate)"
     assert do(judge_rt, "pause", scope="annotate") is None  # the round keeper's business only
 
     assert do(rt, "pause", scope="train").state["state"] == "paused (annotate, train)"
-    assert do(rt, "resume", scope="annotate").ok and not rt.keeper.state.paused_annotate
+    assert do(rt, "resume", scope="annotate").ok and not rt.keeper.rounds.state.paused_annotate
 
     # all: every process stops consuming; the trainer also stops annotating and training.
     assert do(judge_rt, "pause", scope="all").ok and judge_rt.paused_consume
     ack = do(rt, "pause", scope="all")
     assert rt.paused_consume and ack.state["state"] == "paused (all)"
     do(rt, "resume", scope="all")
-    assert not rt.paused_consume and not rt.keeper.state.paused_annotate and not rt.keeper.state.paused_train
+    assert not rt.paused_consume and not rt.keeper.rounds.state.paused_annotate and not rt.keeper.rounds.state.paused_train
     bad = do(rt, "pause", scope="everything")
     assert not bad.ok and "scope must be one of annotate, train, all" in bad.message
 
 
 def pending_label(rt, label_id: str, round_id: int) -> Label:
     label = Label(id=label_id, first_error=-1, n_steps=1, judge="oracle", round_id=round_id, problem="p", steps=["s"])
-    assert rt.updates.receive(label)
+    assert rt.trainer.updates.receive(label)
     return label
 
 
 def test_reset_round_drops_labels_of_the_old_round_unless_kept(rt, judge_rt):
-    rt.keeper.admit("a")
-    rt.keeper.admit("b")  # 2 requests in flight in round 0
+    rt.keeper.rounds.admit("a")
+    rt.keeper.rounds.admit("b")  # 2 requests in flight in round 0
     pending_label(rt, "a", 0)
     ack = do(rt, "reset-round", budget=5)
     assert ack.ok, ack.message
     assert "round 1 started with budget 5" in ack.message and "the 2 requests admitted in round 0" in ack.message
     assert "1 pending dropped" in ack.message
-    st = rt.keeper.state
+    st = rt.keeper.rounds.state
     assert (st.round_id, st.budget, st.used, st.left) == (1, 5, 0, 5)
     assert rt.settings.round.budget == 5
     assert not rt.ledger.has(PENDING, "a") and rt.ledger.has(TRAINED, "a")
     assert rt.ledger.get(META, LABELS_FROM_ROUND) == 1
     late = Label(id="b", first_error=0, n_steps=1, judge="oracle", round_id=0, problem="p", steps=["s"])
-    assert not accept_label(rt, late)  # the lead's on_labels drops it
-    assert accept_label(rt, late.model_copy(update={"round_id": 1}))
+    assert not rt.trainer.accepts(late)  # the lead's on_labels drops it
+    assert rt.trainer.accepts(late.model_copy(update={"round_id": 1}))
 
     pending_label(rt, "c", 1)
     ack = do(rt, "reset-round", keep_pending=True)
     assert ack.ok and "round 2 started with budget 5" in ack.message and "trained in this round" in ack.message
     assert rt.ledger.has(PENDING, "c")
     # The cut-off stays at round 1: round 1's late labels count, round 0's are still dropped.
-    assert accept_label(rt, late.model_copy(update={"round_id": 1})) and not accept_label(rt, late)
+    assert rt.trainer.accepts(late.model_copy(update={"round_id": 1})) and not rt.trainer.accepts(late)
 
     assert do(judge_rt, "reset-round") is None
     assert not do(rt, "reset-round", budget=-1).ok
 
 
 def test_rollback_publishes_a_new_version_with_the_old_weights(rt, judge_rt):
-    _, v0 = rt.store.load(0)
-    fields = rt.store.manifest(0).model_dump() | {"kind": "update", "parent": 0}
-    rt.store.save({k: t + 1 for k, t in v0.items()}, fields)  # version 1: different weights
+    _, v0 = rt.trainer.store.load(0)
+    fields = rt.trainer.store.manifest(0).model_dump() | {"kind": "update", "parent": 0}
+    rt.trainer.store.save({k: t + 1 for k, t in v0.items()}, fields)  # version 1: different weights
     ack = do(rt, "rollback", version=0)
     assert ack.ok, ack.message
     assert ack.state["version"] == 2 and "weights of version 0" in ack.message
-    m2, v2 = rt.store.load(2)
+    m2, v2 = rt.trainer.store.load(2)
     assert m2.rolled_back_from == 0 and all(v2[k].equal(v0[k]) for k in v0)
-    announced = [messages.decode(messages.ModelVersion, v) for t, _, v in rt.sent if t == rt.topics.versions]
+    announced = sent_to(rt.sent, rt.topics.versions, messages.ModelVersion)
     assert [(a.version, a.status) for a in announced] == [(2, "rolled_back")]
-    assert rt.served.version == 2  # this process serves too: switched at once
+    assert rt.scorer.serving.current.version == 2  # this process serves too: switched at once
 
     missing = do(rt, "rollback", version=9)
     assert not missing.ok and missing.message == "version 9 does not exist (have 0..2)"
-    assert rt.store.versions() == [0, 1, 2]
+    assert rt.trainer.store.versions() == [0, 1, 2]
     assert do(judge_rt, "rollback", version=0) is None
 
 
 def test_set_applies_live_and_refuses_bad_values(rt):
-    old_selector = rt.selector
+    old_selector = rt.scorer.selector
     ack = do(rt, "set", key="selection.delta_std", value="0.01")
     assert ack.ok and ack.message == "selection.delta_std = 0.01"
-    assert rt.settings.selection.delta_std == 0.01 and rt.selector is not old_selector
-    assert do(rt, "set", key="update.batch_size", value="4").ok and rt.updates.batch_size == 4
-    assert do(rt, "set", key="round.budget", value="7").ok and rt.keeper.state.budget == 7
+    assert rt.settings.selection.delta_std == 0.01 and rt.scorer.selector is not old_selector
+    assert do(rt, "set", key="update.batch_size", value="4").ok and rt.trainer.updates.batch_size == 4
+    assert do(rt, "set", key="round.budget", value="7").ok and rt.keeper.rounds.state.budget == 7
     bad = do(rt, "set", key="update.batch_size", value="-1")
     assert not bad.ok and bad.message.startswith("update.batch_size: ")
-    assert rt.settings.update.batch_size == 4 and rt.updates.batch_size == 4
+    assert rt.settings.update.batch_size == 4 and rt.trainer.updates.batch_size == 4
 
 
 def test_receive_skips_old_commands_and_rejects_unsigned_ones_when_a_secret_is_set(judge_rt):
@@ -292,18 +289,18 @@ def test_receive_skips_old_commands_and_rejects_unsigned_ones_when_a_secret_is_s
 # ---------------------------------------------------------------- over the embedded broker
 
 
-async def _responders(bootstrap: str, runtimes: list[Runtime], body):
-    """Run run_control_consumer for each runtime (acks sent by a real producer) around `body()`."""
+async def _responders(bootstrap: str, processes: list[Process], body):
+    """Run run_control_consumer for each process (acks sent by a real producer) around `body()`."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
 
-    async def send(topic, key, value):
-        await producer.send_and_wait(topic, key=key.encode() if key else None, value=value)
+    async def produce(topic, key, value):
+        return await producer.send(topic, key=key, value=value)
 
     tasks = []
-    for runtime in runtimes:
-        runtime.send = send
-        tasks.append(asyncio.create_task(run_control_consumer(runtime, bootstrap)))
+    for process in processes:
+        process.sender = Sender(produce, process.topics.dead_letters)
+        tasks.append(asyncio.create_task(run_control_consumer(process, bootstrap)))
     try:
         return await body()
     finally:
@@ -315,11 +312,6 @@ async def _responders(bootstrap: str, runtimes: list[Runtime], body):
 
 @pytest.mark.broker
 def test_ctl_client_against_daemons_on_the_broker(broker, topic_prefix, rt, judge_rt):
-    topics = Topics(topic_prefix)
-    asyncio.run(ensure_topics(broker.bootstrap, topics))
-    for runtime in (rt, judge_rt):
-        runtime.topics = topics
-
     async def body():
         send = lambda name, secret=None, **kw: asend_command(  # noqa: E731
             broker.bootstrap, topic_prefix, ControlCommand(command=name, args=kw), secret, timeout_s=15)
@@ -337,7 +329,7 @@ def test_ctl_client_against_daemons_on_the_broker(broker, topic_prefix, rt, judg
     status, status_s, paused, no_answer = asyncio.run(_responders(broker.bootstrap, [rt, judge_rt], body))
     assert [a.role for a in status] == ["judge", "scorer,judge,trainer"] and all(a.ok for a in status)
     assert status_s < 10  # returned once the answers settled, not at the timeout
-    assert [(a.role, a.ok) for a in paused] == [("scorer,judge,trainer", True)] and rt.keeper.state.paused_annotate
+    assert [(a.role, a.ok) for a in paused] == [("scorer,judge,trainer", True)] and rt.keeper.rounds.state.paused_annotate
     assert no_answer == f"no daemon answered within 1s on {broker.bootstrap} (topic {topic_prefix}.control)"
 
     table = format_status(status)
@@ -347,10 +339,8 @@ def test_ctl_client_against_daemons_on_the_broker(broker, topic_prefix, rt, judg
 
 
 @pytest.mark.broker
-def test_signed_commands_over_the_broker(broker, topic_prefix, tmp_path):
-    topics = Topics(topic_prefix)
-    asyncio.run(ensure_topics(broker.bootstrap, topics))
-    runtime = Runtime(tiny_settings(tmp_path, control_secret=SECRET), ("judge",), topics)
+def test_signed_commands_over_the_broker(broker, topic_prefix, tmp_path, topics):
+    runtime, _ = memory_process(tiny_settings(tmp_path, control_secret=SECRET), ("judge",), topics)
 
     async def body():
         results = []
@@ -362,7 +352,7 @@ def test_signed_commands_over_the_broker(broker, topic_prefix, tmp_path):
     try:
         good, wrong, unsigned = asyncio.run(_responders(broker.bootstrap, [runtime], body))
     finally:
-        close(runtime)
+        runtime.close()
     assert good[0].ok
     assert not wrong[0].ok and wrong[0].message == "rejected: bad signature (wrong secret or altered command)"
     assert not unsigned[0].ok and unsigned[0].message == "rejected: unsigned command (this daemon has a control secret)"
@@ -370,9 +360,6 @@ def test_signed_commands_over_the_broker(broker, topic_prefix, tmp_path):
 
 @pytest.mark.broker
 def test_ctl_cli_commands(broker, topic_prefix, rt, monkeypatch):
-    topics = Topics(topic_prefix)
-    asyncio.run(ensure_topics(broker.bootstrap, topics))
-    rt.topics = topics
     stop = threading.Event()
 
     def responder():  # the daemon's loop, in its own thread: the CLI runs asyncio.run itself
@@ -402,7 +389,7 @@ def test_ctl_cli_commands(broker, topic_prefix, rt, monkeypatch):
     assert "overall: 1 process | round 0 running" in status.stdout
     assert '"budget_left": 1000' in as_json.stdout and '"processes"' in as_json.stdout
     assert paused.exit_code == 0 and paused.stdout.startswith("ok") and "training paused" in paused.stdout
-    assert rt.keeper.state.paused_train
+    assert rt.keeper.rounds.state.paused_train
     assert setting.exit_code == 0 and "scorer.max_batch = 3" in setting.stdout and rt.settings.scorer.max_batch == 3
     assert refused.exit_code == 1 and "FAILED" in refused.stdout and "version 5 does not exist" in refused.stdout
     assert bad_value.exit_code != 0 and rt.settings.scorer.max_batch == 3  # refused before anything was sent

@@ -15,8 +15,7 @@ import pytest
 from actprm.daemon.metrics import Metrics, health, start_metrics
 from actprm.daemon.settings import Settings
 from actprm.model.uncertainty import predicted_first_error
-from actprm.streams.runtime import Runtime
-from actprm.streams.topics import Topics
+from helpers_roles import memory_process
 
 
 def sample(m: Metrics, name: str, **labels) -> float | None:
@@ -71,12 +70,9 @@ def test_two_instances_do_not_share_a_registry():
 def rt(tmp_path):
     settings = Settings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 4, "max_length": 256},
                         metrics={"port": 0, "stuck_after_s": 600})
-    runtime = Runtime(settings, ("scorer", "judge", "trainer"), Topics("t"))
-    runtime.prepare_models()
+    runtime, _ = memory_process(settings)
     yield runtime
-    done = runtime.close()
-    if asyncio.iscoroutine(done):
-        asyncio.run(done)
+    runtime.close()
 
 
 async def _get(url: str) -> tuple[int, str]:
@@ -87,8 +83,11 @@ async def _get(url: str) -> tuple[int, str]:
 def test_endpoint_serves_the_named_metrics_and_healthz_flips_when_a_role_is_stuck(rt):
     assert asyncio.run(start_metrics(rt)) is None  # port 0 in settings: off, but the Metrics is attached
     m = rt.metrics
-    rt.counters.update(consumed=5, scored=4, selected=2, judged=1, dead_lettered=1, updates=1, score_seconds=1.5)
-    rt.keeper.admit("a")
+    rt.scorer.counts.update(consumed=5, scored=4, selected=2, score_seconds=1.5)
+    rt.judge.counts.update(judged=1)
+    rt.sender.counts.update(dead_lettered=1)
+    rt.trainer.counts.update(updates=1)
+    rt.keeper.rounds.admit("a")
     m.observe_scores([[0.9, 0.2]])
     m.observe_judge(1.5, ok=True)
     m.observe_swap(0.05)
@@ -161,7 +160,7 @@ def test_the_status_service_runs_on_without_metrics_when_the_port_is_taken(rt):
             service = StatusService(rt, RunOptions(heldout=0))
             await service.on_start()  # must not raise: the daemon serves on, without metrics
             assert service.metrics_server is None
-            assert f"metrics server on 127.0.0.1:{first.port} not started" in rt.last_error
+            assert f"metrics server on 127.0.0.1:{first.port} not started" in rt.status()["last_error"]
         finally:
             await first.close()
 

@@ -1,5 +1,5 @@
 """deploy/grafana/actprm.json stays in step with the metrics: every metric a query names is
-exported by daemon/metrics.py's registry on a real Runtime (tiny backbone, every role), and
+exported by daemon/metrics.py's registry on a real daemon process (tiny backbone, every role), and
 the compose file provisions Grafana with it and a Prometheus that scrapes every role.
 """
 
@@ -84,16 +84,14 @@ def _queried() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> set[str]:
-    """Sample names on a real Runtime's /metrics page after one of each observation."""
+    """Sample names on a real daemon process's /metrics page after one of each observation."""
     from actprm.daemon.metrics import start_metrics
     from actprm.daemon.settings import Settings
-    from actprm.streams.runtime import Runtime
-    from actprm.streams.topics import Topics
+    from helpers_roles import memory_process
 
     settings = Settings(state_dir=tmp_path_factory.mktemp("dash"), model={"backbone": "tiny", "n_heads": 4, "max_length": 256},
                         metrics={"port": 0})
-    rt = Runtime(settings, ("scorer", "judge", "trainer"), Topics("t"))
-    rt.prepare_models()
+    rt, _ = memory_process(settings)
     try:
         assert asyncio.run(start_metrics(rt)) is None  # port 0: no server, the Metrics is attached
         m = rt.metrics
@@ -102,20 +100,16 @@ def exported(tmp_path_factory) -> set[str]:
         m.observe_swap(0.05)
         m.observe_agreement(1, 1, confident=True)
         # Two labels as prequential tests of version 0 (one with an error, one without), so the
-        # online figures have values to export. (getattr: a runtime from before the learning
-        # code has no window; the learning test below then skips.)
+        # online figures have values to export.
         from actprm.model.prequential import score_label
 
-        if getattr(rt, "online", None) is not None:
-            rt.online.add(score_label([0.9, 0.2], 1, 2, version=0))
-            rt.online.add(score_label([0.9, 0.8], -1, 2, version=0))
-        # What daemon/run.py's held-out evaluation leaves on the runtime after scoring a version.
+        rt.trainer.online.add(score_label([0.9, 0.2], 1, 2, version=0))
+        rt.trainer.online.add(score_label([0.9, 0.8], -1, 2, version=0))
+        # What daemon/run.py's held-out evaluation leaves on the process after scoring a version.
         rt.heldout = {"version": 0, "f1": 0.5, "acc_error": 0.5, "acc_correct": 0.5}
         text = m.exposition().decode()
     finally:
-        done = rt.close()
-        if asyncio.iscoroutine(done):
-            asyncio.run(done)
+        rt.close()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 

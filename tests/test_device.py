@@ -169,18 +169,16 @@ def test_vllm_judge_is_refused_on_a_cpu_host_in_one_line():
 # --- manifests and status ----------------------------------------------------------------------
 
 def test_manifest_and_status_show_device_dtype_attn(tmp_path):
-    from actprm.streams.runtime import Runtime
-    from actprm.streams.topics import Topics
+    from helpers_roles import memory_process
 
     s = Settings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 2, "dtype": "bfloat16"})
-    rt = Runtime(s, ("scorer", "trainer"), Topics("t"))
+    rt, _ = memory_process(s, ("scorer", "trainer"))
     try:
-        rt.prepare_models()
         status = rt.status()
         assert (status["device"], status["dtype"], status["attn_implementation"]) == ("cpu", "bfloat16", "sdpa")
         ref = rt.store.manifest(0).backbone
         assert (ref["device"], ref["dtype"], ref["attn_implementation"]) == ("cpu", "bfloat16", "sdpa")
-        assert all(p.dtype == torch.float32 for p in rt.served.prm.heads.parameters())
+        assert all(p.dtype == torch.float32 for p in rt.scorer.serving.current.prm.heads.parameters())
     finally:
         rt.close()
 

@@ -43,6 +43,6 @@ def test_the_daemon_settings_compose_the_sections_each_layer_owns():
     for key, section in SECTIONS.items():
         assert Settings.model_fields[key].annotation is section, key
     assert Settings.model_fields["model"].annotation is ModelSettings
-    probe = ("import sys, actprm.streams.runtime, actprm.streams.control, actprm.streams.agents; "
+    probe = ("import sys, actprm.streams, actprm.streams.process, actprm.streams.control, actprm.streams.agents, actprm.streams.client; "
              "print([m for m in sys.modules if m.startswith('actprm.daemon')])")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

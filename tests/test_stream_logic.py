@@ -23,7 +23,8 @@ from actprm.streams.ledger import ADMITTED, CANARY, PENDING, SCORED, TRAINED, Le
 from actprm.streams.messages import AnnotationRequest, Label, Trajectory
 from actprm.streams import messages
 from actprm.streams.rounds import Admission, RoundKeeper, in_round
-from actprm.streams.scoring import ServedModel, VersionFollower, load_for_swap, mark_scored, score_batch
+from actprm.streams.scoring import mark_scored, score_batch
+from actprm.streams.swap import ServedModel, VersionFollower, load_for_swap
 from actprm.streams.training import UpdateLoop
 from helpers_model import synthetic_samples, tiny_prm, torch_one_thread  # noqa: F401  (autouse fixture)
 
