@@ -3,13 +3,19 @@
 One run starts the embedded broker, a real scorer process (`actprm run --role scorer`) and a real
 gateway process (`actprm serve`), then for each concurrency C posts `rounds` waves of C
 OpenRLHF-shaped single-sample requests at once and records every request's latency. Beside it:
-the scorer's own time for the same batch, prm.score on C of the same samples in this process
-with the same threads and batch size, so the overhead is a ratio (p50 / scorer time).
+the scorer's own time for the same batch, prm.score on the same C samples in this process with
+the same layers, threads and batch size, so the overhead is a ratio (p50 / scorer time).
+
+Each wave is timed alone right before it goes through the gateway, so both figures see the same
+load on the machine (timing every wave alone first, then the gateway, made the ratio swing from
+x0.88 to x1.19 between runs on shared cores). The scorer's journal says how the scorer actually
+batched each wave (`scorer_batches`): a wave split over two takes is visible, not guessed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
@@ -28,6 +34,7 @@ from actprm.model.build import build_prm, publish_initial
 from actprm.model.checkpoints import CheckpointStore
 from actprm.model.prm import PRMConfig
 from actprm.model.trainer import TrainerConfig
+from actprm.streams import journal
 from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.topics import Topics, ensure_topics
@@ -49,12 +56,15 @@ def _samples(n: int, seed: int) -> list[tuple[str, str]]:
     return [(t.problem + "\n", "\n\n".join(t.steps)) for t in synthetic_trajectories(n, seed=seed)]
 
 
-async def _level(url: str, samples: list[tuple[str, str]], concurrency: int) -> dict:
+async def _level(url: str, samples: list[tuple[str, str]], concurrency: int, alone) -> dict:
     """Waves of `concurrency` requests sent together (as a rollout step's samples are), the next
     wave once all are answered: each wave meets the scorer as the same batch the scorer-alone
-    figure times, so the ratio compares like with like."""
+    figure times, so the ratio compares like with like. `alone(batch)` times the scorer on the
+    wave just before it is sent (same moment, same load on the machine)."""
     latencies: list[float] = []
     failures: list[str] = []
+    alone_s: list[float] = []
+    waves: list[tuple[float, float]] = []  # wall-clock (start, end) of each wave, to match the scorer's journal
 
     async def one(http: httpx.AsyncClient, prompt: str, response: str) -> None:
         body = {"query": [prompt + response], "prompts": [prompt], "labels": [""]}
@@ -67,11 +77,28 @@ async def _level(url: str, samples: list[tuple[str, str]], concurrency: int) -> 
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        start = time.perf_counter()
+        elapsed = 0.0
         for i in range(0, len(samples), concurrency):
-            await asyncio.gather(*(one(http, p, r) for p, r in samples[i:i + concurrency]))
-        elapsed = time.perf_counter() - start
-    return {"latencies": latencies, "elapsed_s": elapsed, "failures": failures}
+            wave = samples[i:i + concurrency]
+            alone_s.append(alone([(p, r.split("\n\n")) for p, r in wave]))
+            start, wall = time.perf_counter(), time.time()
+            await asyncio.gather(*(one(http, p, r) for p, r in wave))
+            elapsed += time.perf_counter() - start
+            waves.append((wall, time.time()))
+    return {"latencies": latencies, "elapsed_s": elapsed, "failures": failures, "alone_s": alone_s, "waves": waves}
+
+
+def _scorer_batches(state_dir: Path, waves: list[tuple[float, float]], expected: int,
+                    wait_s: float = 5.0) -> list[list[int]]:
+    """The batch sizes the scorer ran for each wave, from its journal (one `scoring` record per
+    chunk, written when the chunk is scored, so inside its wave's window)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(journal.read(state_dir, "scoring"))
+        per_wave = [[r["scored"] for r in records if start <= r["at"] <= end] for start, end in waves]
+        if sum(map(sum, per_wave)) >= expected or time.monotonic() > deadline:  # the journal is written by a thread
+            return per_wave
+        time.sleep(0.1)
 
 
 async def _wait_ready(url: str, sample: tuple[str, str], procs: list[subprocess.Popen], timeout_s: float = 600) -> None:
@@ -103,20 +130,14 @@ def bench_gateway(spec: str, concurrency: tuple[int, ...] = (1, 8, 32), rounds: 
         store = CheckpointStore(tmp / "checkpoints")
         publish_initial(store, prm, TrainerConfig(mode="heads"))
 
-        # The scorer alone on the same batch: C of the same samples, as the scorer gets C
-        # concurrent requests; the median over the waves.
         torch.set_num_threads(threads)
         prm.score([(warmup[0], warmup[1].split("\n\n"))])
-        scorer_s = {}
-        for c, samples in levels.items():
-            times = []
-            for i in range(0, len(samples), c):  # every wave, as the gateway will send them
-                batch = [(p, r.split("\n\n")) for p, r in samples[i:i + c]]
-                t0 = time.perf_counter()
-                prm.score(batch)
-                times.append(time.perf_counter() - t0)
-            scorer_s[c] = statistics.median(times)
-        del prm
+
+        def alone(batch: list[tuple[str, list[str]]]) -> float:
+            """The scorer alone on one wave's samples, in chunks of max_batch as the scorer scores."""
+            t0 = time.perf_counter()
+            prm.score(batch)
+            return time.perf_counter() - t0
 
         topics = Topics(f"benchgw{os.getpid()}")
         asyncio.run(ensure_topics(broker.bootstrap, topics, partitions=4))
@@ -136,14 +157,17 @@ def bench_gateway(spec: str, concurrency: tuple[int, ...] = (1, 8, 32), rounds: 
         try:
             asyncio.run(_wait_ready(url, warmup, [scorer, gateway]))
             for c, samples in levels.items():
-                got = asyncio.run(_level(url, samples, c))
+                got = asyncio.run(_level(url, samples, c, alone))
                 lat = got["latencies"] or [float("nan")]
-                p50 = statistics.median(lat)
+                p50, scorer_s = statistics.median(lat), statistics.median(got["alone_s"])
+                batches = _scorer_batches(tmp / "state", got["waves"], len(got["latencies"]))
                 results.append({
                     "concurrency": c, "requests": len(samples), "failed": len(got["failures"]),
                     "requests_per_s": round(len(got["latencies"]) / got["elapsed_s"], 2),
                     "p50_ms": round(p50 * 1000, 1), "p99_ms": round(_percentile(lat, 0.99) * 1000, 1),
-                    "scorer_batch_ms": round(scorer_s[c] * 1000, 1), "ratio_p50": round(p50 / scorer_s[c], 3),
+                    "scorer_batch_ms": round(scorer_s * 1000, 1), "ratio_p50": round(p50 / scorer_s, 3),
+                    # Split: the scorer met the wave as more batches than max_batch needs (two takes).
+                    "scorer_batches": batches, "waves_split": sum(len(b) > math.ceil(c / max_batch) for b in batches),
                     **({"first_failure": got["failures"][0]} if got["failures"] else {}),
                 })
         finally:

@@ -3,6 +3,7 @@ real broker and a real scorer daemon on `tiny`, stopped and restarted."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actprm.daemon.bench_gateway import _scorer_batches, bench_gateway
 from actprm.daemon.gateway import OpenRLHFRequest, openrlhf_answer, openrlhf_items, split_query
 from actprm.daemon.settings import GatewaySettings
 from actprm.streams.client import ItemError
@@ -40,6 +42,28 @@ def test_openrlhf_answer_has_its_exact_keys():
     got = openrlhf_answer([r], "min")
     assert set(got) == {"rewards", "scores", "extra_logs"} and got["rewards"] == got["scores"] == [0.4]
     assert all(len(v) == 1 and isinstance(v[0], float) for v in got["extra_logs"].values())
+
+
+def test_bench_reads_how_the_scorer_batched_each_wave(tmp_path):
+    # One `scoring` journal record per chunk, stamped when it is scored: inside its wave's window.
+    (tmp_path / "learning").mkdir()
+    lines = [{"at": 9.0, "scored": 1}, {"at": 10.5, "scored": 8}, {"at": 20.2, "scored": 1}, {"at": 20.9, "scored": 7}]
+    (tmp_path / "learning" / "scoring.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _scorer_batches(tmp_path, [(10.0, 11.0), (20.0, 21.0)], expected=16) == [[8], [1, 7]]
+    # Fewer scored than expected (the journal is written by a thread): it waits, then says what it saw.
+    assert _scorer_batches(tmp_path, [(30.0, 31.0)], expected=1, wait_s=0.2) == [[]]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_bench_gateway_times_each_wave_alone_and_through_the_gateway():
+    out = bench_gateway("tiny", concurrency=(2,), rounds=2, max_batch=2)
+    (level,) = out["levels"]
+    assert level["failed"] == 0 and level["requests"] == 4
+    assert level["p50_ms"] > 0 and level["scorer_batch_ms"] > 0
+    assert level["ratio_p50"] == pytest.approx(level["p50_ms"] / level["scorer_batch_ms"], rel=0.01)
+    assert [sum(b) for b in level["scorer_batches"]] == [2, 2]  # every wave's samples scored, in its window
+    assert level["waves_split"] == sum(len(b) > 1 for b in level["scorer_batches"])  # 2 per wave fit one batch
 
 
 def _free_port() -> int:
