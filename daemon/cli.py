@@ -230,10 +230,10 @@ def produce(
 @app.command()
 def tail(
     what: Annotated[str, typer.Argument(help="rewards, labels, annotations, versions or dead-letters")] = "rewards",
-    bootstrap: ToolBootstrapOpt = None,
-    topic_prefix: TopicPrefixOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="stop after N messages")] = None,
     from_beginning: Annotated[bool, typer.Option(help="start at the oldest message")] = True,
+    bootstrap: ToolBootstrapOpt = None,
+    topic_prefix: TopicPrefixOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Print messages of a topic as JSON lines as they arrive."""

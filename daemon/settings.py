@@ -90,19 +90,21 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
     checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
     stop_timeout_s: float = Field(30.0, gt=0, description="a stop (SIGTERM, Ctrl-C) that has not finished after this long exits at once; 5 s while the broker is unreachable")
+    # The stream side's sections (streams/config.py): each part reads its own.
     kafka: KafkaSettings = KafkaSettings()
-    model: ModelSettings = ModelSettings()
     selection: SelectionSettings = SelectionSettings()
     scorer: ScorerSettings = ScorerSettings()
     judge: JudgeSettings = JudgeSettings()
     round: RoundSettings = RoundSettings()
     update: UpdateSettings = UpdateSettings()
-    builtin: BuiltinStreamSettings = BuiltinStreamSettings()
-    trainer: TrainerConfig = TrainerConfig()
-    metrics: MetricsSettings = MetricsSettings()
     control: ControlSettings = ControlSettings()
-    gateway: GatewaySettings = GatewaySettings()
     control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
+    # The model's (model/config.py, model/trainer.py), then the daemon's own.
+    model: ModelSettings = ModelSettings()
+    trainer: TrainerConfig = TrainerConfig()
+    builtin: BuiltinStreamSettings = BuiltinStreamSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    gateway: GatewaySettings = GatewaySettings()
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @classmethod

@@ -130,7 +130,7 @@ class UpdateLoop:
             ids = [s.id for s in kept] if kept else ids
         except torch.cuda.OutOfMemoryError:
             # The device's state, not the labels' fault: they stay pending and the update is
-            # tried again after the runtime's backoff, while the served version goes on.
+            # tried again after the trainer role's backoff, while the served version goes on.
             self._follow(self.version)
             error = (f"CUDA out of memory during the update ({memory_summary(self.trainer.prm.device)}); "
                      f"v{self.version} keeps serving and the labels stay pending; lower trainer.micro_batch_size, "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import urllib.request
 
@@ -20,16 +19,11 @@ from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
 from actprm.streams.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
+from helpers_network import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 SECRET = "test-secret-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ctl(bootstrap: str, prefix: str, *args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess:
@@ -46,7 +40,7 @@ def _wave(tag: str, n: int, seed: int):
 
 def test_operators_steer_a_running_daemon(broker, topic_prefix, tmp_path):
     topics = Topics(topic_prefix)
-    port = _free_port()
+    port = free_port()
     env = {"ACTPRM_SELECTION__STRATEGY": "full", "ACTPRM_CONTROL_SECRET": SECRET, "ACTPRM_METRICS__PORT": str(port)}
     daemon = Daemon(broker.bootstrap, topic_prefix, tmp_path, env=env).start()
     bs = broker.bootstrap
