@@ -167,9 +167,14 @@ def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str
             log.info("partitions assigned", topic=t.trajectories,
                      partitions=sorted(tp.partition for tp in assigned if tp.topic == t.trajectories))
 
+        @app.task
+        async def follow_announced_versions():
+            # Its own reader without a group: every scorer must see every announcement.
+            await scorer.serving.follow_announcements(bootstrap, t.versions, **aiokafka_options(k))
+
         @app.timer(s.scorer.version_poll_s)
-        async def follow_versions():
-            await _guarded(proc, "follow_versions", scorer.serving.follow)
+        async def poll_checkpoint_store():
+            await _guarded(proc, "poll_checkpoint_store", scorer.serving.follow)
 
         @app.task
         async def watch_loop_lag():

@@ -51,7 +51,7 @@ class ScorerSettings(Section):
     max_batch: int = Field(8, ge=1, description="trajectories per scoring batch")
     max_batch_tokens: int = Field(16384, ge=16, description="padded tokens per scoring batch (rows x longest row); batches are sorted by length and cut by count and by this")
     max_wait_s: float = Field(0.2, gt=0, description="longest wait to fill a batch")
-    version_poll_s: float = Field(1.0, gt=0, description="how often the checkpoint store is checked for a newer version")
+    version_poll_s: float = Field(5.0, gt=0, description="how often the checkpoint store is listed for a newer version: the fallback for an announcement on the versions topic lost with the broker's data")
 
 
 class JudgeSettings(Section):

@@ -20,16 +20,13 @@ from collections.abc import MutableMapping
 from typing import Annotated, Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from actprm.streams import messages
 from actprm.streams.config import SECTIONS
 from actprm.streams.messages import ControlAck, ControlCommand
 from actprm.streams.process import Process
-from actprm.streams.topics import partition_reader, read_from
+from actprm.streams.topics import read_from, started_reader
 
 log = structlog.get_logger("actprm.control")
 
@@ -277,30 +274,13 @@ async def receive(proc: Process, raw: bytes | None, secret: str | None, seen_non
     return await handle_command(proc, cmd)
 
 
-async def _started_consumer(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
-    """A started consumer without a group. The broker may be away right now (an outage, a
-    restart): wait for it with backoff rather than let the error crash the whole app."""
-    async for attempt in AsyncRetrying(retry=retry_if_exception_type(KafkaError), wait=wait_exponential(0.5, max=10),
-                                       before_sleep=lambda state: log.warning(
-                                           "control consumer cannot reach the broker; retrying",
-                                           error=str(state.outcome.exception())[:200])):
-        with attempt:
-            consumer = partition_reader(bootstrap, **kafka_options)
-            try:
-                await consumer.start()
-            except BaseException:
-                await consumer.stop()
-                raise
-    return consumer
-
-
 async def run_control_consumer(proc: Process, bootstrap: str, **kafka_options: Any) -> None:
     """Read every control command from the start of the topic, obey, ack; runs until cancelled."""
     s = proc.settings
     secret = s.control_secret.get_secret_value() if s.control_secret else None
     if not secret:
         log.warning("control commands are not authenticated: set ACTPRM_CONTROL_SECRET on daemons and ctl")
-    consumer = await _started_consumer(bootstrap, **kafka_options)
+    consumer = await started_reader(bootstrap, "control consumer", **kafka_options)
     try:
         await read_from(consumer, proc.topics.control)
         seen: dict[str, float] = {}

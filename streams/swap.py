@@ -1,9 +1,11 @@
 """The version a scorer serves, and the hot-swap to a newer one.
 
-A newer version is found and loaded on a thread of its own (listing the checkpoint directory
-is filesystem work, maybe on NFS; loading is torch work), off to the side of the one serving.
-The switch itself is one reference, taken between two scoring chunks, so a chunk is always
-scored by exactly one version and no message is dropped or scored twice by a swap.
+A scorer learns of a new version from the trainer's announcement on the versions topic (every
+scorer reads all of it, in no consumer group) and, as a fallback for an announcement lost with
+the broker's data, from a slow poll of the checkpoint directory. The version is loaded on a
+thread of its own (filesystem and torch work, the directory maybe on NFS), off to the side of
+the one serving. The switch itself is one reference, taken between two scoring chunks, so a
+chunk is always scored by exactly one version and no message is dropped or scored twice.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import structlog
 from actprm.model.build import apply_version
 from actprm.model.checkpoints import CheckpointError, CheckpointStore
 from actprm.model.prm import EnsembleHeads, EnsemblePRM
+from actprm.streams import messages
+from actprm.streams.messages import ModelVersion
 from actprm.streams.sender import LastError, Observer
+from actprm.streams.topics import read_from, started_reader
 
 log = structlog.get_logger("actprm")
 
@@ -89,11 +94,16 @@ class Serving:
         self.errors = errors
         self._lag_ms: float | None = None  # not None while a swap runs: the lag monitor records into it
 
-    async def follow(self) -> None:
-        """Load a newer version in the background, then switch to it between two chunks."""
+    async def follow(self, announced: int | None = None) -> None:
+        """Load a newer version in the background, then switch to it between two chunks.
+
+        announced: the version the trainer announced (no directory listing); None: the newest stored."""
         async with self.lock:
             loop = asyncio.get_running_loop()
-            version = await loop.run_in_executor(self.pool, self.follower.newer_than, self.current.version)
+            if announced is None:
+                version = await loop.run_in_executor(self.pool, self.follower.newer_than, self.current.version)
+            else:
+                version = announced if announced > self.current.version and announced not in self.follower.failed else None
             if version is None:
                 return
             start = time.perf_counter()
@@ -115,6 +125,31 @@ class Serving:
         if self.metrics is not None:
             self.metrics.observe_swap(time.perf_counter() - start)
         log.info("swapped", version=new.version, load_s=round(time.perf_counter() - start, 3), stall_ms=round(stall, 2))
+
+    async def on_announcement(self, raw: bytes | None) -> None:
+        """One record of the versions topic: follow it if it names a newer version."""
+        try:
+            announced = messages.decode(ModelVersion, raw)
+        except messages.MessageError as err:
+            log.warning("unreadable version announcement", reason=err.reason)
+            return
+        if announced.status != "rejected":
+            await self.follow(announced.version)
+
+    async def follow_announcements(self, bootstrap: str, topic: str, **kafka_options) -> None:
+        """Read the versions topic from its start, following each announcement; runs until cancelled.
+        The old ones name versions not newer than the served one and cost nothing."""
+        reader = await started_reader(bootstrap, "version follower", **kafka_options)
+        try:
+            await read_from(reader, topic)
+            async for record in reader:
+                try:
+                    await self.on_announcement(record.value)
+                except Exception as err:  # noqa: BLE001  (the poll still follows; the reader must go on)
+                    self.errors.note(f"version announcement at offset {record.offset}: {type(err).__name__}: {err}"[:300])
+                    log.exception("version announcement not followed", offset=record.offset)
+        finally:
+            await reader.stop()
 
     async def watch_loop_lag(self, tick_s: float = 0.005) -> None:
         """How long the event loop was unable to run (heartbeats, fetches) during a swap."""

@@ -6,9 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from .messages import (
     AnnotationRequest,
@@ -22,6 +24,8 @@ from .messages import (
     Reward,
     Trajectory,
 )
+
+log = structlog.get_logger("actprm")
 
 # Kafka's own rule for topic names (249 minus room for our longest suffix).
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -119,6 +123,23 @@ def partition_reader(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
     itself (control commands, acks, the epoch record): nothing is shared and nothing committed."""
     return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                             fetch_max_wait_ms=100, **kafka_options)
+
+
+async def started_reader(bootstrap: str, purpose: str, **kafka_options: Any) -> AIOKafkaConsumer:
+    """A started partition_reader. The broker may be away right now (an outage, a restart):
+    wait for it with backoff rather than let the error crash the whole app."""
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(KafkaError), wait=wait_exponential(0.5, max=10),
+                                       before_sleep=lambda state: log.warning(
+                                           f"{purpose} cannot reach the broker; retrying",
+                                           error=str(state.outcome.exception())[:200])):
+        with attempt:
+            reader = partition_reader(bootstrap, **kafka_options)
+            try:
+                await reader.start()
+            except BaseException:
+                await reader.stop()
+                raise
+    return reader
 
 
 async def read_from(reader: AIOKafkaConsumer, topic: str, offset: int | None = None) -> TopicPartition:

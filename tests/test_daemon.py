@@ -171,3 +171,23 @@ def test_two_scorers_share_the_stream_and_the_budget_holds(broker, topic_prefix,
     requests = read_topic(broker.bootstrap, topics.annotations)
     assert len({r.id for r in requests}) == 10  # 40 selected by two scorers, the budget let 10 through
     assert keeper.final_status()["budget_used"] == 10
+
+
+def test_a_scorer_in_its_own_process_swaps_on_the_trainers_announcement(broker, topic_prefix, tmp_path):
+    """The checkpoint poll is set to ten minutes, so only the versions topic can tell the scorer."""
+    shared = {"ACTPRM_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "ACTPRM_SELECTION__STRATEGY": "full",
+              "ACTPRM_UPDATE__BATCH_SIZE": "4", "ACTPRM_SCORER__VERSION_POLL_S": "600"}
+    trainer = Daemon(broker.bootstrap, topic_prefix, tmp_path / "trainer", "--role", "trainer,judge", env=shared).start()
+    scorer = Daemon(broker.bootstrap, topic_prefix, tmp_path / "scorer", "--role", "scorer", env=shared).start()
+    try:
+        wait_until(lambda: '"serving"' in scorer.stderr(), 120, what="the scorer to load its model")
+        produce_trajectories(broker.bootstrap, topic_prefix, _stream(8, "announce"))
+        wait_until(lambda: '"swapped"' in scorer.stderr(), 180, interval=0.5,
+                   what="the scorer to swap to a version it was told of")
+        assert scorer.terminate(60) == 0, scorer.stderr()[-2000:]
+        final = scorer.final_status()
+    finally:
+        trainer.terminate(60)
+        for d in (trainer, scorer):
+            d.kill()
+    assert final["swaps"] >= 1 and final["served_version"] >= 1 and final["swap_failures"] == 0, final

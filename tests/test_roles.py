@@ -14,6 +14,7 @@ import pytest
 
 from actprm.daemon.settings import Settings
 from actprm.streams.messages import AnnotationRequest, DeadLetter, Label, ModelVersion, Reward, Trajectory
+from actprm.streams.messages import encode
 from actprm.streams.sender import Event
 from actprm.streams.tools import synthetic_trajectories
 from helpers_roles import event, memory_process, sent_to
@@ -136,3 +137,23 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(proc):
     assert st["last_error"].startswith("version 1 failed to load")
     run(proc.scorer.serving.follow())  # not tried again
     assert proc.status()["swap_failures"] == 1
+
+
+def test_the_scorer_follows_an_announced_version_and_ignores_what_it_cannot_use(proc):
+    store = proc.trainer.store
+    manifest, tensors = store.load(0)
+    store.save({k: v + 0.5 for k, v in tensors.items()}, manifest.model_dump() | {"kind": "update", "parent": 0})
+    serving = proc.scorer.serving
+
+    def announce(version: int, status: str = "published") -> bytes:
+        return encode(ModelVersion(version=version, location=str(store.root), parent=0, status=status))
+
+    run(serving.on_announcement(b"{not json"))  # logged, nothing else
+    run(serving.on_announcement(announce(1, "rejected")))
+    run(serving.on_announcement(announce(0)))  # not newer
+    assert serving.current.version == 0 and proc.status()["swaps"] == 0
+    run(serving.on_announcement(announce(1)))
+    assert serving.current.version == 1 and proc.status()["swaps"] == 1
+    run(serving.on_announcement(announce(7)))  # announced, but not in the store: a failed load, v1 serves on
+    st = proc.status()
+    assert (st["served_version"], st["swap_failures"]) == (1, 1) and st["last_error"].startswith("version 7 failed")
