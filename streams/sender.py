@@ -1,14 +1,13 @@
 """What every role is given: a way out for its messages, a place for its last error, an observer.
 
 Each role is built with a `Sender`. In the daemon its `produce` is the faust producer
-(streams/agents.py); in a test it can be a list. Sends wait while the broker's data is in
+(streams/agents.py); in the role tests it is a list (tests/helpers_roles.py). Sends wait while the broker's data is in
 doubt (the write gate, streams/epoch.py). A message that does not decode as its topic's
 schema goes to the dead-letter topic with the reason, so nothing is lost and no agent crashes.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -72,19 +71,6 @@ class Sender:
             except messages.MessageError as err:
                 await self.dead_letter(event, err)
         return out
-
-
-def memory_sender(dead_letters: str = "dead-letters") -> tuple[Sender, list[tuple[str, bytes | None, bytes]]]:
-    """A Sender whose broker is a list (acknowledged at once): for role objects without Kafka."""
-    sent: list[tuple[str, bytes | None, bytes]] = []
-
-    async def produce(topic: str, key: bytes | None, value: bytes):
-        sent.append((topic, key, value))
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    return Sender(produce, dead_letters), sent
 
 
 class LastError:

@@ -3,12 +3,27 @@ whose broker is a list, so a test drives a role by calling it and reads what it 
 
 from __future__ import annotations
 
+import asyncio
+
 from actprm.daemon.run import build_process
 from actprm.daemon.settings import Settings
 from actprm.streams import messages
 from actprm.streams.process import ROLES, Process
-from actprm.streams.sender import Event, memory_sender
+from actprm.streams.sender import Event, Sender
 from actprm.streams.topics import Topics
+
+
+def memory_sender(dead_letters: str) -> tuple[Sender, list[tuple[str, bytes | None, bytes]]]:
+    """A Sender whose broker is a list, each record acknowledged at once."""
+    sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def produce(topic: str, key: bytes | None, value: bytes):
+        sent.append((topic, key, value))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    return Sender(produce, dead_letters), sent
 
 
 def memory_process(settings: Settings, roles: tuple[str, ...] = ROLES,
