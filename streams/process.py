@@ -26,6 +26,7 @@ from actprm.streams.ledger import Ledger
 from actprm.streams.rounds import KeeperRole
 from actprm.streams.scoring import ScorerRole
 from actprm.streams.sender import LastError, Sender
+from actprm.streams.swap import serving_status
 from actprm.streams.topics import Topics
 from actprm.streams.training import TrainerRole
 
@@ -85,8 +86,7 @@ class Process:
 
     def status(self) -> dict:
         c = self.counters()
-        serving = self.scorer.serving.status() if self.scorer else {
-            "served_version": None, "swaps": 0, "swap_stall_ms_max": None, "swap_failures": 0}
+        serving = serving_status(self.scorer.serving if self.scorer else None)
         gate = self.sender.gate
         out = {"roles": list(self.roles), "scored": c["scored"], "selected": c["selected"],
                "selected_pct": round(100 * c["selected"] / c["scored"], 1) if c["scored"] else 0.0,

@@ -1,8 +1,8 @@
 """What every role is given: a way out for its messages, a place for its last error, an observer.
 
 Each role is built with a `Sender`. In the daemon its `produce` is the faust producer
-(streams/agents.py); in the role tests it is a list (tests/helpers_roles.py). Sends wait while the broker's data is in
-doubt (the write gate, streams/epoch.py). A message that does not decode as its topic's
+(streams/agents.py); in the role tests it is a list (tests/helpers_roles.py). Sends wait
+while the broker's data is in doubt (the write gate, streams/epoch.py). A message that does not decode as its topic's
 schema goes to the dead-letter topic with the reason, so nothing is lost and no agent crashes.
 """
 

@@ -161,10 +161,14 @@ class Serving:
             if self._lag_ms is not None:
                 self._lag_ms = max(self._lag_ms, lag_ms)
 
-    def status(self) -> dict:
-        return {"served_version": self.current.version, "swaps": self.counts["swaps"],
-                "swap_stall_ms_max": round(max(self.stalls_ms), 3) if self.stalls_ms else None,
-                "swap_failures": self.counts["swap_failures"]}
-
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def serving_status(serving: Serving | None) -> dict:
+    """The swap figures of the status; a process without a scorer serves nothing."""
+    if serving is None:
+        return {"served_version": None, "swaps": 0, "swap_stall_ms_max": None, "swap_failures": 0}
+    return {"served_version": serving.current.version, "swaps": serving.counts["swaps"],
+            "swap_stall_ms_max": round(max(serving.stalls_ms), 3) if serving.stalls_ms else None,
+            "swap_failures": serving.counts["swap_failures"]}
