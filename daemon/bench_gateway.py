@@ -37,7 +37,7 @@ from actprm.model.trainer import TrainerConfig
 from actprm.streams import journal
 from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.tools import synthetic_trajectories
-from actprm.streams.topics import Topics, ensure_topics
+from actprm.client.topics import Topics, ensure_topics
 
 
 def _free_port() -> int:

@@ -299,7 +299,7 @@ def main() -> None:
         from aiokafka.errors import KafkaError
 
         from actprm.streams.broker import BrokerError
-        from actprm.streams.topics import KafkaUnreachable
+        from actprm.client.topics import KafkaUnreachable
 
         known += (DataError, BrokerError, JudgeError, KafkaUnreachable, KafkaError)
     except ImportError:

@@ -18,7 +18,7 @@ from actprm.daemon.connect import kafka_target
 from actprm.daemon.errors import CLIError
 from actprm.streams.control import LABEL_COUNTERS, LIVE_SETTINGS, SCOPES, parse_setting, round_state
 from actprm.streams.ctl_client import CtlError, send_command
-from actprm.streams.messages import ControlAck, ControlCommand
+from actprm.client.messages import ControlAck, ControlCommand
 
 SECRET_ENV = "ACTPRM_CONTROL_SECRET"
 TRAINER_HINT = "this command is answered by the process with the trainer role; is one running?"

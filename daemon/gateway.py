@@ -2,16 +2,20 @@
 
 RL frameworks take one scalar reward per sample from an HTTP server or a function; none speaks
 Kafka. The gateway is process wiring only: each request becomes trajectories for the
-RewardClient (streams/client.py), which produces them to the trajectories topic and awaits
+RewardClient (actprm.client.kafka), which produces them to the trajectories topic and awaits
 their rewards; the scorers do not know the gateway exists.
 
 - POST /get_reward  OpenRLHF's remote reward model: {"query", "prompts", "labels"} ->
-                    {"rewards", "scores", "extra_logs"}
+                    {"rewards", "scores", "extra_logs", "errors"}
 - POST /v1/rewards  per-step scores: {"items": [{"prompt", "response"} | {"problem", "steps"}]}
+                    -> {"items": [{"ok", "id", "mu", "sigma", "reward", ...} | {"ok": false, "failure", "error", "reward"}]}
 - GET  /healthz     200 when the client is connected
 
-A request that times out is answered 504 naming its ids, but its trajectories were sent: they
-are still scored and their rewards still published (nothing is lost; the RL trainer retries).
+Each sample gets an answer by the client's one failure policy (actprm.client.outcome): its
+reward, or gateway.fallback_reward with the reason (per item; for OpenRLHF in extra_logs), so
+one bad sample never fails its request and an outage never makes OpenRLHF retry for minutes.
+422 is only for a request malformed as a whole. A sample's id comes from its content, so a
+retried request is answered from the reward already read, and never scored or charged twice.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from actprm.client.kafka import RewardClient
+from actprm.client.openrlhf import merge, openrlhf_answer, query_items
+from actprm.client.outcome import Outcome, RewardUnavailable
 from actprm.daemon.settings import GatewaySettings, Settings
-from actprm.streams.client import ItemError, RewardClient, RewardTimeout, StaleRewardError, reduce_steps
-from actprm.streams.messages import Reward
 
 log = structlog.get_logger("actprm")
 
-ITEM_FIELDS = {"prompt", "problem", "response", "steps", "metadata"}
+ITEM_FIELDS = {"prompt", "problem", "response", "steps", "metadata", "key"}
 
 
 class OpenRLHFRequest(BaseModel):
@@ -42,72 +47,40 @@ class OpenRLHFRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # newer OpenRLHF versions may send more; they are not ours to refuse
 
     query: list[str] = Field(min_length=1, description="prompt + response, one per sample")
-    prompts: list[str] | None = Field(None, description="the prompt of each sample, a prefix of its query")
+    prompts: list[str] | None = Field(None, description="the prompt of each sample, a prefix (or its left-cut tail) of its query")
     labels: list[Any] | None = Field(None, description="reference answers; unused (the PRM needs none)")
 
 
 class RewardsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: list[dict[str, Any]] = Field(min_length=1)
-    min_version: int | None = Field(None, ge=0, description="refuse (409) rewards of a version older than this")
+    items: list[Any] = Field(min_length=1)
+    min_version: int | None = Field(None, ge=0, description="a reward of an older version is a failure ('stale')")
+    timeout_s: float | None = Field(None, gt=0, description="this request's deadline (at most gateway.timeout_s)")
 
 
-def split_query(query: str, prompt: str | None, marker: str | None) -> tuple[str, str]:
-    """(problem, response) of one OpenRLHF sample: the query minus its prompt, or else the text
-    after the last `marker` (e.g. the chat template's assistant header)."""
-    if prompt is not None and query.startswith(prompt):
-        return prompt, query[len(prompt):]
-    if marker and marker in query:
-        cut = query.rindex(marker)
-        return query[:cut], query[cut + len(marker):]
-    if prompt is not None:
-        raise ItemError("the query does not start with its prompt" + ("" if marker else "; set gateway.response_marker "
-                                                                       "to split it at the assistant's header"))
-    raise ItemError("no prompts given and no gateway.response_marker set, so the response cannot be found in the query")
+def item_problem(item: Any, i: int) -> str | None:
+    """Why an item of /v1/rewards is not one we can read, or None."""
+    if not isinstance(item, dict):
+        return f"item {i}: expected an object"
+    unknown = sorted(set(item) - ITEM_FIELDS)
+    if unknown:
+        return (f"item {i}: unexpected field(s) {', '.join(unknown)}; give prompt+response or problem+steps"
+                + (" (ids come from the content)" if "id" in unknown else ""))
+    return None
 
 
-def openrlhf_items(req: OpenRLHFRequest, gw: GatewaySettings) -> list[dict[str, str]]:
-    if req.prompts is not None and len(req.prompts) != len(req.query):
-        raise ItemError(f"{len(req.query)} queries but {len(req.prompts)} prompts")
+def per_step_answer(outcomes: list[Outcome], gw: GatewaySettings) -> dict:
     items = []
-    for i, query in enumerate(req.query):
-        try:
-            problem, response = split_query(query, req.prompts[i] if req.prompts else None, gw.response_marker)
-        except ItemError as err:
-            raise ItemError(f"query {i}: {err}") from None
-        items.append({"problem": problem, "response": response})
-    return items
-
-
-def openrlhf_answer(rewards: list[Reward], how: str) -> dict:
-    scalars = [reduce_steps(r.mu, how) for r in rewards]
-    return {
-        "rewards": scalars,
-        "scores": scalars,  # the PRM's step scores are probabilities, so the reduction is in 0..1 already
-        "extra_logs": {
-            "prm_steps": [float(r.n_steps) for r in rewards],
-            "prm_sigma_max": [max(r.sigma, default=0.0) for r in rewards],
-            "prm_selected": [float(r.selected) for r in rewards],
-            "prm_version": [float(r.model_version) for r in rewards],
-        },
-    }
-
-
-def per_step_answer(rewards: list[Reward], how: str) -> dict:
-    return {"items": [{"id": r.id, "mu": r.mu, "sigma": r.sigma, "reward": reduce_steps(r.mu, how),
-                       "model_version": r.model_version, "selected": r.selected, "n_steps": r.n_steps,
-                       "truncated": r.truncated} for r in rewards]}
-
-
-def _check_items(items: list[dict[str, Any]], gw: GatewaySettings) -> None:
-    if len(items) > gw.max_items:
-        raise ItemError(f"{len(items)} items, over the limit of {gw.max_items} per request")
-    for i, item in enumerate(items):
-        unknown = sorted(set(item) - ITEM_FIELDS)
-        if unknown:
-            raise ItemError(f"item {i}: unexpected field(s) {', '.join(unknown)}; give prompt+response or problem+steps"
-                            + (" (ids are assigned by the gateway)" if "id" in unknown else ""))
+    for o in outcomes:
+        if o.reward is not None:
+            r = o.reward
+            items.append({"ok": True, "id": r.id, "mu": r.mu, "sigma": r.sigma, "reward": o.value(gw.reduce, gw.fallback_reward),
+                          "model_version": r.model_version, "selected": r.selected, "n_steps": r.n_steps,
+                          "truncated": r.truncated, "first_error": r.first_error, "round_id": r.round_id})
+        else:
+            items.append({"ok": False, "failure": o.failure, "error": o.error, "reward": gw.fallback_reward})
+    return {"items": items}
 
 
 def _validation_reason(exc: RequestValidationError) -> str:
@@ -128,41 +101,44 @@ def create_app(settings: Settings, client: RewardClient) -> FastAPI:
         if token is not None and not (authorization and hmac.compare_digest(authorization, f"Bearer {token}")):
             raise HTTPException(401, "missing or wrong bearer token")
 
+    def too_many(n: int) -> None:
+        if n > gw.max_items:
+            raise HTTPException(422, f"{n} samples, over the limit of {gw.max_items} per request")
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_reason(exc)}, status_code=422)
 
-    @app.exception_handler(ItemError)
-    async def _bad_item(request: Request, exc: ItemError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(RewardTimeout)
-    async def _timeout(request: Request, exc: RewardTimeout) -> JSONResponse:
-        log.warning("gateway: rewards late; answered 504 (the samples are still scored)", missing=len(exc.missing))
-        return JSONResponse({"detail": str(exc), "ids": exc.missing}, status_code=504)
-
-    @app.exception_handler(StaleRewardError)
-    async def _stale(request: Request, exc: StaleRewardError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "versions": exc.stale}, status_code=409)
+    @app.exception_handler(RewardUnavailable)
+    async def _unavailable(request: Request, exc: RewardUnavailable) -> JSONResponse:  # on_failure = "raise"
+        return JSONResponse({"detail": str(exc), "ids": exc.missing, "sent": exc.sent}, status_code=504)
 
     @app.exception_handler(KafkaError)
     async def _kafka(request: Request, exc: KafkaError) -> JSONResponse:
         return JSONResponse({"detail": f"Kafka: {type(exc).__name__}: {exc}"[:500]}, status_code=503)
 
-    async def score(items: list[dict[str, Any]], min_version: int | None = None) -> list[Reward]:
-        trajectories = client.trajectories(items)
-        return await client.score_trajectories(trajectories, timeout_s=gw.timeout_s, min_version=min_version)
+    async def outcomes(items: list[dict], timeout_s: float | None = None, min_version: int | None = None) -> list[Outcome]:
+        timeout = gw.timeout_s if timeout_s is None else min(timeout_s, gw.timeout_s)
+        return await client.score_each(items, timeout_s=timeout, min_version=min_version)
 
     @app.post("/get_reward", dependencies=[Depends(authorised)])
     async def get_reward(req: OpenRLHFRequest) -> dict:
-        items = openrlhf_items(req, gw)
-        _check_items(items, gw)
-        return openrlhf_answer(await score(items), gw.reduce)
+        if req.prompts is not None and len(req.prompts) != len(req.query):
+            raise HTTPException(422, f"{len(req.query)} queries but {len(req.prompts)} prompts")
+        too_many(len(req.query))
+        items, bad = query_items(req.query, req.prompts, gw.response_marker)
+        good = [x for x in items if x is not None]
+        scored = await outcomes(good) if good else []
+        return openrlhf_answer(merge(items, bad, scored), gw.reduce, gw.fallback_reward)
 
     @app.post("/v1/rewards", dependencies=[Depends(authorised)])
     async def rewards(req: RewardsRequest) -> dict:
-        _check_items(req.items, gw)
-        return per_step_answer(await score(req.items, req.min_version), gw.reduce)
+        too_many(len(req.items))
+        problems = [item_problem(x, i) for i, x in enumerate(req.items)]
+        good = [x for x, p in zip(req.items, problems) if p is None]
+        scored = iter(await outcomes(good, req.timeout_s, req.min_version) if good else [])
+        done = [Outcome(None, "invalid", p) if p is not None else next(scored) for p in problems]
+        return per_step_answer(done, gw)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -179,10 +155,10 @@ async def _serve(settings: Settings) -> None:
     gw = settings.gateway
     # Started here, not in an ASGI lifespan: a broker that cannot be reached is a one-line error
     # at the command line, not a traceback in uvicorn's log.
-    client = RewardClient(settings, split=gw.step_split, max_steps=gw.max_steps)
+    client = RewardClient(settings)
     try:
         await asyncio.wait_for(client.start(), timeout=60)
-    except (KafkaError, TimeoutError, OSError) as err:  # OSError: also streams.topics.KafkaUnreachable
+    except (KafkaError, TimeoutError, OSError) as err:  # OSError: also client.topics.KafkaUnreachable
         await client.stop()
         reason = str(err) if "cannot reach Kafka" in str(err) else f"{type(err).__name__}: {err}"
         raise RuntimeError(f"the gateway cannot start: {reason}") from None
@@ -190,7 +166,8 @@ async def _serve(settings: Settings) -> None:
         config = uvicorn.Config(create_app(settings, client), host=gw.host, port=gw.port, log_level="warning",
                                 access_log=False, lifespan="off")
         log.info("reward gateway listening", url=f"http://{gw.host}:{gw.port}", bootstrap=settings.kafka.bootstrap,
-                 topic_prefix=settings.kafka.topic_prefix, reduce=gw.reduce, auth="bearer token" if gw.token else "none")
+                 topic_prefix=settings.kafka.topic_prefix, reduce=gw.reduce, on_failure=gw.on_failure,
+                 timeout_s=gw.timeout_s, auth="bearer token" if gw.token else "none")
         await uvicorn.Server(config).serve()
     finally:
         await client.stop()

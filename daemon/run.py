@@ -30,7 +30,7 @@ from actprm.model.judges import Judge, make_judge
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import Trainer
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.agents import aiokafka_options, kafka_sender, make_app, wire_agents
 from actprm.streams.epoch import WriteGate, claim_epoch, restart_this_process
 from actprm.streams.journal import Journal
@@ -42,7 +42,7 @@ from actprm.streams.scoring import ScorerRole
 from actprm.streams.sender import LastError, Sender
 from actprm.streams.swap import ServedModel, Serving, load_for_swap
 from actprm.streams.tools import synthetic_trajectories
-from actprm.streams.topics import Topics, ensure_topics
+from actprm.client.topics import Topics, ensure_topics
 from actprm.streams.training import TrainerRole, UpdateLoop
 
 log = structlog.get_logger("actprm")
@@ -111,6 +111,7 @@ def build_process(settings: Settings, roles: tuple[str, ...], topics: Topics, se
             keeper = parts.get("keeper")
             parts["scorer"] = ScorerRole(s.scorer, s.selection, s.model.seed, Serving(first, store, errors, metrics),
                                          ledger, sender, topics, journal, memo=memo, epoch=broker_epoch, metrics=metrics,
+                                         needs_gold=s.judge.kind == "oracle",
                                          round_id=(lambda: keeper.rounds.state.round_id) if keeper else (lambda: 0))
         if "trainer" in roles:
             scorer = parts.get("scorer")
@@ -394,6 +395,10 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         app = make_app(settings, options.roles, bootstrap, epoch)
         proc = build_process(settings, options.roles, topics, kafka_sender(app, topics, WriteGate()), epoch)
         PROCESS_CONTEXT.update(proc.log_context())
+        if "scorer" in options.roles and settings.judge.kind == "oracle":
+            log.warning("the judge is the gold-label one (judge.kind=oracle): samples without gold (those of RL clients "
+                        "and `actprm serve`) are scored but never selected for the judge, nor charged; they are counted as "
+                        "not_selected_no_gold. Set judge.kind=openai (an LLM judge) to label them.")
         wire_agents(app, proc, bootstrap, epoch)
         status = StatusService(proc, options)
         app.service(status)

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from actprm.client.settings import RewardSettings
 from actprm.model.synthetic import DEFAULT_KINDS
 from actprm.model.config import ModelSettings
 from actprm.model.trainer import TrainerConfig
@@ -63,25 +64,13 @@ class MetricsSettings(Section):
     stuck_after_s: float = Field(600.0, gt=0, description="/healthz fails when a role has been busy on one call this long")
 
 
-class GatewaySettings(Section):
-    """`actprm serve`: the HTTP reward gateway for RL trainers (OpenRLHF, verl, TRL)."""
+class GatewaySettings(RewardSettings):
+    """`actprm serve`, the HTTP reward gateway: the reward section every client reads
+    (actprm.client.settings.RewardSettings: reduce, step split, deadline, failure policy, address)
+    and what only the server needs."""
 
-    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 exposes it to the network: set a token)")
-    port: int = Field(5000, ge=1, le=65535)
-    token: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer TOKEN'")
-    reduce: Literal["min", "mean", "last", "prod"] = Field("min", description="per-step scores to one reward per sample (PURE argues for min)")
-    step_split: str = Field("\n\n", description="how a response is cut into steps: a separator, 'lines', or 're:PATTERN'")
-    response_marker: str | None = Field(None, description="when a query does not start with its prompt, the response is the text after the last occurrence of this (e.g. '<|im_start|>assistant\\n')")
-    max_steps: int = Field(512, ge=1, le=512, description="a response that splits into more steps is refused (422)")
+    response_marker: str | None = Field(None, description="when a query does not start with its prompt (nor with a left-cut tail of it), the response is the text after the last occurrence of this (e.g. '<|im_start|>assistant\\n')")
     max_items: int = Field(1024, ge=1, description="samples per request at most")
-    timeout_s: float = Field(120.0, gt=0, description="answer 504 naming the ids after this long (OpenRLHF gives up at 180 s); the samples are still scored")
-
-    @field_validator("step_split")
-    @classmethod
-    def _split_mode(cls, mode: str) -> str:
-        from actprm.model.steps import check_split_mode
-
-        return check_split_mode(mode)
 
 
 class Settings(BaseSettings):

@@ -4,14 +4,10 @@ The chat template is rendered once with placeholders and split into its literal 
 problem and each step are tokenized on their own with special tokens split, and the separator
 id is appended by us. So a separator string typed inside a problem or a step stays plain text
 and can never create a phantom step.
-
-split_steps() cuts a raw response into steps (a separator, one step per line, or a regex), for
-callers that send text instead of steps.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -109,69 +105,6 @@ def collate(encoded: list[EncodedTrajectory], pad_token_id: int) -> Batch:
         step_positions[b, : e.n_scored] = torch.tensor(e.step_positions, dtype=torch.long)
         step_mask[b, : e.n_scored] = True
     return Batch(input_ids, attention_mask, step_positions, step_mask)
-
-
-# --- splitting a raw response into steps ---------------------------------------------------------
-
-DEFAULT_SPLIT = "\n\n"
-MAX_RESPONSE_CHARS = 400_000  # ~100k tokens: far past any max_length, and a bound on regex work
-
-
-class StepSplitError(ValueError):
-    """A response that cannot be turned into steps; the message says why, in one line."""
-
-
-@lru_cache(maxsize=64)
-def _split_pattern(mode: str) -> re.Pattern | None:
-    """The compiled regex of a "re:PATTERN" mode (None for the other modes); refuses bad modes."""
-    if mode == "":
-        raise StepSplitError("split mode must not be empty: give a separator, 'lines' or 're:PATTERN'")
-    if not mode.startswith("re:"):
-        return None
-    try:
-        pattern = re.compile(mode[3:])
-    except re.error as err:
-        raise StepSplitError(f"split regex {mode[3:]!r} is invalid: {err}") from None
-    if pattern.fullmatch(""):
-        raise StepSplitError(f"split regex {mode[3:]!r} matches the empty string, so it would split everywhere")
-    return pattern
-
-
-def check_split_mode(mode: str) -> str:
-    """Validate a split mode without splitting anything (settings call this)."""
-    _split_pattern(mode)
-    return mode
-
-
-def split_steps(text: str, mode: str = DEFAULT_SPLIT, *, max_steps: int = 512,
-                max_chars: int = MAX_RESPONSE_CHARS) -> list[str]:
-    """Cut a response into steps.
-
-    mode: a literal separator (default a blank line, "\\n\\n"), "lines" (one step per line), or
-    "re:PATTERN" (a regex that matches the separators). Steps are stripped; blank ones dropped.
-    """
-    if not isinstance(text, str):
-        raise StepSplitError(f"response must be a string, got {type(text).__name__}")
-    if len(text) > max_chars:
-        raise StepSplitError(f"response has {len(text)} characters, over the limit of {max_chars}")
-    pattern = _split_pattern(mode)
-    if pattern is not None:
-        # Spans between matches, not re.split: a pattern with groups would put the groups in the steps.
-        pieces, start = [], 0
-        for m in pattern.finditer(text):
-            pieces.append(text[start:m.start()])
-            start = m.end()
-        pieces.append(text[start:])
-    elif mode == "lines":
-        pieces = text.splitlines()
-    else:
-        pieces = text.split(mode)
-    steps = [p.strip() for p in pieces if p.strip()]
-    if not steps:
-        raise StepSplitError("response has no steps: it is empty or whitespace only")
-    if len(steps) > max_steps:
-        raise StepSplitError(f"response splits into {len(steps)} steps, over the limit of {max_steps}")
-    return steps
 
 
 def plan_batches(lengths: list[int], max_batch: int, max_tokens: int | None = None) -> list[list[int]]:

@@ -14,12 +14,13 @@ import faust
 import structlog
 from aiokafka.errors import KafkaError
 
+from actprm.client.settings import aiokafka_options
 from actprm.streams.config import ProcessSettings
 from actprm.streams.control import run_control_consumer
 from actprm.streams.epoch import BrokerLink, WriteGate, guard_epoch, read_epoch, restart_this_process
 from actprm.streams.process import Process
 from actprm.streams.sender import Event, Sender
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 
 log = structlog.get_logger("actprm")
 
@@ -59,21 +60,6 @@ async def _handle(proc: Process, role: str, handler, events: list[Event]) -> Non
             log.warning("batch failed on a Kafka error; retrying", role=role, retry_in_s=delay, error=error)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 30.0)
-
-
-def aiokafka_options(k) -> dict:
-    """SASL/TLS settings as aiokafka client keyword arguments (admin, control consumer, tools)."""
-    if k.security_protocol == "PLAINTEXT":
-        return {}
-    import ssl
-
-    out: dict = {"security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        out["ssl_context"] = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-    if k.security_protocol.startswith("SASL"):
-        out |= {"sasl_mechanism": k.sasl_mechanism or "PLAIN", "sasl_plain_username": k.sasl_username,
-                "sasl_plain_password": k.sasl_password.get_secret_value() if k.sasl_password else None}
-    return out
 
 
 def _credentials(k):

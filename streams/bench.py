@@ -35,9 +35,9 @@ from actprm.model.checkpoints import CheckpointStore
 from actprm.model.prm import PRMConfig
 from actprm.model.steps import padding_stats, plan_batches
 from actprm.model.trainer import TrainerConfig, trainable_state
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.broker import EmbeddedBroker
-from actprm.streams.topics import Topics, ensure_topics
+from actprm.client.topics import Topics, ensure_topics
 
 
 from actprm.streams.agents import SCORER_TAKE as TAKE

@@ -10,34 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
+from actprm.client.settings import KafkaSettings, Section
 from actprm.model.config import ModelSettings
 from actprm.model.trainer import FitConfig, TrainerConfig
-
-
-class Section(BaseModel):
-    """One section of the settings: unknown keys are errors, and so is a bad value set later."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class KafkaSettings(Section):
-    bootstrap: str | None = Field(None, description="host:port[,host:port]; empty starts the embedded broker (memory only: everything is lost when it stops)")
-    topic_prefix: str = Field("actprm", pattern=r"^[A-Za-z0-9._-]+$", description="prefix of every topic name")
-    embedded_port: int | None = Field(None, ge=1, le=65535, description="port of the embedded broker (default: a free one; a daemon that restarts it keeps it)")
-    partitions: int = Field(4, ge=1, description="partitions of the trajectories topic (the most scorer processes that can share it)")
-    replication_factor: int = Field(1, ge=1, description="replication of the topics actprm creates (3 on a production cluster)")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
-        "at_least_once", description="exactly_once needs a real Kafka cluster (transactions); consumers dedupe by id either way")
-    session_timeout_s: float = Field(6.0, gt=0, description="consumer-group session timeout; a join takes about half of it")
-    fetch_max_wait_ms: int = Field(50, ge=1, le=1500, description="longest a consumer's fetch waits for data: the floor of "
-                                   "a message's latency through each hop (faust's own 1500 ms cost 0.7 s per gateway request)")
 
 
 class SelectionSettings(Section):

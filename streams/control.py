@@ -22,9 +22,9 @@ from typing import Annotated, Any
 import structlog
 from pydantic import TypeAdapter, ValidationError
 
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.config import SECTIONS
-from actprm.streams.messages import ControlAck, ControlCommand
+from actprm.client.messages import ControlAck, ControlCommand
 from actprm.streams.process import Process
 from actprm.streams.topics import read_from, started_reader
 

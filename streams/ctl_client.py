@@ -14,10 +14,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.control import sign
-from actprm.streams.messages import ControlAck, ControlCommand
-from actprm.streams.topics import Topics, partition_reader, read_from, unreachable
+from actprm.client.messages import ControlAck, ControlCommand
+from actprm.client.topics import Topics, unreachable
+from actprm.streams.topics import partition_reader, read_from
 
 MARKER_KEY = b"ctl-marker"
 

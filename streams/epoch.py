@@ -22,8 +22,8 @@ import uuid
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from actprm.streams import messages
-from actprm.streams.messages import BrokerEpoch
+from actprm.client import messages
+from actprm.client.messages import BrokerEpoch
 from actprm.streams.topics import partition_reader, read_from
 
 log = structlog.get_logger("actprm")

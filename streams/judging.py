@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from actprm.model.judges import Judge, JudgeError, JudgeRequest
 from actprm.model.uncertainty import predicted_first_error
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.config import SelectionSettings
 from actprm.streams.ledger import JUDGED, Ledger
-from actprm.streams.messages import AnnotationRequest, Label
+from actprm.client.messages import AnnotationRequest, Label
 from actprm.streams.sender import Event, Observer, Sender
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 
 
 @dataclass

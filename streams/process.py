@@ -27,7 +27,7 @@ from actprm.streams.rounds import KeeperRole
 from actprm.streams.scoring import ScorerRole
 from actprm.streams.sender import LastError, Sender
 from actprm.streams.swap import serving_status
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from actprm.streams.training import TrainerRole
 
 ROLES = ("scorer", "judge", "trainer")

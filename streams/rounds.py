@@ -19,11 +19,11 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.ledger import ADMITTED, META, Ledger
-from actprm.streams.messages import AnnotationRequest
+from actprm.client.messages import AnnotationRequest
 from actprm.streams.sender import Event, Sender
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 
 
 class RoundState(BaseModel):

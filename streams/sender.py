@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.epoch import WriteGate
 
 log = structlog.get_logger("actprm")

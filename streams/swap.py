@@ -22,8 +22,8 @@ import structlog
 from actprm.model.build import apply_version
 from actprm.model.checkpoints import CheckpointError, CheckpointStore
 from actprm.model.prm import EnsembleHeads, EnsemblePRM
-from actprm.streams import messages
-from actprm.streams.messages import ModelVersion
+from actprm.client import messages
+from actprm.client.messages import ModelVersion
 from actprm.streams.sender import LastError, Observer
 from actprm.streams.topics import read_from, started_reader
 

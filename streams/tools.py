@@ -11,9 +11,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from tqdm import tqdm
 
-from actprm.streams import messages
-from actprm.streams.messages import Trajectory
-from actprm.streams.topics import Topics, unreachable
+from actprm.client import messages
+from actprm.client.messages import Trajectory
+from actprm.client.topics import Topics, unreachable
 
 TAILABLE = {"rewards": "rewards", "labels": "labels", "annotations": "annotations", "candidates": "candidates",
             "versions": "versions", "dead-letters": "dead_letters", "trajectories": "trajectories",

@@ -1,121 +1,16 @@
-"""Topic names, the schema each topic carries, and idempotent topic creation."""
+"""Readers in no consumer group, for the daemon's one-partition topics (control, acks, epoch,
+versions). Topic names and creation are the client's (actprm.client.topics), shared with RL clients."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from .messages import (
-    AnnotationRequest,
-    BrokerEpoch,
-    ControlAck,
-    ControlCommand,
-    DeadLetter,
-    Label,
-    Message,
-    ModelVersion,
-    Reward,
-    Trajectory,
-)
-
 log = structlog.get_logger("actprm")
-
-# Kafka's own rule for topic names (249 minus room for our longest suffix).
-_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")
-_TOPIC_ALREADY_EXISTS = 36
-
-
-class TopicSetupError(RuntimeError):
-    """The broker refused to create a topic for a reason other than it existing already."""
-
-
-class KafkaUnreachable(ConnectionError):
-    """No broker answered at the bootstrap address; the message is one line, for the CLI."""
-
-
-def unreachable(bootstrap: str, err: Exception) -> KafkaUnreachable:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return KafkaUnreachable(f"cannot reach Kafka at {bootstrap} ({reason}); check the address (--bootstrap, "
-                            "ACTPRM_KAFKA__BOOTSTRAP or kafka.bootstrap in --config), that the broker is up, "
-                            "and the kafka.security_protocol / SASL settings")
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Every topic the service uses, named f"{prefix}.<kind>"; a prefix per run or test keeps them apart."""
-
-    prefix: str = "actprm"
-
-    def __post_init__(self) -> None:
-        if not _PREFIX.fullmatch(self.prefix):
-            raise ValueError(f"topic prefix {self.prefix!r} must be 1-200 of [A-Za-z0-9._-]")
-
-    @property
-    def trajectories(self) -> str:
-        return f"{self.prefix}.trajectories"
-
-    @property
-    def rewards(self) -> str:
-        return f"{self.prefix}.rewards"
-
-    @property
-    def candidates(self) -> str:
-        # Scorers propose here; the one round keeper admits within budget to `annotations`.
-        return f"{self.prefix}.candidates"
-
-    @property
-    def annotations(self) -> str:
-        return f"{self.prefix}.annotations"
-
-    @property
-    def labels(self) -> str:
-        return f"{self.prefix}.labels"
-
-    @property
-    def versions(self) -> str:
-        return f"{self.prefix}.versions"
-
-    @property
-    def control(self) -> str:
-        return f"{self.prefix}.control"
-
-    @property
-    def acks(self) -> str:
-        return f"{self.prefix}.acks"
-
-    @property
-    def dead_letters(self) -> str:
-        return f"{self.prefix}.dead_letters"
-
-    @property
-    def epoch(self) -> str:
-        return f"{self.prefix}.epoch"
-
-    def all(self) -> tuple[str, ...]:
-        return tuple(schemas_by_topic(self))
-
-
-def schemas_by_topic(topics: Topics) -> dict[str, type[Message]]:
-    """The one schema each topic carries."""
-    return {
-        topics.trajectories: Trajectory,
-        topics.rewards: Reward,
-        topics.candidates: AnnotationRequest,
-        topics.annotations: AnnotationRequest,
-        topics.labels: Label,
-        topics.versions: ModelVersion,
-        topics.control: ControlCommand,
-        topics.acks: ControlAck,
-        topics.dead_letters: DeadLetter,
-        topics.epoch: BrokerEpoch,
-    }
 
 
 def partition_reader(bootstrap: str, **kafka_options: Any) -> AIOKafkaConsumer:
@@ -151,59 +46,3 @@ async def read_from(reader: AIOKafkaConsumer, topic: str, offset: int | None = N
     else:
         reader.seek(tp, offset)
     return tp
-
-
-def topic_specs(topics: Topics, partitions: int = 1, replication_factor: int = 1) -> list[NewTopic]:
-    """What ensure_topics() creates; `partitions` applies to the data topics only."""
-    if partitions < 1 or replication_factor < 1:
-        raise ValueError("partitions and replication_factor must be at least 1")
-    # Control, acks and versions stay on one partition so every reader sees them in one order;
-    # candidates too, so the single round keeper admits them in one order against one budget.
-    single = {topics.control, topics.acks, topics.versions, topics.candidates, topics.epoch}
-    # Compaction keeps the latest record per key (the version number) forever. Tansu 0.6 accepts
-    # and stores cleanup.policy=compact (checked with describe_configs); readers still dedupe.
-    configs = {topics.versions: {"cleanup.policy": "compact"}}
-    return [
-        NewTopic(
-            name,
-            num_partitions=1 if name in single else partitions,
-            replication_factor=replication_factor,
-            topic_configs=configs.get(name, {}),
-        )
-        for name in topics.all()
-    ]
-
-
-async def ensure_topics(
-    bootstrap: str,
-    topics: Topics,
-    partitions: int = 1,
-    *,
-    replication_factor: int = 1,
-    **admin_options: Any,
-) -> list[str]:
-    """Create any missing topic; returns the names created now. Existing topics are left as they
-    are (partition count and config included). `admin_options` go to AIOKafkaAdminClient (SASL/TLS)."""
-    specs = topic_specs(topics, partitions, replication_factor)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **admin_options)
-    try:
-        await admin.start()
-    except KafkaConnectionError as err:
-        await admin.close()
-        raise unreachable(bootstrap, err) from None
-    try:
-        response = await admin.create_topics(specs)
-    finally:
-        await admin.close()
-    created, failures = [], []
-    # create_topics reports per-topic errors in the response instead of raising.
-    for err in response.topic_errors:
-        name, code = err[0], err[1]
-        message = err[2] if len(err) > 2 else None  # older protocol versions carry no message
-        if code == 0:
-            created.append(name)
-        elif code != _TOPIC_ALREADY_EXISTS:
-            failures.append(f"{name}: error {code} {message or ''}".strip())
-    if failures:
-        raise TopicSetupError(f"could not create topics on {bootstrap}: {'; '.join(failures)}")
-    return created

@@ -33,13 +33,13 @@ from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
 from actprm.model.prequential import OnlineWindow, score_label
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.journal import Journal
 from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
-from actprm.streams.messages import Label, ModelVersion
+from actprm.client.messages import Label, ModelVersion
 from actprm.streams.rounds import RoundKeeper
 from actprm.streams.sender import Event, LastError, Sender
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 
 log = structlog.get_logger("actprm")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from actprm.model.checkpoints import CheckpointStore
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, manifests, read_topic, wait_until
 from helpers_fault_summary import SummaryRow
 from helpers_faulty_judge import FaultyJudge, tagged_stream

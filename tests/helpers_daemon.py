@@ -19,8 +19,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from actprm.model.checkpoints import CheckpointStore
-from actprm.streams import messages
-from actprm.streams.topics import Topics, schemas_by_topic
+from actprm.client import messages
+from actprm.client.topics import Topics, schemas_by_topic
 
 ACTPRM = str(Path(sys.executable).with_name("actprm"))
 

@@ -7,10 +7,10 @@ import asyncio
 
 from actprm.daemon.run import build_process
 from actprm.daemon.settings import Settings
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.process import ROLES, Process
 from actprm.streams.sender import Event, Sender
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 
 
 def memory_sender(dead_letters: str) -> tuple[Sender, list[tuple[str, bytes | None, bytes]]]:

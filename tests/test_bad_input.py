@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actprm.streams import messages
-from actprm.streams.messages import MAX_REASON_CHARS, MessageError, Trajectory
+from actprm.client import messages
+from actprm.client.messages import MAX_REASON_CHARS, MessageError, Trajectory
 
 VALID = {"id": "t-1", "problem": "2+2?", "steps": ["2+2=4", "so 4"], "schema_version": 1}
 SEPARATORS = ["<|im_end|>", "</s>", "<|endoftext|>", "\n\n", "ки", "<extra_0>", "\x00"]
@@ -133,7 +133,7 @@ def test_malformed_messages_through_a_running_daemon_become_dead_letters_and_the
     trajectories on the trajectories topic: each malformed one is a dead letter with a reason,
     every valid one is rewarded, and the worker never stops."""
     from actprm.streams.tools import synthetic_trajectories
-    from actprm.streams.topics import Topics
+    from actprm.client.topics import Topics
     from helpers_daemon import Daemon, read_topic
     from helpers_kafka_io import produce_raw
 

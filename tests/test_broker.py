@@ -18,8 +18,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from actprm.streams import broker as broker_module
 from actprm.streams.broker import BrokerError, EmbeddedBroker
-from actprm.streams.messages import Trajectory, decode, encode
-from actprm.streams.topics import Topics, ensure_topics, schemas_by_topic
+from actprm.client.messages import Trajectory, decode, encode
+from actprm.client.topics import Topics, ensure_topics, schemas_by_topic
 
 pytestmark = pytest.mark.broker
 

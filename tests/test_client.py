@@ -8,9 +8,9 @@ import time
 import pytest
 
 from actprm.daemon.settings import KafkaSettings
-from actprm.streams.client import (ItemError, RewardClient, RewardTimeout, StaleRewardError, reduce_steps,
+from actprm.client.kafka import (ItemError, RewardClient, RewardTimeout, StaleRewardError, reduce_steps,
                                    to_trajectory)
-from actprm.streams.messages import Reward
+from actprm.client.messages import Reward
 from helpers_daemon import Daemon, publish
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from actprm.daemon.cli import app
 from actprm.daemon.ctl import format_status, overall
 from actprm.daemon.settings import Settings
-from actprm.streams import messages
+from actprm.client import messages
 from actprm.streams.control import (
     apply_setting,
     handle_command,
@@ -27,12 +27,12 @@ from actprm.streams.control import (
 )
 from actprm.streams.ctl_client import CtlError, asend_command
 from actprm.streams.ledger import META, PENDING, TRAINED
-from actprm.streams.messages import ControlAck, ControlCommand, Label
+from actprm.client.messages import ControlAck, ControlCommand, Label
 from actprm.streams.process import Process
 from actprm.streams.sender import Sender
 from actprm.streams.training import LABELS_FROM_ROUND
 from helpers_roles import event, memory_process, sent_to
-from actprm.streams.topics import Topics, ensure_topics
+from actprm.client.topics import Topics, ensure_topics
 
 SECRET = "s3cret"
 NOW = 1_000_000.0

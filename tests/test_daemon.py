@@ -13,9 +13,9 @@ from collections import Counter
 import pytest
 
 from actprm.streams.tools import synthetic_trajectories
-from actprm.streams.messages import Trajectory
+from actprm.client.messages import Trajectory
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, manifests, publish, read_topic, wait_until
 from helpers_faulty_judge import FaultyJudge
 

@@ -216,7 +216,7 @@ def test_out_of_memory_during_an_update_keeps_serving_and_the_labels_pending(tmp
     from actprm.model.checkpoints import CheckpointStore
     from actprm.model.trainer import Trainer, TrainerConfig, trainable_state
     from actprm.streams.ledger import PENDING, Ledger
-    from actprm.streams.messages import Label
+    from actprm.client.messages import Label
     from actprm.streams.training import UpdateLoop
     from helpers_model import synthetic_samples, tiny_prm
 

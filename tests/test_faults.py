@@ -15,7 +15,7 @@ import time
 import pytest
 
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
 from helpers_crash_trials import run_crash_trials
 from helpers_fault_summary import format_summary

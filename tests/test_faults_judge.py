@@ -15,7 +15,7 @@ import pytest
 
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, read_topic
 from helpers_faulty_judge import RETRYABLE_MODES, FaultyJudge, with_mode
 

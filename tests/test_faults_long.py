@@ -16,7 +16,7 @@ import pytest
 from actprm.model.checkpoints import CheckpointStore
 from actprm.streams.broker import EmbeddedBroker
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, wait_until
 from helpers_crash_trials import run_crash_trials
 from helpers_fault_summary import SUMMARY_FILE, SummaryRow, format_summary

@@ -17,7 +17,7 @@ from actprm.daemon.settings import KafkaSettings
 from actprm.model.checkpoints import WEIGHTS, CheckpointStore
 from actprm.streams.agents import _credentials, aiokafka_options
 from actprm.streams.control import sign
-from actprm.streams.messages import ControlCommand
+from actprm.client.messages import ControlCommand
 from helpers_daemon import Daemon, wait_until
 from helpers_network import free_port
 from helpers_processes import listen_addresses, listening_sockets

@@ -22,7 +22,7 @@ import pytest
 
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, consumed_ids, read_topic, wait_until
 from helpers_network import free_port
 from helpers_trainer_faults import fault_hook_env

@@ -16,9 +16,9 @@ import pytest
 from actprm.daemon.bench_gateway import _scorer_batches, bench_gateway
 from actprm.daemon.gateway import OpenRLHFRequest, openrlhf_answer, openrlhf_items, split_query
 from actprm.daemon.settings import GatewaySettings
-from actprm.streams.client import ItemError
-from actprm.streams.messages import Reward
-from actprm.streams.topics import Topics
+from actprm.client.kafka import ItemError
+from actprm.client.messages import Reward
+from actprm.client.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
 
 PROMPT = "<|im_start|>user\nWhat is 2+3*4?<|im_end|>\n<|im_start|>assistant\n"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from actprm.streams.messages import (
+from actprm.client.messages import (
     ALL_SCHEMAS,
     MAX_REASON_CHARS,
     AnnotationRequest,
@@ -28,7 +28,7 @@ from actprm.streams.messages import (
     decode,
     encode,
 )
-from actprm.streams.topics import Topics, schemas_by_topic
+from actprm.client.topics import Topics, schemas_by_topic
 
 EXAMPLES: list[Message] = [
     Trajectory(

@@ -17,7 +17,7 @@ import pytest
 
 from actprm.streams.tools import synthetic_trajectories
 from actprm.streams.tools import produce_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
 from helpers_network import free_port
 

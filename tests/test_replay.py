@@ -13,7 +13,7 @@ from actprm.model.checkpoints import CheckpointStore
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig, plan_minibatches, trainable_state
 from actprm.streams.ledger import Ledger
-from actprm.streams.messages import Label
+from actprm.client.messages import Label
 from actprm.streams.training import UpdateLoop
 
 from helpers_model import synthetic_samples, tiny_prm, torch_one_thread  # noqa: F401

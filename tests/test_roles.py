@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from actprm.daemon.settings import Settings
-from actprm.streams.messages import AnnotationRequest, DeadLetter, Label, ModelVersion, Reward, Trajectory
-from actprm.streams.messages import encode
+from actprm.client.messages import AnnotationRequest, DeadLetter, Label, ModelVersion, Reward, Trajectory
+from actprm.client.messages import encode
 from actprm.streams.sender import Event
 from actprm.streams.tools import synthetic_trajectories
 from helpers_roles import event, memory_process, sent_to
@@ -55,10 +55,38 @@ def test_the_scorer_rewards_each_trajectory_once_and_dead_letters_what_it_cannot
     assert len(dead) == 1 and dead[0].offset == 9
 
     before = len(proc.sent)
-    run(proc.scorer.on_trajectories([event(t.trajectories, x) for x in stream[:2]]))  # redelivered
+    run(proc.scorer.on_trajectories([event(t.trajectories, x, i) for i, x in enumerate(stream[:2])]))  # redelivered
     assert len(proc.sent) == before and proc.scorer.counts["duplicates_skipped"] == 2
     st = proc.status()
     assert (st["scored"], st["selected"], st["dead_lettered"], st["selected_pct"]) == (5, 5, 1, 100.0)
+
+
+def test_a_retry_in_a_new_record_gets_the_kept_reward_again_without_a_second_score_or_charge(proc):
+    t = proc.topics
+    stream = trajectories(3)
+    run(proc.scorer.on_trajectories([event(t.trajectories, x, i) for i, x in enumerate(stream)]))
+    first = {r.id: r for r in sent_to(proc.sent, t.rewards, Reward)}
+    candidates = len(sent_to(proc.sent, t.candidates, AnnotationRequest))
+    # A caller's retry is the same id in a later record (client ids come from the content).
+    run(proc.scorer.on_trajectories([event(t.trajectories, stream[1], 10)]))
+    again = sent_to(proc.sent, t.rewards, Reward)[3:]
+    assert [r.id for r in again] == [stream[1].id] and again[0] == first[stream[1].id]  # the same reward, resent
+    assert len(sent_to(proc.sent, t.candidates, AnnotationRequest)) == candidates  # not selected (charged) again
+    assert proc.scorer.counts["scored"] == 3 and proc.scorer.counts["rewards_resent"] == 1
+
+
+def test_with_the_gold_label_judge_a_sample_without_gold_is_never_selected(proc):
+    t = proc.topics
+    proc.scorer.needs_gold = True
+    gold, no_gold = trajectories(2)
+    no_gold = no_gold.model_copy(update={"gold_first_error": None})
+    gold = gold.model_copy(update={"gold_first_error": 0})
+    run(proc.scorer.on_trajectories([event(t.trajectories, gold, 0), event(t.trajectories, no_gold, 1)]))
+    rewards = {r.id: r for r in sent_to(proc.sent, t.rewards, Reward)}
+    assert set(rewards) == {gold.id, no_gold.id}  # both rewarded (strategy full: both uncertain)
+    assert rewards[gold.id].selected and not rewards[no_gold.id].selected
+    assert [c.id for c in sent_to(proc.sent, t.candidates, AnnotationRequest)] == [gold.id]
+    assert proc.scorer.counts["not_selected_no_gold"] == 1
 
 
 def request(trajectory: Trajectory, round_id: int = 0) -> AnnotationRequest:

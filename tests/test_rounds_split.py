@@ -11,9 +11,9 @@ import pytest
 
 from actprm.streams.ctl_client import CtlError, send_command
 from actprm.model.checkpoints import CheckpointStore
-from actprm.streams.messages import ControlCommand
+from actprm.client.messages import ControlCommand
 from actprm.streams.tools import produce_trajectories, synthetic_trajectories
-from actprm.streams.topics import Topics
+from actprm.client.topics import Topics
 from helpers_daemon import Daemon, consumed_ids, read_topic, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from actprm.model.steps import StepSplitError, check_split_mode, split_steps
-from actprm.streams import messages
-from actprm.streams.messages import MAX_STEPS, MessageError, Trajectory
+from actprm.client.steps import StepSplitError, check_split_mode, split_steps
+from actprm.client import messages
+from actprm.client.messages import MAX_STEPS, MessageError, Trajectory
 
 
 def test_default_split_is_a_blank_line_and_strips_steps():

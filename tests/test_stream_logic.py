@@ -20,8 +20,8 @@ from actprm.model.trainer import Trainer, TrainerConfig, trainable_state
 from actprm.model.uncertainty import make_selector
 from actprm.streams.judging import judge_once
 from actprm.streams.ledger import ADMITTED, CANARY, PENDING, SCORED, TRAINED, Ledger
-from actprm.streams.messages import AnnotationRequest, Label, Trajectory
-from actprm.streams import messages
+from actprm.client.messages import AnnotationRequest, Label, Trajectory
+from actprm.client import messages
 from actprm.streams.rounds import Admission, RoundKeeper, in_round
 from actprm.streams.scoring import mark_scored, score_batch
 from actprm.streams.swap import ServedModel, VersionFollower, load_for_swap

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Self, TypeVar
 
+from actprm.client.steps import DEFAULT_SPLIT, StepSplitError, split_steps
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
@@ -72,7 +73,7 @@ class Trajectory(Message):
     """One policy rollout split into steps, sent by the RL run to be scored.
 
     A producer may send `response` (raw text) instead of `steps`, with an optional `split` mode
-    (model.steps.split_steps: a separator, default a blank line, "lines" or "re:PATTERN"); the
+    (actprm.client.steps.split_steps: a separator, default a blank line, "lines" or "re:PATTERN"); the
     text is split here, so every reader gets `steps` and nothing else."""
 
     id: MessageId
@@ -97,8 +98,6 @@ class Trajectory(Message):
             if not has_steps:
                 raise ValueError("give steps (a list of strings) or response (text to split into steps)")
             return data
-        from actprm.model.steps import DEFAULT_SPLIT, StepSplitError, split_steps  # torch: only when needed
-
         data = dict(data)
         response, mode = data.pop("response"), data.pop("split", DEFAULT_SPLIT)
         if not isinstance(mode, str):
