@@ -93,6 +93,17 @@ def read_manifests(root: Path) -> tuple[list[dict], list[str]]:
         # Only the count matters here; a long run's manifests list millions of ids.
         m["n_consumed"] = len(m.pop("consumed_label_ids", None) or [])
         found.append(m)
+    # Pruned versions' manifests, compacted into CHECKPOINT_DIR/index/*.jsonl (a version in both
+    # places, from a prune cut short, counts once).
+    have = {m["version"] for m in found}
+    for seg in sorted((root / "index").glob("*.jsonl")):
+        rows, _ = read_jsonl(seg)
+        for m in rows:
+            if isinstance(m.get("version"), int) and m["version"] not in have:
+                m["n_consumed"] = m.get("n_consumed") or len(m.pop("consumed_label_ids", None) or [])
+                m.pop("consumed_label_ids", None)
+                have.add(m["version"])
+                found.append(m)
     return sorted(found, key=lambda m: m["version"]), bad
 
 

@@ -2,7 +2,12 @@
 
 Layout: ``ROOT/v000007/{weights.safetensors, manifest.json}``. A version is written into a
 temporary directory, flushed, and renamed into place, so a crash never leaves a half version
-visible. Versions only grow: a rollback writes a new version holding an old version's weights.
+visible. ``ROOT/LATEST`` names the newest version (written to a temporary name, then renamed),
+so finding it costs one small read and two stats at any age of the run; the directory is listed
+only to recover a missing or unreadable pointer. Pruned versions leave no directory: their
+manifests (less the settings and PRM config, which only a loadable version needs) are appended
+to ``ROOT/index/NNNNNN.jsonl``, one file per 1,000 versions: about 0.4 KB a version plus its
+consumed label ids, so a new ledger can still be rebuilt from the history. Versions only grow: a rollback writes a new version holding an old version's weights.
 Only what the training mode changes is stored (heads, heads+LoRA, or everything) plus a
 reference to the backbone, so a swap moves megabytes in ``heads``/``lora`` modes.
 Loading checks the weights' sha256 against the manifest; pickles are never loaded.
@@ -17,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +35,11 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
-PRUNED = "PRUNED"  # marks a version whose weights retention removed; its manifest stays
+PRUNED = "PRUNED"  # an older layout's marker of a pruned version (its directory is now compacted)
+POINTER = "LATEST"  # {"version": N}: the newest version
+INDEX = "index"  # the compacted manifests of pruned versions
+INDEX_SEGMENT = 1000  # versions per index file: a lookup reads at most this many lines
+_COMPACT_DROP = ("settings", "prm")  # only a loadable version needs these
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -50,6 +60,7 @@ class Manifest(BaseModel):
     consumed_label_ids: list[str] = Field(default_factory=list, description="label ids trained on in this update")
     rolled_back_from: int | None = None
     sha256: str = ""
+    n_consumed: int | None = Field(None, description="a compacted manifest: how many label ids it consumed")
 
 
 def _sha256(path: Path) -> str:
@@ -75,8 +86,11 @@ class CheckpointStore:
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
 
-    def versions(self, with_weights: bool = False) -> list[int]:
-        """Every published version (a pruned one keeps its manifest); `with_weights`: loadable ones."""
+    def _segment(self, version: int) -> Path:
+        return self.root / INDEX / f"{version // INDEX_SEGMENT:06d}.jsonl"
+
+    def _dir_versions(self, with_weights: bool = False) -> list[int]:
+        """Versions that still have a directory: the unpruned ones (bounded by keep_versions)."""
         if not self.root.is_dir():
             return []
         found = []
@@ -86,15 +100,73 @@ class CheckpointStore:
                 found.append(int(m.group(1)))
         return sorted(found)
 
+    def _index_rows(self, since: int = 0):
+        folder = self.root / INDEX
+        if not folder.is_dir():
+            return
+        for seg in sorted(folder.glob("*.jsonl")):
+            if not seg.stem.isdigit() or (int(seg.stem) + 1) * INDEX_SEGMENT <= since:
+                continue
+            yield from _read_segment(seg)
+
+    def versions(self, with_weights: bool = False, since: int = 0) -> list[int]:
+        """Published versions from `since` on (a pruned one stays in the index); `with_weights`:
+        loadable ones only, which never reads the index."""
+        found = {v for v in self._dir_versions(with_weights) if v >= since}
+        if not with_weights:
+            found |= {row["version"] for row in self._index_rows(since) if row["version"] >= since}
+        return sorted(found)
+
+    def has(self, version: int) -> bool:
+        """Whether `version` was published (one stat, or one index file for a pruned version)."""
+        if version < 0:
+            return False
+        if (self._dir(version) / MANIFEST).is_file():
+            return True
+        seg = self._segment(version)
+        return seg.is_file() and any(row["version"] == version for row in _read_segment(seg))
+
     def latest(self) -> int | None:
-        versions = self.versions()
-        return versions[-1] if versions else None
+        """The newest version: the pointer, then a step past any version written after it (a
+        writer that died between its rename and its pointer). Lists the directory only when the
+        pointer is missing or names no version."""
+        try:
+            version = int(json.loads((self.root / POINTER).read_text())["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self._recover_latest()
+        if not (self._dir(version) / MANIFEST).is_file():
+            return self._recover_latest()
+        while (self._dir(version + 1) / MANIFEST).is_file():
+            version += 1
+        return version
+
+    def _recover_latest(self) -> int | None:
+        versions = self._dir_versions()
+        index_max = max((row["version"] for row in self._index_rows(versions[-1] if versions else 0)), default=None)
+        latest = max([v for v in (versions[-1] if versions else None, index_max) if v is not None], default=None)
+        if latest is not None and (self._dir(latest) / MANIFEST).is_file():
+            self._write_pointer(latest)  # the next call is O(1) again
+        return latest
+
+    def _write_pointer(self, version: int) -> None:
+        # Best effort: a stale or missing pointer is corrected by latest() itself.
+        tmp = self.root / f".{POINTER}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            tmp.write_text(json.dumps({"version": version}))
+            os.rename(tmp, self.root / POINTER)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
     def manifest(self, version: int) -> Manifest:
+        """A version's manifest; a pruned version's compacted one comes from the index."""
         path = self._dir(version) / MANIFEST
         try:
             return Manifest.model_validate_json(path.read_text())
         except FileNotFoundError:
+            seg = self._segment(version)
+            for row in _read_segment(seg) if seg.is_file() else ():
+                if row["version"] == version:
+                    return Manifest.model_validate(row)
             raise CheckpointError(f"no version {version} in {self.root}") from None
         except ValueError as err:
             raise CheckpointError(f"manifest {path} is invalid: {str(err).splitlines()[0]}") from None
@@ -107,7 +179,7 @@ class CheckpointStore:
                 raise CheckpointError(f"no checkpoint versions in {self.root}")
         manifest = self.manifest(version)
         weights = self._dir(version) / WEIGHTS
-        if (self._dir(version) / PRUNED).exists():
+        if (self._dir(version) / PRUNED).exists() or not (self._dir(version) / MANIFEST).is_file():
             raise CheckpointError(f"version {version}'s weights were pruned (update.keep_versions keeps the newest); "
                                   f"versions with weights: {self.versions(with_weights=True)}")
         if not weights.is_file():
@@ -152,6 +224,7 @@ class CheckpointStore:
                             os.fsync(fh.fileno())
                     os.rename(tmp, self._dir(saved.version))  # the atomic step
                     _fsync_dir(self.root)
+                    self._write_pointer(saved.version)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         except OSError as err:
@@ -169,20 +242,35 @@ class CheckpointStore:
 
     def prune(self, keep_last: int) -> list[int]:
         """Remove the weights of every version but version 0 and the newest `keep_last`; returns
-        the versions pruned now. Manifests stay: the history of parents, metrics and consumed
-        label ids (what makes "trained once" checkable) never shrinks. 0 keeps everything.
+        the versions pruned now. Their manifests are compacted into the index (parents, kinds,
+        metrics and consumed label ids stay) and their directories removed, so the store holds about `keep_last`
+        directories at any age. 0 keeps everything.
 
         Why: an update every minute for weeks is tens of thousands of versions; only the newest
         are ever served or rolled back to."""
         if keep_last <= 0:
             return []
-        pruned = []
         with self._writer_lock():
-            for v in self.versions(with_weights=True)[1:-keep_last]:  # [0] is the initial version
-                folder = self._dir(v)
-                (folder / PRUNED).touch()  # first: a crash between the two steps leaves a clear error, not a bad file
-                (folder / WEIGHTS).unlink(missing_ok=True)
-                pruned.append(v)
+            loadable = self._dir_versions(with_weights=True)
+            pruned = loadable[1:-keep_last]  # [0] is the initial version
+            marked = sorted(set(self._dir_versions()) - set(loadable))  # pruned by an older layout
+            rows: dict[Path, list[str]] = {}
+            for v in sorted(pruned + marked):
+                m = json.loads((self._dir(v) / MANIFEST).read_text())
+                m["n_consumed"] = len(m.get("consumed_label_ids") or [])
+                for k in _COMPACT_DROP:
+                    m.pop(k, None)
+                rows.setdefault(self._segment(v), []).append(json.dumps(m, separators=(",", ":")))
+            # First the index (flushed), then the directories: a crash between the two leaves a
+            # version in both places, which reads the same.
+            for seg, lines in rows.items():
+                seg.parent.mkdir(exist_ok=True)
+                with seg.open("a") as f:
+                    f.write("\n".join(lines) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            for v in sorted(pruned + marked):
+                shutil.rmtree(self._dir(v), ignore_errors=True)
         return pruned
 
     def clean_partial(self) -> int:
@@ -196,6 +284,23 @@ class CheckpointStore:
             for p in stale:
                 shutil.rmtree(p, ignore_errors=True)
         return len(stale)
+
+
+def _read_segment(path: Path) -> list[dict]:
+    """The rows of one index file; a torn last line (a crash mid-append) is skipped."""
+    rows = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("version"), int):
+            rows.append(row)
+    return rows
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[CheckpointStore, int | None]:

@@ -79,7 +79,7 @@ class UpdateLoop:
         if latest is None:
             raise CheckpointError(f"no version in {self.store.root}; publish an initial version first")
         with self.ledger.transaction():
-            for v in self.store.versions():
+            for v in self.store.versions(since=known + 1):  # only those after the ledger's mark
                 if v > known:
                     mark_trained(self.ledger, self.store.manifest(v).consumed_label_ids, v)
             self.ledger.put(META, "trained_through", latest)
@@ -322,9 +322,10 @@ class TrainerRole:
     async def rollback(self, version: int | None) -> Manifest:
         """Publish a new version with the weights of `version`; training continues from it."""
         loop = asyncio.get_running_loop()
-        versions = await loop.run_in_executor(self.pool, self.store.versions)  # a directory listing, maybe NFS
-        if version is None or version not in versions:
-            raise ValueError(f"version {version} does not exist (have {versions[0]}..{versions[-1]})" if versions
+        exists = version is not None and await loop.run_in_executor(self.pool, self.store.has, version)  # maybe NFS
+        if not exists:
+            latest = await loop.run_in_executor(self.pool, self.store.latest)
+            raise ValueError(f"version {version} does not exist (have 0..{latest})" if latest is not None
                              else f"version {version} does not exist (no versions yet)")
         # The training thread: never while an update writes, and the next update starts from it.
         manifest = await loop.run_in_executor(self.pool, self.store.rollback, version)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from actprm.model.build import load_prm, publish_initial
-from actprm.model.checkpoints import MANIFEST, WEIGHTS, CheckpointError, CheckpointStore
+from actprm.model.checkpoints import INDEX, MANIFEST, POINTER, PRUNED, WEIGHTS, CheckpointError, CheckpointStore
 from actprm.model.trainer import LabelledSample, Trainer, TrainerConfig, trainable_state
 from helpers_model import tiny_prm, torch_one_thread  # noqa: F401  (autouse fixture)
 
@@ -104,7 +104,13 @@ def test_prune_keeps_v0_the_newest_weights_and_every_manifest(tmp_path):
     assert store.prune(2) == []  # idempotent
     assert store.versions() == [0, 1, 2, 3, 4, 5, 6]  # the history stays
     assert store.versions(with_weights=True) == [0, 5, 6]
+    # Pruned versions leave no directory: their manifests are compacted into the index, which
+    # keeps what each consumed.
+    assert sorted(p.name for p in tmp_path.glob("v*")) == ["v000000", "v000005", "v000006"]
     assert [l for v in store.versions() for l in store.manifest(v).consumed_label_ids] == [f"l{v}" for v in range(1, 7)]
+    assert [store.manifest(v).n_consumed for v in range(1, 5)] == [1, 1, 1, 1]
+    assert store.manifest(6).consumed_label_ids == ["l6"] and store.manifest(3).parent == 2
+    assert store.has(3) and not store.has(9)
     _assert_same(_tensors(0), store.load(0)[1])
     _assert_same(_tensors(6), store.load()[1])
     with pytest.raises(CheckpointError, match=r"version 3's weights were pruned .*\[0, 5, 6\]"):
@@ -324,3 +330,80 @@ def test_load_prm_scores_identically_to_the_saved_prm(tmp_path, mode):
     # Version 0 reloads the untrained heads; a version directory path works too.
     old, _ = load_prm(tmp_path / "v000000")
     assert [s.mu for s in old.score(PROBE)] == [s.mu for s in initial_scores]
+
+
+def _synthetic_store(root: Path, n_versions: int, keep: int = 50) -> CheckpointStore:
+    """A store as a long run leaves it: `n_versions` versions, all but v0 and the newest `keep`
+    compacted into the index, the newest ones as directories (a manifest without weights)."""
+    index = root / INDEX
+    index.mkdir(parents=True)
+    newest = range(n_versions - keep, n_versions)
+    for seg in range(0, n_versions - keep, 1000):
+        rows = [json.dumps({"version": v, "parent": v - 1, "kind": "update", "n_consumed": 16})
+                for v in range(max(seg, 1), min(seg + 1000, n_versions - keep))]
+        (index / f"{seg // 1000:06d}.jsonl").write_text("\n".join(rows) + "\n")
+    for v in [0, *newest]:
+        (root / f"v{v:06d}").mkdir()
+        (root / f"v{v:06d}" / MANIFEST).write_text(json.dumps({"version": v, "parent": v - 1 if v else None}))
+    return CheckpointStore(root)
+
+
+def test_latest_reads_the_pointer_not_the_directory(tmp_path, monkeypatch):
+    """At 200,000 versions the latest is found without listing anything, in the time of a
+    fresh store's; a missing or corrupt pointer is recovered by one listing."""
+    fresh = CheckpointStore(tmp_path / "fresh")
+    fresh.save(_tensors(0), {"kind": "init"})
+    big = _synthetic_store(tmp_path / "big", 200_000)
+    assert big.latest() == 199_999  # no pointer yet: recovered by listing, which writes the pointer
+    assert json.loads((big.root / POINTER).read_text()) == {"version": 199_999}
+
+    def no_listing(*_a, **_k):
+        raise AssertionError("latest() listed a directory")
+    monkeypatch.setattr(Path, "iterdir", no_listing)
+    monkeypatch.setattr(Path, "glob", no_listing)
+    monkeypatch.setattr(os, "scandir", no_listing)
+    monkeypatch.setattr(os, "listdir", no_listing)
+
+    def per_call(store: CheckpointStore) -> float:
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            store.latest()
+        return (time.perf_counter() - t0) / 2000
+    per_call(big)
+    assert big.latest() == 199_999 and fresh.latest() == 0
+    # Generous bound for a shared CPU: O(1) is a few stats, O(n) was 0.3 s at 40k versions.
+    assert per_call(big) < 3 * per_call(fresh) + 2e-4
+    assert big.has(150_000) and big.has(199_999) and not big.has(200_000)
+    assert big.manifest(123_456).n_consumed == 16  # one index file read, not the whole history
+
+
+def test_a_stale_corrupt_or_missing_pointer_still_gives_the_latest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for v in range(3):
+        store.save(_tensors(v), {"kind": "update"})
+    pointer = tmp_path / POINTER
+    pointer.write_text(json.dumps({"version": 1}))  # a writer killed between its rename and its pointer
+    assert store.latest() == 2
+    for bad in ("{not json", json.dumps({"version": 99}), ""):
+        pointer.write_text(bad)
+        assert store.latest() == 2
+        assert json.loads(pointer.read_text()) == {"version": 2}  # rewritten by the recovery
+    pointer.unlink()
+    assert store.latest() == 2 and pointer.exists()
+    assert store.save(_tensors(3), {}).version == 3 and json.loads(pointer.read_text()) == {"version": 3}
+
+
+def test_prune_compacts_an_older_layouts_marked_versions(tmp_path):
+    """A store pruned before the index existed (PRUNED markers, manifests in place) is compacted
+    by the next prune."""
+    store = CheckpointStore(tmp_path)
+    for v in range(5):
+        store.save(_tensors(v), {"kind": "update", "consumed_label_ids": [f"l{v}", "x"]})
+    for v in (1, 2):
+        (tmp_path / f"v{v:06d}" / PRUNED).touch()
+        (tmp_path / f"v{v:06d}" / WEIGHTS).unlink()
+    assert store.prune(2) == []  # v3, v4 are the newest two; v1, v2 were pruned already
+    assert store.versions() == [0, 1, 2, 3, 4] and store.versions(with_weights=True) == [0, 3, 4]
+    assert not (tmp_path / "v000001").exists() and store.manifest(2).n_consumed == 2
+    with pytest.raises(CheckpointError, match="pruned"):
+        store.load(1)
