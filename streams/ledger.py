@@ -1,5 +1,9 @@
 """Durable local state in rocksdict: which ids were scored, judged, trained, and round state.
 
+Dedupe keys (scored, admitted, judged, trained) are kept for a retention (default 7 days,
+Kafka's default topic retention) in whole time buckets, so the ledger's size follows the rate
+times the retention, not the run's age, and expiry is a range delete per bucket.
+
 Kept in our own store rather than faust tables because changelog recovery from the embedded
 broker can restore wrong state (see the broker notes). Raw mode: keys and values are bytes,
 values are JSON, so nothing is ever unpickled. Several writes that must land together go in
@@ -10,15 +14,16 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
-# Namespaces; a key is b"<namespace>/<id>".
-SCORED = "scored"  # trajectory id -> {"version" that scored it, "epoch" of the broker data it was sent in}
+# Namespaces; a key is b"<namespace>/<id>", or b"<namespace>@<bucket>/<id>" in an expiring one.
+SCORED = "scored"  # trajectory id -> {"version", "epoch", "at": [partition, offset], "reward"} (streams/scoring.py)
 ADMITTED = "admitted"  # trajectory id -> round id it was sent to the judge in
 JUDGED = "judged"  # trajectory id -> {"first_error"} or {"dead": reason}
 PENDING = "pending"  # label id -> the Label, received but not yet trained on
@@ -26,41 +31,137 @@ TRAINED = "trained"  # label id -> model version that consumed it (None: refused
 CANARY = "canary"  # label id -> the Label, held back from training to check each update
 META = "meta"  # small singletons: round state, counters
 
+# Dedupe keys, one per trajectory or label: they expire after the retention. The others (pending
+# labels, the canary, round state) are working state, small, and kept until their owner removes them.
+EXPIRING = frozenset({SCORED, ADMITTED, JUDGED, TRAINED})
+# Kafka's default log retention (retention.ms = 7 days): a redelivery cannot be older than the
+# data it redelivers, so a dedupe key older than the topics' retention guards nothing.
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+BUCKETS = 7  # a retention spans this many buckets: a get checks BUCKETS + 1 keys (one multi-get)
+_LEGACY_DROP_AT = "ledger_legacy_drop_at"  # META: when unbucketed keys of an older layout go
+
+# RocksDB's memory, bounded whatever the ledger's size (RocksDB's defaults let table readers'
+# index and filter blocks grow with the data): memtables, and one block cache that also holds
+# the index and filter blocks.
+WRITE_BUFFER_BYTES = 16 << 20  # per memtable; at most MAX_WRITE_BUFFERS of them
+MAX_WRITE_BUFFERS = 2
+BLOCK_CACHE_BYTES = 32 << 20
+MAX_OPEN_FILES = 256
+
+
+def bounded_options() -> Options:
+    opt = Options(raw_mode=True)
+    opt.create_if_missing(True)
+    opt.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    opt.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
+    opt.set_db_write_buffer_size(MAX_WRITE_BUFFERS * WRITE_BUFFER_BYTES)
+    opt.set_max_open_files(MAX_OPEN_FILES)
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_bloom_filter(10, False)  # a miss (a new id, the common case) rarely reads a block
+    opt.set_block_based_table_factory(table)
+    return opt
+
 
 class Ledger:
-    def __init__(self, path: str | Path):
+    """`retention_s`: how long a key of an EXPIRING namespace is kept, at least (at most one
+    bucket, retention_s / BUCKETS, longer); None keeps every key forever. Keys are written
+    into the bucket of their write time and a whole bucket is dropped with one range delete
+    once it is older than the retention, so expiry never scans keys. `clock` is for tests."""
+
+    def __init__(self, path: str | Path, retention_s: float | None = DEFAULT_RETENTION_S,
+                 clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(self.path), options=Options(raw_mode=True))
+        self._db = Rdict(str(self.path), options=bounded_options())
         self._local = threading.local()  # a transaction belongs to the thread that opened it
+        self.retention_s, self._clock = retention_s, clock
+        self.bucket_s = retention_s / BUCKETS if retention_s else None
+        self._expired_through: int | None = None  # the bucket that was current at the last drop
+        if self.bucket_s is not None:
+            if self._db.get(self._key(META, _LEGACY_DROP_AT)) is None:
+                self._db[self._key(META, _LEGACY_DROP_AT)] = json.dumps(clock() + retention_s).encode()
+            self.expire()
 
     @staticmethod
     def _key(ns: str, key: str) -> bytes:
         return f"{ns}/{key}".encode()
 
+    # --- buckets -------------------------------------------------------------------------
+
+    def _bucket(self, now: float | None = None) -> int:
+        return int((self._clock() if now is None else now) // self.bucket_s)
+
+    @staticmethod
+    def _bucket_prefix(ns: str, bucket: int) -> bytes:
+        return f"{ns}@{bucket:012d}/".encode()
+
+    def _live(self, ns: str) -> list[bytes]:
+        """Key prefixes a lookup in `ns` checks, newest first; the last is the unbucketed one."""
+        if self.bucket_s is None or ns not in EXPIRING:
+            return [f"{ns}/".encode()]
+        now = self._bucket()
+        return [self._bucket_prefix(ns, b) for b in range(now, now - BUCKETS - 1, -1)] + [f"{ns}/".encode()]
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop every bucket older than the retention (and, one retention after the first open,
+        an older layout's unbucketed keys); returns the number of key ranges dropped."""
+        if self.bucket_s is None:
+            return 0
+        now = self._clock() if now is None else now
+        first_live = self._bucket(now) - BUCKETS
+        drop_legacy = json.loads(self._db.get(self._key(META, _LEGACY_DROP_AT)) or b"0") <= now
+        dropped = 0
+        for ns in sorted(EXPIRING):
+            ranges = [(f"{ns}@".encode(), self._bucket_prefix(ns, first_live))]
+            if drop_legacy:
+                ranges.append((f"{ns}/".encode(), f"{ns}0".encode()))  # "0" follows "/" in ASCII
+            for lo, hi in ranges:
+                self._db.delete_range(lo, hi)
+                self._db.compact_range(lo, hi)  # give the space back now, not at some later compaction
+                dropped += 1
+        self._expired_through = self._bucket(now)
+        return dropped
+
+    def _maybe_expire(self) -> None:
+        if self.bucket_s is not None and self._bucket() != self._expired_through:
+            self.expire()
+
+    def _raw(self, ns: str, key: str) -> bytes | None:
+        prefixes = self._live(ns)
+        if len(prefixes) == 1:
+            return self._db.get(prefixes[0] + key.encode())
+        # One multi-get over the live buckets; the newest holding the key wins.
+        return next((v for v in self._db.get([p + key.encode() for p in prefixes]) if v is not None), None)
+
     def get(self, ns: str, key: str, default: Any = None) -> Any:
-        raw = self._db.get(self._key(ns, key))
+        raw = self._raw(ns, key)
         return default if raw is None else json.loads(raw)
 
     def has(self, ns: str, key: str) -> bool:
-        return self._db.get(self._key(ns, key)) is not None
+        return self._raw(ns, key) is not None  # a stored null (a label trained by no version) counts
 
     @property
     def _batch(self) -> WriteBatch | None:
         return getattr(self._local, "batch", None)
 
     def put(self, ns: str, key: str, value: Any) -> None:
+        self._maybe_expire()
         raw = json.dumps(value).encode()
+        full = self._live(ns)[0] + key.encode()  # an expiring namespace: the current bucket
         if self._batch is not None:
-            self._batch.put(self._key(ns, key), raw)
+            self._batch.put(full, raw)
         else:
-            self._db[self._key(ns, key)] = raw
+            self._db[full] = raw
 
     def delete(self, ns: str, key: str) -> None:
-        if self._batch is not None:
-            self._batch.delete(self._key(ns, key))
-        else:
-            del self._db[self._key(ns, key)]
+        batch = self._batch if self._batch is not None else WriteBatch(raw_mode=True)
+        for prefix in self._live(ns):
+            batch.delete(prefix + key.encode())
+        if batch is not self._batch:
+            self._db.write(batch)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -76,11 +177,20 @@ class Ledger:
             self._local.batch = None
 
     def items(self, ns: str) -> Iterator[tuple[str, Any]]:
-        prefix = f"{ns}/".encode()
-        for k, v in self._db.items(from_key=prefix):
-            if not k.startswith(prefix):
-                break
-            yield k[len(prefix):].decode(), json.loads(v)
+        """Every live key of `ns` with its value (in an expiring namespace, the newest write of a
+        key; reading one costs memory for its seen ids, so keep it for small namespaces)."""
+        prefixes = self._live(ns)
+        seen: set[bytes] | None = set() if len(prefixes) > 1 else None
+        for prefix in prefixes:
+            for k, v in self._db.items(from_key=prefix):
+                if not k.startswith(prefix):
+                    break
+                key = k[len(prefix):]
+                if seen is not None:
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                yield key.decode(), json.loads(v)
 
     def count(self, ns: str) -> int:
         return sum(1 for _ in self.items(ns))
