@@ -123,6 +123,10 @@ from actprm.daemon.cli_data import data_app  # noqa: E402 - light module: the da
 
 app.add_typer(data_app, name="data")
 
+from actprm.daemon.cli_judge import judge_app  # noqa: E402 - light module: the judge loads inside the command
+
+app.add_typer(judge_app, name="judge")
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -185,6 +189,22 @@ def bench_report_cmd(
     if labels < 1:
         raise CLIError(f"--labels must be >= 1, got {labels}")
     _emit(bench_report(labels), as_json)
+
+
+@bench_app.command("store")
+def bench_store_cmd(
+    versions: Annotated[int, typer.Option(help="versions in the aged checkpoint store (a week at 100/s: ~189k)")] = 200_000,
+    ids: Annotated[int, typer.Option(help="trajectory ids in the aged ledger")] = 10_000_000,
+    labels: Annotated[int, typer.Option(help="labels trained in the aged ledger")] = 3_000_000,
+    rounds: Annotated[int, typer.Option(help="updates and statuses timed on each side")] = 40,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Update and status latency on storage a week old against a fresh one (goal: within 10%)."""
+    from actprm.daemon.bench_store import bench_store
+
+    if min(versions, ids, rounds) < 1 or versions < 100:
+        raise CLIError("--versions must be >= 100, --ids and --rounds >= 1")
+    _emit(bench_store(versions=versions, ids=ids, labels=labels, rounds=rounds), as_json)
 
 
 @app.command()
