@@ -40,6 +40,7 @@ from actprm.streams.process import ROLES, Process
 from actprm.streams.rounds import ADMISSION_COUNTERS, KeeperRole, RoundKeeper
 from actprm.streams.scoring import ScorerRole
 from actprm.streams.sender import LastError, Sender
+from actprm.streams.series import FlagSeries, KeepFirstAndLast, ThinnedList
 from actprm.streams.swap import ServedModel, Serving, load_for_swap
 from actprm.streams.tools import synthetic_trajectories
 from actprm.client.topics import Topics, ensure_topics
@@ -170,6 +171,8 @@ class HeldOut:
 
 
 def share(flags, part: slice) -> float | None:
+    if isinstance(flags, FlagSeries):  # the scorer's, bounded at any age
+        return flags.share(part)
     chunk = flags[part]
     return round(sum(chunk) / len(chunk), 4) if len(chunk) else None
 
@@ -195,8 +198,10 @@ class StatusService(faust.Service):
         self.proc, self.options = proc, options
         self.f1: dict | None = None  # ProcessBench f1, acc_error, acc_correct of the served version
         self.f1_version: int | None = None
-        self.f1_by_version: dict[int, dict] = {}
-        self.curve: list[dict] = []  # (labels, held-out F1, online F1, recent selected share) over the run
+        self.f1_by_version: dict[int, dict] = KeepFirstAndLast(64)  # v0 and the newest 64 versions
+        # (labels, held-out F1, online F1, recent selected share) over the run: at most 2,000 points,
+        # older ones thinned, so a week-long run's curve has the shape of a short one's
+        self.curve: list[dict] = ThinnedList(2000)
         self._heldout: HeldOut | None = None
         if options.heldout and proc.scorer is not None:
             from actprm.model.synthetic import builtin_records, parse_kinds
@@ -280,7 +285,7 @@ class StatusService(faust.Service):
 
     def _record_curve_point(self) -> None:
         trainer = self.proc.trainer
-        flags = self.proc.scorer.selected_flags if self.proc.scorer else bytearray()
+        flags = self.proc.scorer.selected_flags if self.proc.scorer else FlagSeries()
         online = trainer.online.summary() if trainer is not None else {}
         point = {"labels": trainer.counts["labels_received"] if trainer else 0, "scored": len(flags),
                  "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),

@@ -30,6 +30,7 @@ from actprm.client import messages
 from actprm.streams.config import ScorerSettings, SelectionSettings
 from actprm.streams.journal import Journal
 from actprm.streams.ledger import SCORED, Ledger
+from actprm.streams.series import FlagSeries
 from actprm.client.messages import AnnotationRequest, Reward, Trajectory
 from actprm.streams.sender import Event, Observer, Sender
 from actprm.streams.swap import ServedModel, Serving
@@ -128,7 +129,7 @@ class ScorerRole:
         self.needs_gold = needs_gold  # the judge labels from gold only (judge.kind = "oracle")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-score")
         self.counts: Counter = Counter()
-        self.selected_flags = bytearray()  # 1 per scored trajectory, in scoring order: the selected share over the run
+        self.selected_flags = FlagSeries()  # 1 per scored trajectory, in scoring order: the selected share over the run (bounded, streams/series.py)
         self.rebuild_selector()
 
     def rebuild_selector(self) -> None:

@@ -90,7 +90,7 @@ class Serving:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-swap")  # loads never queue behind scoring
         self.lock = asyncio.Lock()  # the poll timer and a local publish may both ask at once
         self.counts: Counter = Counter()
-        self.stalls_ms: list[float] = []  # the event loop's worst lag during each swap
+        self.stall_ms_max: float | None = None  # the event loop's worst lag during any swap (a running max: bounded)
         self.errors = errors
         self._lag_ms: float | None = None  # not None while a swap runs: the lag monitor records into it
 
@@ -120,7 +120,7 @@ class Serving:
             self.errors.note(f"version {version} failed to load: {reason}")
             log.error("swap failed; old version keeps serving", version=version, served=self.current.version, reason=reason)
             return
-        self.stalls_ms.append(stall)
+        self.stall_ms_max = stall if self.stall_ms_max is None else max(self.stall_ms_max, stall)
         self.counts["swaps"] += 1
         if self.metrics is not None:
             self.metrics.observe_swap(time.perf_counter() - start)
@@ -170,5 +170,5 @@ def serving_status(serving: Serving | None) -> dict:
     if serving is None:
         return {"served_version": None, "swaps": 0, "swap_stall_ms_max": None, "swap_failures": 0}
     return {"served_version": serving.current.version, "swaps": serving.counts["swaps"],
-            "swap_stall_ms_max": round(max(serving.stalls_ms), 3) if serving.stalls_ms else None,
+            "swap_stall_ms_max": round(serving.stall_ms_max, 3) if serving.stall_ms_max is not None else None,
             "swap_failures": serving.counts["swap_failures"]}

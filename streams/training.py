@@ -39,6 +39,7 @@ from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_t
 from actprm.client.messages import Label, ModelVersion
 from actprm.streams.rounds import RoundKeeper
 from actprm.streams.sender import Event, LastError, Sender
+from actprm.streams.series import KeepFirstAndLast
 from actprm.client.topics import Topics
 
 log = structlog.get_logger("actprm")
@@ -68,7 +69,7 @@ class UpdateLoop:
         # that makes the model worse; it is kept in the ledger so a restart keeps the same set.
         self.canary_size, self.canary_tolerance = canary_size, canary_tolerance
         self.canary = [Label.model_validate(v) for _, v in ledger.items(CANARY)]
-        self._canary_f1: dict[int, float] = {}  # version -> canary F1
+        self._canary_f1: dict[int, float] = KeepFirstAndLast(8)  # version -> canary F1 (v0 and the newest 8: bounded)
         self.version = self._reconcile()
         self.rejected = 0
 
