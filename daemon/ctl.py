@@ -92,6 +92,12 @@ def format_status(acks: list[ControlAck]) -> str:
     if "labels_received" in o:
         parts.append(f"labels {o['labels_received']} received, {o['labels_duplicate']} duplicate, "
                      f"{o['labels_stale_round']} stale round, {o['pending_labels']} pending, {o['labels_replayed']} replayed")
+    cons = next((a.state["consolidation"] for a in acks if isinstance(a.state.get("consolidation"), dict)), None)
+    if cons is not None:
+        last = cons.get("last") or {}
+        parts.append(f"consolidations {cons['published']} published, {cons['refused']} refused"
+                     + (", one running" if cons["running"] else "")
+                     + (f" (last: val F1 {last.get('val_f1')} vs served {last.get('served_val_f1')})" if last else ""))
     parts += [f"updates {o['updates']}",
               "served " + (", ".join(f"v{v}" for v in o["served_versions"]) or "-")
               + (" (versions differ)" if len(o["served_versions"]) > 1 else "")]
@@ -224,6 +230,15 @@ def rollback(version: Annotated[int, typer.Argument(min=0, help="the version who
     """Serve VERSION's weights everywhere (published as a new version) and train on from it."""
     _report(_send(bootstrap, topic_prefix, timeout, "rollback", {"version": version}, expect=1, hint=TRAINER_HINT,
                   secret=_secret(), config=config), as_json)
+
+
+@ctl_app.command()
+def consolidate(bootstrap: BootstrapOpt = None, topic_prefix: PrefixOpt = None,
+                timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Train a candidate on every label kept, beside the online loop; it is published only if it
+    beats the served version on a validation slice (`ctl status` and the journal say how it went)."""
+    _report(_send(bootstrap, topic_prefix, timeout, "consolidate", {}, expect=1, hint=TRAINER_HINT, secret=_secret(),
+                  config=config), as_json)
 
 
 @ctl_app.command("set")

@@ -32,7 +32,7 @@ HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 
 ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judged", "judge_failures", "dead_lettered",
                   "labels_received", "updates", "updates_rejected", "update_failures", "swaps", "swap_failures",
-                  "duplicates_skipped", "labels_replayed")
+                  "duplicates_skipped", "labels_replayed", "consolidations", "consolidations_refused")
 
 
 class _ProcessCollector:

@@ -218,6 +218,22 @@ def refused_updates(updates: Iterable[dict]) -> list[dict]:
             for u in updates if u.get("refused") or u.get("error") or u.get("version") is None]
 
 
+def consolidation_rows(updates: Iterable[dict]) -> list[dict]:
+    """Every consolidation attempt of the updates journal: published (as which version) or not, and why."""
+    out = []
+    for u in updates:
+        if u.get("kind") != "consolidate":
+            continue
+        c = u.get("consolidation") if isinstance(u.get("consolidation"), dict) else {}
+        outcome = (f"published v{u['version']}" if isinstance(u.get("version"), int)
+                   else f"refused: {u['refused']}" if u.get("refused") else f"failed: {u.get('error')}")
+        out.append({"at": _num(u.get("at")), "outcome": outcome, "parent": u.get("parent"), "labels": c.get("labels"),
+                    "val_labels": c.get("val_labels"), "epochs": c.get("epochs"), "stopped": c.get("stopped"),
+                    "val_f1": _num(c.get("val_f1")), "served_val_f1": _num(c.get("served_val_f1")),
+                    "seconds": _num(c.get("seconds"))})
+    return out
+
+
 def _increments(values: Sequence[float | None]) -> list[float]:
     """Per record, how much a process counter grew since the record before; a counter that went
     down was reset by a restart, so it counts from 0 again."""
@@ -396,10 +412,13 @@ def plot_versions(rows: Sequence[dict]) -> str | None:
     rb = [r["version"] for r in rows if r["kind"] == "rollback"]
     for v in rb:
         a.axvline(v, color="grey", linestyle=":", linewidth=1)
+    cons = [r["version"] for r in rows if r["kind"] == "consolidate"]
+    for v in cons:
+        a.axvline(v, color="green", linestyle="--", linewidth=1, alpha=0.6)
     versions = [r["version"] for r in rows]
     a.set_xlim(min(versions) - 0.5, max(versions) + 0.5)  # every version, even those not tested yet
     a.set(xlabel="version", ylabel="F1 (ProcessBench)", ylim=(-0.02, 1.02), title="F1 per version"
-          + (" (dotted: rollbacks)" if rb else ""))
+          + (" (dotted: rollbacks)" if rb else "") + (" (dashed: consolidations)" if cons else ""))
     a.grid(alpha=0.3)
     if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7)
@@ -619,6 +638,17 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
                    + ".</p>")
     else:
         sec.append(_missing("no versions yet"))
+    consolidations = consolidation_rows(updates)
+    sec.append(f"<h3>Consolidations ({len(consolidations)})</h3>")
+    if consolidations:
+        sec.append("<p>A candidate trained on every label kept, published only if it beats the served version "
+                   "on a validation slice of labels it never trained on.</p>")
+        sec.append(_table(["at", "outcome", "from version", "labels", "validation labels", "epochs", "stopped",
+                           "val F1", "served val F1", "seconds"],
+                          ([_when(c["at"]), html.escape(c["outcome"]), _fmt(c["parent"]), _fmt(c["labels"]),
+                            _fmt(c["val_labels"]), _fmt(c["epochs"]), _fmt(c["stopped"]), _fmt(c["val_f1"]),
+                            _fmt(c["served_val_f1"]), _fmt(c["seconds"], 1)] for c in consolidations[-MAX_TABLE_ROWS:]),
+                          left=2))
     sec.append(f"<h3>Refused and failed updates ({len(refused)})</h3>")
     if refused:
         sec.append(_table(["at", "from version", "refused because", "error", "labels", "loss"],

@@ -117,7 +117,8 @@ def build_process(settings: Settings, roles: tuple[str, ...], topics: Topics, se
         if "trainer" in roles:
             scorer = parts.get("scorer")
             parts["trainer"] = TrainerRole(updates, rounds, sender, topics, journal, errors, u.online_window,
-                                           after_publish=scorer.serving.follow if scorer else None)
+                                           after_publish=scorer.serving.follow if scorer else None,
+                                           consolidate=s.consolidate)
     if "judge" in roles:
         parts["judge"] = JudgeRole(_make_judge(s), ledger, sender, topics, s.selection, metrics)
     proc = Process(s, roles, topics, sender, ledger, store, journal, metrics=metrics, errors=errors, **parts)
@@ -287,9 +288,11 @@ class StatusService(faust.Service):
         trainer = self.proc.trainer
         flags = self.proc.scorer.selected_flags if self.proc.scorer else FlagSeries()
         online = trainer.online.summary() if trainer is not None else {}
+        consolidated = trainer.consolidator.published if trainer is not None and trainer.consolidator else []
         point = {"labels": trainer.counts["labels_received"] if trainer else 0, "scored": len(flags),
                  "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),
-                 "selected_share": share(flags, slice(-32, None))}
+                 "selected_share": share(flags, slice(-32, None)), "version": self.f1_version,
+                 "consolidated": self.f1_version in consolidated}
         if not self.curve or (point["labels"], point["scored"]) != (self.curve[-1]["labels"], self.curve[-1]["scored"]):
             self.curve.append(point)
 
@@ -306,7 +309,8 @@ class StatusService(faust.Service):
                "online_f1": trainer.online.summary()["online_f1"],
                "selected_share_first": share(flags, slice(0, q)) if q else None,
                "selected_share_last": share(flags, slice(len(flags) - q, None)) if q else None,
-               "labels": trainer.counts["labels_trained"], "curve": None}
+               "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],
+               "curve": None}
         try:
             from actprm.model.plots import run_learning_curve
 
@@ -333,6 +337,8 @@ class StatusService(faust.Service):
             if proc.trainer is not None and settled:
                 await proc.trainer.maybe_update(force=True)
                 settled = not proc.trainer.updates.pending() and not proc.trainer.updating
+                consolidator = proc.trainer.consolidator
+                settled = settled and (consolidator is None or consolidator.running_since is None)
             waiting_f1 = (settled and self._heldout is not None and proc.scorer is not None
                           and self.f1_version != proc.scorer.serving.current.version)
             if waiting_f1 and time.monotonic() - self._drain_started <= self.options.drain_timeout_s:

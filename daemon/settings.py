@@ -24,6 +24,7 @@ from actprm.model.synthetic import DEFAULT_KINDS
 from actprm.model.config import ModelSettings
 from actprm.model.trainer import TrainerConfig
 from actprm.streams.config import (
+    ConsolidateSettings,
     ControlSettings,
     JudgeSettings,
     KafkaSettings,
@@ -86,6 +87,7 @@ class Settings(BaseSettings):
     judge: JudgeSettings = JudgeSettings()
     round: RoundSettings = RoundSettings()
     update: UpdateSettings = UpdateSettings()
+    consolidate: ConsolidateSettings = ConsolidateSettings()
     control: ControlSettings = ControlSettings()
     control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
     # The model's (model/config.py, model/trainer.py), then the daemon's own.

@@ -50,7 +50,7 @@ class CheckpointError(RuntimeError):
 class Manifest(BaseModel):
     version: int
     parent: int | None = None
-    kind: Literal["init", "update", "rollback"] = "update"
+    kind: Literal["init", "update", "rollback", "consolidate"] = "update"
     created: float = Field(default_factory=time.time)
     mode: Literal["heads", "lora", "full"] = "heads"
     backbone: dict = Field(default_factory=dict, description="backbone reference: spec, layers, hidden size")
@@ -59,6 +59,7 @@ class Manifest(BaseModel):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     consumed_label_ids: list[str] = Field(default_factory=list, description="label ids trained on in this update")
     rolled_back_from: int | None = None
+    consolidated: dict | None = Field(None, description="a consolidation: epochs, labels, its and the served version's validation F1")
     sha256: str = ""
     n_consumed: int | None = Field(None, description="a compacted manifest: how many label ids it consumed")
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from actprm.client.settings import KafkaSettings, Section
 from actprm.model.config import ModelSettings
+from actprm.model.consolidate import ConsolidateConfig
 from actprm.model.trainer import FitConfig, TrainerConfig
 
 
@@ -62,6 +63,12 @@ class UpdateSettings(FitConfig, Section):
     online_window: int = Field(64, ge=1, description="labels in the prequential window (online F1, step accuracy, first-error agreement)")
 
 
+class ConsolidateSettings(ConsolidateConfig, Section):
+    """When the trainer trains a candidate on every label kept (model/consolidate.py: how)."""
+
+    every_labels: int = Field(256, ge=0, description="start a consolidation after this many labels trained by updates (0: only on `actprm ctl consolidate`)")
+
+
 class ControlSettings(Section):
     max_age_s: float = Field(300.0, gt=0, description="commands issued further from now than this are refused (replays, skew)")
     ack_timeout_s: float = Field(10.0, gt=0, description="how long `actprm ctl` waits for daemons to answer")
@@ -71,7 +78,7 @@ class ControlSettings(Section):
 # `ctl set section.field`, which validates a value against its field before anything is sent.
 SECTIONS: dict[str, type[BaseModel]] = {
     "kafka": KafkaSettings, "selection": SelectionSettings, "scorer": ScorerSettings, "judge": JudgeSettings,
-    "round": RoundSettings, "update": UpdateSettings, "control": ControlSettings,
+    "round": RoundSettings, "update": UpdateSettings, "consolidate": ConsolidateSettings, "control": ControlSettings,
 }
 
 
@@ -86,6 +93,7 @@ class ProcessSettings(Protocol):
     judge: JudgeSettings
     round: RoundSettings
     update: UpdateSettings
+    consolidate: ConsolidateSettings
     trainer: TrainerConfig
     control: ControlSettings
     control_secret: SecretStr | None

@@ -42,9 +42,12 @@ LIVE_SETTINGS: dict[str, str] = {
     "update.min_batch": "fewest labels worth an update when the wait runs out",
     "update.canary_tolerance": "largest canary F1 drop an update may cause",
     "round.budget": "annotation budget (also of the current round)",
+    "consolidate.every_labels": "labels trained between consolidations (0: only on `ctl consolidate`)",
+    "consolidate.epochs": "most epochs of a consolidation (from the next one)",
+    "consolidate.max_seconds": "time bound of a consolidation (from the next one)",
 }
 SCOPES = ("annotate", "train", "all")
-TRAINER_ONLY = {"reset-round", "rollback"}
+TRAINER_ONLY = {"reset-round", "rollback", "consolidate"}
 
 
 # --- signing -------------------------------------------------------------------------------
@@ -140,6 +143,11 @@ def process_status(proc: Process) -> dict[str, Any]:
            "busy_s": {role: round(now - since, 1) for role, since in proc.busy_since.items() if since is not None}}
     if proc.metrics is not None:
         st |= proc.metrics.summary()
+    if proc.trainer is not None and proc.trainer.consolidator is not None:
+        counts = proc.counters()
+        st["consolidation"] = proc.trainer.consolidator.status() | {
+            "published": counts.get("consolidations", 0), "refused": counts.get("consolidations_refused", 0),
+            "failed": counts.get("consolidation_failures", 0)}
     st["state"] = round_state(st)
     return st
 
@@ -247,6 +255,8 @@ async def handle_command(proc: Process, cmd: ControlCommand) -> ControlAck | Non
                 return ack(True, message, process_status(proc) | extra)
             case "set":
                 return ack(True, await _set(proc, cmd.args))
+            case "consolidate":
+                return ack(True, proc.trainer.consolidate("ctl"))
     except (ValueError, KeyError, OSError, RuntimeError) as err:
         # CheckpointError is a RuntimeError: a failed rollback leaves the served version as it was.
         log.warning("control command failed", command=cmd.command, id=cmd.id, reason=str(err)[:300])

@@ -29,11 +29,13 @@ import torch
 
 from actprm.model.backbone import memory_summary
 from actprm.model.checkpoints import CheckpointError, CheckpointStore, Manifest
+from actprm.model.consolidate import ConsolidateConfig
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
 from actprm.model.metrics import processbench_scores
 from actprm.model.prequential import OnlineWindow, score_label
 from actprm.client import messages
+from actprm.streams.consolidation import Consolidator
 from actprm.streams.journal import Journal
 from actprm.streams.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
 from actprm.client.messages import Label, ModelVersion
@@ -232,12 +234,16 @@ class TrainerRole:
     """The single writer of versions: takes labels, updates when enough are pending, publishes."""
 
     def __init__(self, updates: UpdateLoop, rounds: RoundKeeper, sender: Sender, topics: Topics, journal: Journal,
-                 errors: LastError, online_window: int, after_publish: Callable[[], Awaitable[None]] | None = None):
+                 errors: LastError, online_window: int, after_publish: Callable[[], Awaitable[None]] | None = None,
+                 consolidate: ConsolidateConfig | None = None):
         self.updates, self.rounds, self.sender, self.topics, self.journal = updates, rounds, sender, topics, journal
         self.errors = errors
         self.ledger, self.store = updates.ledger, updates.store
         self.after_publish = after_publish  # a scorer in this process switches at once
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-train")  # updates, rollbacks, retiring labels
+        # candidates trained on all labels kept, beside this loop (streams/consolidation.py)
+        self.consolidator = Consolidator(updates, consolidate, self.pool) if consolidate is not None else None
+        self._consolidation: asyncio.Task | None = None
         self.online = OnlineWindow(online_window)  # each label tests the version that scored it
         self.counts: Counter = Counter()
         self.updating = False
@@ -319,6 +325,34 @@ class TrainerRole:
             self.counts["labels_replayed"] += r.n_replayed
             await self.publish(published)
             log.info("published", version=published.version, loss=round(r.loss, 4), labels=len(outcome.label_ids))
+            if self.consolidator is not None and self.consolidator.due(len(outcome.label_ids)):
+                self.consolidate("every_labels")
+
+    # --- consolidations (streams/consolidation.py) ------------------------------------------
+
+    def consolidate(self, reason: str) -> str:
+        """Start a consolidation beside the online loop; its outcome is journalled and published later."""
+        if self.consolidator is None:
+            raise RuntimeError("consolidation is not set up in this trainer")
+        self.consolidator.begin()  # raises when one is running
+        self._consolidation = asyncio.get_running_loop().create_task(self.consolidator.run(reason, self._consolidated))
+        n = len(self.updates.replay) if self.updates.replay is not None else 0
+        return f"consolidation started on the {n} labels kept (served version {self.updates.version})"
+
+    async def _consolidated(self, outcome) -> None:
+        rec, m = outcome.record, outcome.manifest
+        self.journal.append("updates", {
+            "kind": "consolidate", "version": m.version if m else None, "parent": m.parent if m else rec.get("served_version"),
+            "refused": outcome.refused, "error": outcome.error, "loss": rec.get("val_loss"), "labels_new": 0,
+            "labels_replayed": rec.get("labels", 0), "steps": rec.get("steps", 0), "consolidation": rec})
+        if m is None:
+            self.counts["consolidations_refused" if outcome.refused else "consolidation_failures"] += 1
+            log.info("consolidation not published; the served version stays", refused=outcome.refused, error=outcome.error)
+            return
+        self.counts["consolidations"] += 1
+        await self.publish(m)
+        log.info("published a consolidation", version=m.version, val_f1=rec["val_f1"], served_val_f1=rec["served_val_f1"],
+                 labels=rec["labels"], epochs=rec["epochs"])
 
     async def rollback(self, version: int | None) -> Manifest:
         """Publish a new version with the weights of `version`; training continues from it."""
@@ -343,4 +377,6 @@ class TrainerRole:
             await self.after_publish()
 
     def close(self) -> None:
+        if self.consolidator is not None:
+            self.consolidator.close()
         self.pool.shutdown(wait=True)

@@ -36,7 +36,7 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     final = daemon.final_status()
     learning = final["learning"]
     assert set(learning) == {"heldout_f1_v0", "heldout_f1_final", "online_f1", "selected_share_first",
-                             "selected_share_last", "labels", "curve"}
+                             "selected_share_last", "labels", "consolidations", "curve"}
     assert learning["heldout_f1_final"] >= learning["heldout_f1_v0"] + 0.3, learning
     assert learning["selected_share_last"] < learning["selected_share_first"], learning
     assert Path(learning["curve"]).is_file() and Path(learning["curve"]).stat().st_size > 10_000

@@ -199,7 +199,7 @@ class ControlCommand(Message):
     """An operator command; nonce and signature let a receiver refuse replays and forgeries."""
 
     id: MessageId = Field(default_factory=lambda: str(uuid.uuid4()))
-    command: Literal["status", "pause", "resume", "reset-round", "rollback", "set"]
+    command: Literal["status", "pause", "resume", "reset-round", "rollback", "set", "consolidate"]
     args: dict[str, Scalar] = {}
     issued_at: float = Field(default_factory=_now)
     nonce: str = Field(default_factory=lambda: uuid.uuid4().hex)
