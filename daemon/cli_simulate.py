@@ -87,6 +87,9 @@ def simulate(
     format: Annotated[str, typer.Option("--format", help="auto, processbench or jsonl (both files)")] = "auto",
     cache_dir: Annotated[Optional[Path], typer.Option(help="feature cache (default $ACTPRM_CACHE/features)")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
+    consolidate: Annotated[bool, typer.Option(help="also consolidate a PRM on each run's admitted labels, as the daemon does (the consolidated column)")] = True,
+    consolidate_start: Annotated[str, typer.Option(help="consolidation starts from 'fresh' heads (their initial weights) or the run's 'served' PRM")] = "fresh",
+    consolidate_epochs: Annotated[Optional[int], typer.Option(help="most epochs of a consolidation (default: consolidate.epochs)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON instead of the table")] = False,
 ) -> None:
     """Replay a labelled pool as a stream (score, select, label, update) for each strategy and
@@ -98,6 +101,7 @@ def simulate(
     from actprm.model.plots import learning_curve
     from actprm.model.prm import PRMConfig
     from actprm.model.simulate import HeadsEngine, SimConfig, TextEngine, format_table, run_simulation
+    from actprm.model.consolidate import ConsolidateConfig
     from actprm.model.trainer import FitConfig, TrainerConfig
 
     from actprm.model.backbone import default_hidden_layer
@@ -112,7 +116,9 @@ def simulate(
                        delta_std=delta_std, prm=PRMConfig(n_heads=heads, max_length=max_length),
                        trainer=TrainerConfig(**trainer_kw),
                        fit=FitConfig(**{k: v for k, v in {"steps": steps, "mini_batch": mini_batch, "replay_share": replay_share,
-                                                          "replay_size": replay_size}.items() if v is not None}))
+                                                          "replay_size": replay_size}.items() if v is not None}),
+                       consolidate=ConsolidateConfig(start=consolidate_start, **({"epochs": consolidate_epochs} if consolidate_epochs else {}))
+                       if consolidate else None)
     config.check()
     pool_records, pool_skipped = _load(pool, format, pool_limit, "pool")
     test_records, test_skipped = _load(test, format, test_limit, "test")

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from actprm.model.backbone import Backbone
+from actprm.model.consolidate import ConsolidateConfig, train_candidate, validation_ids
 from actprm.model.data import Record
 from actprm.model.features import Features, FeatureCache
 from actprm.model.labels import step_labels
@@ -48,6 +49,7 @@ from actprm.model.trainer import FitConfig, LabelledSample, Trainer, TrainerConf
 from actprm.model.uncertainty import STRATEGIES, make_selector, uncertainty_window
 
 RANKED = ("actprm", "confidence", "disagreement")  # strategies whose candidates have an order
+PUBLISHED = (0.95, 0.005)  # the published delta_pred, delta_std: the selected share is also read at these
 
 
 @dataclass
@@ -65,6 +67,9 @@ class SimConfig:
     prm: PRMConfig = field(default_factory=PRMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fit: FitConfig = field(default_factory=FitConfig)  # the daemon's update: steps, mini-batch, replay
+    # After each run, a PRM consolidated as the daemon does on exactly the labels the run
+    # admitted (model/consolidate.py); None: no consolidated column.
+    consolidate: ConsolidateConfig | None = field(default_factory=ConsolidateConfig)
 
     def check(self) -> None:
         for s in self.strategies:
@@ -294,9 +299,12 @@ def evaluate_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx
                  labelled: Sequence[int]) -> dict:
     """Test F1 of the trained PRM and of the position-only baseline, thresholds from validation."""
     val_mu = [s.mu for s in engine.score_pool(val_idx)]
-    test_mu = [s.mu for s in engine.score_test()]
+    test_scores = engine.score_test()
+    test_mu = [s.mu for s in test_scores]
     val_gold, test_gold = [pool[i].label for i in val_idx], [r.label for r in test]
     out = f1_with_val_threshold(val_mu, val_gold, test_mu, test_gold)
+    # Would the published rule still ask about the test records? (a stream of the same kind)
+    out["test_flagged_share"] = _share(make_selector("actprm", delta_pred=PUBLISHED[0], delta_std=PUBLISHED[1]).select(test_scores))
     kinds = sorted({str(r.extra["kind"]) for r in test if r.label >= 0 and "kind" in r.extra})
     if kinds:  # how well each error kind is found, at the threshold chosen on validation
         predicted = predicted_first_errors(test_mu, out["threshold"])
@@ -309,6 +317,31 @@ def evaluate_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx
     pos = f1_with_val_threshold(pos_val, val_gold, pos_test, test_gold)
     out |= {"position_f1": pos["f1"], "position_threshold": pos["threshold"]}
     return out
+
+
+def consolidated_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx: Sequence[int],
+                     labelled: Sequence[int], config: ConsolidateConfig, seed: int) -> dict:
+    """A PRM consolidated as the daemon's trainer does, on exactly the labels the run admitted:
+    its validation slice comes out of those labels (by id hash), it trains up to config.epochs
+    with early stopping, starting fresh or from the run's final PRM; then the same test as the
+    online PRM (threshold from the pool's validation slice), under "consolidated_*"."""
+    samples = [engine.sample(pool, i) for i in labelled]
+    val_ids = validation_ids([(s.id, s.first_error) for s in samples], config.val_fraction)
+    cand = train_candidate(engine.prm, engine.trainer.config, [s for s in samples if s.id not in val_ids],
+                           [s for s in samples if s.id in val_ids], config, seed=seed)
+    online = engine.prm
+    engine.prm = cand.prm
+    try:
+        got = evaluate_run(engine, pool, test, val_idx, [])
+    finally:
+        engine.prm = online
+    return {"consolidated_f1": got["f1"], "consolidated_threshold": got["threshold"],
+            "consolidated_f1_at_0.5": got["f1_at_0.5"], "consolidated_test_flagged_share": got["test_flagged_share"],
+            "consolidated_epochs": cand.epochs, "consolidated_best_epoch": cand.best_epoch,
+            "consolidated_stopped": cand.stopped, "consolidated_train_labels": len(cand.train_ids),
+            "consolidated_val_labels": len(cand.val_ids),
+            "consolidated_seconds": cand.seconds,
+            **({"consolidated_by_kind": got["by_kind"]} if "by_kind" in got else {})}
 
 
 def run_simulation(engine, pool: Sequence[Record], test: Sequence[Record], config: SimConfig,
@@ -335,6 +368,8 @@ def run_simulation(engine, pool: Sequence[Record], test: Sequence[Record], confi
                 done = replay(engine, pool, stream, strategy, budget, seed, config, bar)
                 metrics = evaluate_run(engine, pool, test, val_idx, done["labelled"])
                 labelled = done["labelled"]
+                if config.consolidate is not None:
+                    metrics |= consolidated_run(engine, pool, test, val_idx, labelled, config.consolidate, seed)
                 run = {"strategy": strategy, "budget": budget, "seed": seed,
                        "labels_used": len(labelled), "label_share": len(labelled) / max(1, len(stream)),
                        "flagged_share": done["flagged"] / max(1, done["seen"]),
@@ -354,6 +389,7 @@ def config_dict(config: SimConfig) -> dict:
     d = asdict(config)
     d["trainer"] = config.trainer.model_dump(mode="json")
     d["fit"] = config.fit.model_dump(mode="json")
+    d["consolidate"] = config.consolidate.model_dump(mode="json") if config.consolidate is not None else None
     return d
 
 
@@ -378,38 +414,50 @@ def summarise_runs(runs: Sequence[dict]) -> list[dict]:
         f1, f1_sd = _mean_std([r["f1"] for r in rs])
         pos, pos_sd = _mean_std([r["position_f1"] for r in rs])
         labels, _ = _mean_std([r["labels_used"] for r in rs])
+        cons = {}
+        if "consolidated_f1" in rs[0]:
+            c_f1 = [r["consolidated_f1"] for r in rs if r["consolidated_f1"] is not None]
+            m, sd = _mean_std(c_f1)
+            cons = {"consolidated_f1": m, "consolidated_f1_std": sd, "consolidated_f1_min": min(c_f1, default=None),
+                    "consolidated_f1_max": max(c_f1, default=None),
+                    "consolidated_epochs": _mean_std([r["consolidated_epochs"] for r in rs])[0],
+                    "test_flagged_share": _mean_std([r.get("test_flagged_share") for r in rs])[0],
+                    "consolidated_test_flagged_share": _mean_std([r["consolidated_test_flagged_share"] for r in rs])[0]}
         out.append({"strategy": strategy, "budget": budget, "seeds": len(rs), "labels_used": labels,
                     "label_share": _mean_std([r["label_share"] for r in rs])[0],
                     "f1": f1, "f1_std": f1_sd, "f1_min": min((r["f1"] for r in rs if r["f1"] is not None), default=None),
                     "f1_max": max((r["f1"] for r in rs if r["f1"] is not None), default=None),
-                    "position_f1": pos, "position_f1_std": pos_sd,
+                    "position_f1": pos, "position_f1_std": pos_sd, **cons,
                     **({"by_kind": {k: _mean_std([r["by_kind"].get(k) for r in rs])[0] for k in rs[0]["by_kind"]}}
                        if "by_kind" in rs[0] else {})})
     return out
 
 
-def headline(runs: Sequence[dict], summary: Sequence[dict], tolerance: float) -> dict:
-    """Full-data F1, the smallest ActPRM budget reaching it, ActPRM - random per budget (paired by seed)."""
+def headline(runs: Sequence[dict], summary: Sequence[dict], tolerance: float, key: str = "f1") -> dict:
+    """Full-data F1, the smallest ActPRM budget reaching it, ActPRM - random per budget (paired
+    by seed); key "consolidated_f1" gives the same for the consolidated PRMs (under "consolidated")."""
     by = {(s["strategy"], s["budget"]): s for s in summary}
     full = by.get(("full", 1.0))
-    out: dict = {"full_f1": full["f1"] if full else None, "full_position_f1": full["position_f1"] if full else None,
+    out: dict = {"full_f1": full.get(key) if full else None, "full_position_f1": full["position_f1"] if full else None,
                  "reach_tolerance": tolerance, "actprm_reaches_full_at": None, "actprm_minus_random": {}}
-    if full and full["f1"] is not None:
-        budgets = sorted(b for (s, b) in by if s == "actprm" and by[(s, b)]["f1"] is not None)
+    if full and full.get(key) is not None:
+        budgets = sorted(b for (s, b) in by if s == "actprm" and by[(s, b)].get(key) is not None)
         for b in budgets:
-            if by[("actprm", b)]["f1"] >= full["f1"] - tolerance:
+            if by[("actprm", b)][key] >= full[key] - tolerance:
                 out["actprm_reaches_full_at"] = {"budget": b, "label_share": by[("actprm", b)]["label_share"],
-                                                 "f1": by[("actprm", b)]["f1"]}
+                                                 "f1": by[("actprm", b)][key]}
                 break
     paired: dict[float, list[float]] = {}
     index = {(r["strategy"], r["budget"], r["seed"]): r for r in runs}
     for (s, b, seed), r in index.items():
         other = index.get(("random", b, seed))
-        if s == "actprm" and other and r["f1"] is not None and other["f1"] is not None:
-            paired.setdefault(b, []).append(r["f1"] - other["f1"])
+        if s == "actprm" and other and r.get(key) is not None and other.get(key) is not None:
+            paired.setdefault(b, []).append(r[key] - other[key])
     for b, diffs in sorted(paired.items()):
         m, sd = _mean_std(diffs)
         out["actprm_minus_random"][str(b)] = {"mean": m, "std": sd, "per_seed": diffs}
+    if key == "f1" and any("consolidated_f1" in r for r in runs):
+        out["consolidated"] = headline(runs, summary, tolerance, "consolidated_f1")
     return out
 
 
@@ -418,16 +466,25 @@ def format_table(result: dict) -> str:
     def f(x, spec=".3f"):
         return "n/a" if x is None else format(x, spec)
 
-    lines = [f"{'strategy':<12} {'budget':>6} {'labels':>7} {'share':>6} {'F1':>6} {'±sd':>6} {'pos F1':>7}"]
+    cons = any("consolidated_f1" in s for s in result["summary"])
+    lines = [f"{'strategy':<12} {'budget':>6} {'labels':>7} {'share':>6} {'F1':>6} {'±sd':>6} {'pos F1':>7}"
+             + (f" {'cons F1':>7} {'±sd':>6} {'flag':>5} {'c.flag':>6}" if cons else "")]
     for s in result["summary"]:
         lines.append(f"{s['strategy']:<12} {s['budget']:>6.2f} {f(s['labels_used'], '.1f'):>7} {f(s['label_share'], '.2f'):>6} "
-                     f"{f(s['f1']):>6} {f(s['f1_std']):>6} {f(s['position_f1']):>7}")
-    h = result["headline"]
-    lines.append(f"full-data F1: {f(h['full_f1'])} (position-only on the same labels: {f(h['full_position_f1'])})")
-    reach = h["actprm_reaches_full_at"]
-    lines.append("ActPRM reaches it (within {:.3f}) at budget: {}".format(
-        h["reach_tolerance"], "not within the budgets run" if reach is None else f"{reach['budget']} "
-        f"({f(reach['label_share'], '.2f')} of the stream labelled, F1 {f(reach['f1'])})"))
-    for b, d in h["actprm_minus_random"].items():
-        lines.append(f"ActPRM - random at budget {b}: {f(d['mean'], '+.3f')} (sd {f(d['std'])} over {len(d['per_seed'])} seeds)")
+                     f"{f(s['f1']):>6} {f(s['f1_std']):>6} {f(s['position_f1']):>7}"
+                     + (f" {f(s.get('consolidated_f1')):>7} {f(s.get('consolidated_f1_std')):>6} "
+                        f"{f(s.get('test_flagged_share'), '.2f'):>5} {f(s.get('consolidated_test_flagged_share'), '.2f'):>6}"
+                        if cons else ""))
+    if cons:
+        lines.append("(flag, c.flag: share of the test records the published rule 0.95/0.005 selects, online and consolidated PRM)")
+    for name, h in (("online", result["headline"]), ("consolidated", result["headline"].get("consolidated"))):
+        if h is None:
+            continue
+        lines.append(f"{name}: full-data F1 {f(h['full_f1'])} (position-only on the same labels: {f(h['full_position_f1'])})")
+        reach = h["actprm_reaches_full_at"]
+        lines.append("  ActPRM reaches it (within {:.3f}) at budget: {}".format(
+            h["reach_tolerance"], "not within the budgets run" if reach is None else f"{reach['budget']} "
+            f"({f(reach['label_share'], '.2f')} of the stream labelled, F1 {f(reach['f1'])})"))
+        for b, d in h["actprm_minus_random"].items():
+            lines.append(f"  ActPRM - random at budget {b}: {f(d['mean'], '+.3f')} (sd {f(d['std'])} over {len(d['per_seed'])} seeds)")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from actprm.daemon.cli_simulate import simulate
 from actprm.model.backbone import load_backbone
+from actprm.model.consolidate import ConsolidateConfig
 from actprm.model.features import FeatureCache
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.simulate import (
@@ -38,7 +39,7 @@ from tests.helpers_model import torch_one_thread  # noqa: F401 - autouse fixture
 # disagreement left for a selector to find (measured: hard share 0.18 instead of > 0.45).
 FAST = dict(prm=PRMConfig(n_heads=4, head_width=32), trainer=TrainerConfig(lr=3e-2, warmup_steps=2),
             delta_pred=0.9, delta_std=0.01, batch_size=16, update_batch=1,
-            fit=FitConfig(steps=1, mini_batch=64, replay_share=0.0, replay_size=0))
+            fit=FitConfig(steps=1, mini_batch=64, replay_share=0.0, replay_size=0), consolidate=None)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,25 @@ def test_position_baseline_learns_that_late_steps_fail():
     p = position_scores(w, 4, 4)
     assert len(p) == 4 and p[0] > p[1] > p[2]
     assert fit_position_model([]).abs().sum() == 0  # nothing labelled: a constant 0.5 model
+
+
+def test_consolidated_column_trains_on_exactly_the_admitted_labels(tiny, tmp_path):
+    # Each run also consolidates a PRM on the labels it admitted (as the daemon's trainer does:
+    # a validation slice of them by id hash, early stopping) and tests it like the online one.
+    pool, test = marker_trajectories(64, seed=6), marker_trajectories(24, seed=7)
+    config = SimConfig(strategies=("actprm", "random", "full"), budgets=(0.5,), seeds=1,
+                       **(FAST | {"consolidate": ConsolidateConfig(epochs=60, patience=15, lr=1e-2, mini_batch=8)}))
+    result = run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)
+    for r in result["runs"]:
+        assert r["consolidated_train_labels"] + r["consolidated_val_labels"] == r["labels_used"]
+        assert 1 <= r["consolidated_epochs"] <= 60 and r["consolidated_f1"] is not None
+        assert 0 <= r["consolidated_test_flagged_share"] <= 1 and 0 <= r["test_flagged_share"] <= 1
+    full = next(r for r in result["runs"] if r["strategy"] == "full")
+    # one pass of one step per label leaves this PRM untrained (F1 0); 60 epochs learn the markers
+    assert full["consolidated_f1"] >= 0.8 > full["f1"], full
+    assert result["headline"]["consolidated"]["full_f1"] == full["consolidated_f1"]
+    table = format_table(result)
+    assert "cons F1" in table and "consolidated: full-data F1" in table
 
 
 def test_headline_hand_worked():
