@@ -31,6 +31,7 @@ from typing import Any
 
 from actprm.model.calibration import Window, auto_window, calibration_over_time
 from actprm.model.metrics import predicted_first_errors, processbench_scores
+from actprm.streams.journal import journal_files
 
 JOURNALS = ("labels", "scoring", "updates", "heldout", "status")
 WHAT_NEEDS = {  # what each journal file feeds, for the "missing" notes
@@ -141,9 +142,16 @@ def read_state(state_dir: str | Path, checkpoint_dir: str | Path | None = None) 
         raise ReportError(f"no state directory at {state_dir}")
     st = State(state_dir, Path(checkpoint_dir) if checkpoint_dir else state_dir / "checkpoints")
     for name in JOURNALS:
-        path = state_dir / "learning" / f"{name}.jsonl"
-        st.present[name] = path.is_file()
-        rows, skipped = read_jsonl(path) if st.present[name] else ([], 0)
+        paths = journal_files(state_dir / "learning", name)  # the rotated set, oldest first, then the active file
+        st.present[name] = bool(paths)
+        rows, skipped = [], 0
+        for path in paths:
+            try:
+                more, bad = read_jsonl(path)
+            except FileNotFoundError:  # rotated away by the running daemon meanwhile
+                continue
+            rows += more
+            skipped += bad
         # Arrival order; sorted() is stable, so rows with the same time keep their file order.
         st.journal[name] = sorted(rows, key=lambda r: _num(r.get("at")) or 0.0)
         st.skipped[name] = skipped

@@ -258,7 +258,7 @@ class StatusService(faust.Service):
         while not self.should_stop:
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
-            self.proc.journal.append("status", self.proc.status())
+            self.proc.journal.append_if_changed("status", self.proc.status())  # idle: a line every few minutes
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
