@@ -7,16 +7,20 @@ label: an unparseable or missing answer must not train the PRM.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import random
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+import structlog
+
+log = structlog.get_logger("actprm")
 
 
 @dataclass
@@ -33,16 +37,27 @@ class Judgement:
     first_error: int  # index of the first wrong step, -1 = all steps correct
     judge: str
     latency_s: float
-    raw: str | None = None  # the judge's answer text, kept for audits
+    raw: str | None = None  # the judge's answer text, kept for audits (None: the oracle says no text)
+    prompt_version: str | None = None  # which critique prompt produced `raw`
+    attempts: int = 1  # HTTP requests it took (retries = attempts - 1)
 
 
 class JudgeError(Exception):
-    """A judge failure, never a label. `retryable` says whether asking again may succeed."""
+    """A judge failure, never a label. `retryable` says whether asking again may succeed.
 
-    def __init__(self, reason: str, retryable: bool) -> None:
+    `answer` is the text that failed to parse (kept for the dead letter), `latency_s` the time
+    the call really took, `attempts` the requests it made, and `retry_after_s` the wait the
+    server asked for (HTTP Retry-After), if any."""
+
+    def __init__(self, reason: str, retryable: bool, *, answer: str | None = None, latency_s: float = 0.0,
+                 attempts: int = 1, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.answer = answer
+        self.latency_s = latency_s
+        self.attempts = attempts
+        self.retry_after_s = retry_after_s
 
 
 class Judge(Protocol):
@@ -55,11 +70,18 @@ class Judge(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Prompt and verdict
+#
+# The prompt follows ProcessBench's critique format (paragraphs tagged and numbered from 0, the
+# earliest wrong paragraph's index in a box, -1 when none) and the ActivePRM labelling prompt's
+# way of reviewing (paragraph by paragraph, stop at the first error: later paragraphs may only
+# carry it forward). The instruction never shows a filled box such as the "all correct" one:
+# a small model that copies the instruction would otherwise hand back a verdict it never gave.
 
+PROMPT_VERSION = "critique-2"  # change it with any change to the template or to the parser's rules
 
 _CRITIQUE_TEMPLATE = """\
-You are checking a step-by-step solution to a math problem. The solution is split into \
-paragraphs; each is wrapped in tags and numbered from 0.
+The following is a math problem and a solution to it. The solution is split into paragraphs; \
+each is wrapped in tags and numbered from 0.
 
 [Problem]
 
@@ -69,16 +91,18 @@ paragraphs; each is wrapped in tags and numbered from 0.
 
 {paragraphs}
 
-Check the paragraphs in order, one at a time. For each one, verify its arithmetic, its \
+Review the solution paragraph by paragraph, in order. For each one, check its arithmetic, its \
 algebra, its logic and how it uses the problem's conditions and the earlier paragraphs. \
 A paragraph is wrong if it makes a mistake of its own; a paragraph that only carries \
 forward an earlier mistake is not the earliest error. Stop at the first wrong paragraph: \
 what comes after it does not matter.
 
-Finish with one last line in exactly this form and write nothing after it:
-\\boxed{{k}}
-where k is the index of the earliest wrong paragraph (an integer from 0 to {last}), or \
-\\boxed{{-1}} if every paragraph is correct. Put a single integer in the box."""
+When you are done, write your verdict alone on the last line: a LaTeX box, \\boxed{{}}, holding \
+one integer, the number of the earliest wrong paragraph (from 0 to {last}); if no paragraph \
+is wrong, the integer is minus one. Write nothing after the box."""
+
+# Runs of this many words of the instruction found in an answer mark an echo of the prompt.
+_ECHO_WORDS = 8
 
 
 def critique_messages(problem: str, steps: list[str]) -> list[dict[str, str]]:
@@ -95,8 +119,21 @@ def critique_messages(problem: str, steps: list[str]) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-_BOXED = "\\boxed"
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _shingles(words: list[str], n: int = _ECHO_WORDS) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+# The instruction's own words (the template without the problem and the paragraphs).
+_INSTRUCTION_SHINGLES = _shingles(_words(re.sub(r"\{\w*\}", " ", _CRITIQUE_TEMPLATE)))
+
+_BOX = re.compile(r"\\boxed\s*\{")
 _INTEGER = re.compile(r"-?\d+")
+# What may follow the verdict's box on its line: closing markup and punctuation only.
+_AFTER_BOX = re.compile(r"[\s.!$*_)\]`]*")
 
 
 def _unparseable(detail: str) -> JudgeError:
@@ -113,35 +150,48 @@ def _answer_part(text: str) -> str:
     return text
 
 
-def _last_box_content(text: str) -> str:
-    start = text.rfind(_BOXED)
-    if start < 0:
-        raise _unparseable("no \\boxed{...} verdict")
-    i = start + len(_BOXED)
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        raise _unparseable("the last \\boxed has no {...}")
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    raise _unparseable("the last \\boxed{ is never closed")
+def _box_contents(line: str) -> list[tuple[str, int]]:
+    """Each \\boxed{...} of the line: its content and where its closing brace ends."""
+    out = []
+    for m in _BOX.finditer(line):
+        depth, i = 1, m.end()
+        while i < len(line) and depth:
+            depth += {"{": 1, "}": -1}.get(line[i], 0)
+            i += 1
+        if depth:
+            raise _unparseable("the verdict's \\boxed{ is never closed")
+        out.append((line[m.end() : i - 1], i))
+    return out
 
 
-def parse_verdict(text: str, n_steps: int) -> int:
-    """The first-error index in the judge's LAST \\boxed{...}; raises JudgeError when unsure.
+def parse_verdict(text: str, n_steps: int, finish_reason: str | None = None) -> int:
+    """The first-error index the judge gives as its answer; raises JudgeError when unsure.
 
-    Strict on purpose: the box must hold exactly one integer in [-1, n_steps - 1]. Anything
-    else (no box, "2, 3", "two", out of range) is a judge failure, never a guessed label.
+    The verdict counts only where the judge states it as its answer: one \\boxed{k} on the
+    last line after any <think> reasoning, with nothing but closing punctuation after it, k a
+    single integer in [-1, n_steps - 1]. A box earlier in the text is a draft. An answer that
+    repeats the prompt's instruction, was cut at max_tokens (finish_reason "length") or ends
+    mid-sentence after its box is a judge failure, never a guessed label.
     """
     if n_steps < 0:
         raise ValueError(f"n_steps must be >= 0, got {n_steps}")
-    content = _last_box_content(_answer_part(text)).strip()
+    if finish_reason == "length":
+        raise _unparseable("the answer was cut at max_tokens before it ended")
+    answer = _answer_part(text or "").strip()
+    if not answer:
+        raise _unparseable("no answer text")
+    if _shingles(_words(answer)) & _INSTRUCTION_SHINGLES:
+        raise _unparseable("the answer repeats the prompt's instruction")
+    last = answer.splitlines()[-1]
+    boxes = _box_contents(last)
+    if not boxes:
+        raise _unparseable("no \\boxed{...} verdict on the answer's last line")
+    if len(boxes) > 1:
+        raise _unparseable(f"{len(boxes)} boxes on the answer's last line")
+    content, end = boxes[0]
+    if not _AFTER_BOX.fullmatch(last[end:]):
+        raise _unparseable(f"the answer goes on after its box: {last[end:][:60]!r}")
+    content = content.strip()
     if not _INTEGER.fullmatch(content):
         raise _unparseable(f"final box holds {content[:60]!r}, not one integer")
     verdict = int(content)
@@ -163,6 +213,8 @@ class OracleJudge:
     """Returns the gold first-error index carried by the request (benchmarks, replays)."""
 
     name = "oracle"
+    model = None
+    prompt_version = None  # no prompt: the gold label
 
     async def judge(self, request: JudgeRequest) -> Judgement:
         started = time.monotonic()
@@ -186,10 +238,6 @@ class OracleJudge:
 # OpenAI-compatible HTTP server (vLLM, SGLang, ...)
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, JudgeError) and exc.retryable
-
-
 class OpenAIJudge:
     """Any OpenAI-compatible /v1/chat/completions server.
 
@@ -197,7 +245,10 @@ class OpenAIJudge:
     max_retries counts retries after the first attempt (as OpenAI clients do): 3 means at
     most 4 requests, 0 means one.
     Timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff and
-    jitter; other 4xx, malformed responses and unparseable answers are not.
+    jitter, never sooner than the server's Retry-After; a Retry-After longer than
+    retry_after_max_s ends the call at once (retryable, with the wait the server asked for)
+    so that the caller's retry queue asks again later. Other 4xx, malformed responses and
+    unparseable answers are not retried.
     """
 
     def __init__(
@@ -209,6 +260,7 @@ class OpenAIJudge:
         max_retries: int = 3,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
+        retry_after_max_s: float = 120.0,
         concurrency: int = 8,
         temperature: float = 0.5,
         max_tokens: int = 8192,
@@ -221,11 +273,13 @@ class OpenAIJudge:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.name = f"openai:{model}"
         self.model = model
+        self.prompt_version = PROMPT_VERSION
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.retry_after_max_s = retry_after_max_s
         self.temperature = temperature
         self.max_tokens = max_tokens
         self._semaphore = asyncio.Semaphore(concurrency)
@@ -235,6 +289,12 @@ class OpenAIJudge:
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=concurrency),
         )
+
+    def longest_call_s(self) -> float:
+        """The longest one judge() may take while healthy: every attempt up to its timeout,
+        and the longest wait between attempts (the liveness check allows this much)."""
+        waits = self.max_retries * max(self.backoff_max_s, self.retry_after_max_s)
+        return (self.max_retries + 1) * self.timeout_s + waits
 
     async def judge(self, request: JudgeRequest) -> Judgement:
         _require_steps(request)
@@ -247,47 +307,50 @@ class OpenAIJudge:
             "n": 1,
             "stream": False,
         }
-        text, finish_reason = await self._post_with_retries(payload)
         try:
-            first_error = parse_verdict(text, len(request.steps))
+            (text, finish_reason), attempts = await self._post_with_retries(payload)
+            try:
+                first_error = parse_verdict(text, len(request.steps), finish_reason)
+            except JudgeError as exc:
+                if finish_reason == "length":
+                    # Truncation is the usual cause of a missing verdict; say so to guide max_tokens.
+                    exc.reason = f"{exc.reason} (max_tokens={self.max_tokens})"
+                exc.answer, exc.attempts = text, attempts
+                raise
         except JudgeError as exc:
-            if finish_reason == "length":
-                # Truncation is the usual cause of a missing box; say so to guide max_tokens.
-                raise JudgeError(
-                    f"{exc.reason} (answer cut at max_tokens={self.max_tokens})", retryable=False
-                ) from exc
+            exc.latency_s = time.monotonic() - started  # a failure's real cost, not 0
             raise
-        return Judgement(request.id, first_error, self.name, time.monotonic() - started, raw=text)
+        return Judgement(request.id, first_error, self.name, time.monotonic() - started, raw=text,
+                         prompt_version=PROMPT_VERSION, attempts=attempts)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[str, str | None]:
-        attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._backoff,
-            retry=retry_if_exception(_is_retryable),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    return await self._post_once(payload)
-        except JudgeError as exc:
-            if exc.retryable:
-                tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
-                raise JudgeError(f"{exc.reason} after {tries}", retryable=True) from exc
-            raise
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
+    async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[tuple[str, str | None], int]:
+        """(the answer, finish_reason) and the attempts it took; a JudgeError once retrying ends."""
+        last = self.max_retries + 1
+        for attempt in range(1, last + 1):
+            try:
+                return await self._post_once(payload), attempt
+            except JudgeError as exc:
+                exc.attempts = attempt
+                asked = exc.retry_after_s or 0.0
+                if not exc.retryable or attempt == last or asked > self.retry_after_max_s:
+                    if exc.retryable:
+                        tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+                        exc.reason = f"{exc.reason} after {tries}"
+                    raise
+                delay = max(self._backoff(attempt), asked)
+                log.info("judge call failed; retrying", reason=exc.reason, attempt=attempt, retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _backoff(self, retry_state: RetryCallState) -> float:
+    def _backoff(self, attempt: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, capped.
 
         The random half spreads out many judges that failed together (a restarting server).
         """
-        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (retry_state.attempt_number - 1))
+        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
         return base / 2 + random.uniform(0, base / 2)
 
     async def _post_once(self, payload: dict[str, Any]) -> tuple[str, str | None]:
@@ -310,11 +373,31 @@ class OpenAIJudge:
         return _read_completion(response)
 
 
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds an HTTP Retry-After header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def _read_completion(response: httpx.Response) -> tuple[str, str | None]:
     """(answer text, finish_reason) from a chat-completions response, or a JudgeError."""
     status = response.status_code
     if status == 429 or status >= 500:
-        raise JudgeError(f"judge HTTP {status}", retryable=True)
+        asked = retry_after_s(response.headers.get("retry-after"))
+        said = f" (Retry-After {asked:g} s)" if asked is not None else ""
+        raise JudgeError(f"judge HTTP {status}{said}", retryable=True, retry_after_s=asked)
     if status >= 400:
         raise JudgeError(f"judge HTTP {status}: {response.text[:200]!r}", retryable=False)
     try:
@@ -373,6 +456,7 @@ class VLLMJudge:
         from transformers import AutoTokenizer
 
         self.name = f"vllm:{model}"
+        self.model, self.prompt_version = model, PROMPT_VERSION
         self.timeout_s = timeout_s
         # The tokenizer's own chat template, so the prompt matches what the model was tuned on.
         self._tokenizer = AutoTokenizer.from_pretrained(model)
@@ -415,9 +499,14 @@ class VLLMJudge:
             raise JudgeError(f"vllm rejected the request: {exc}", retryable=False) from exc
         if final is None or not final.outputs:
             raise JudgeError("vllm returned no output", retryable=True)
-        text = final.outputs[0].text
-        first_error = parse_verdict(text, len(request.steps))
-        return Judgement(request.id, first_error, self.name, time.monotonic() - started, raw=text)
+        text, finish_reason = final.outputs[0].text, final.outputs[0].finish_reason
+        try:
+            first_error = parse_verdict(text, len(request.steps), finish_reason)
+        except JudgeError as exc:
+            exc.answer, exc.latency_s = text, time.monotonic() - started
+            raise
+        return Judgement(request.id, first_error, self.name, time.monotonic() - started, raw=text,
+                         prompt_version=PROMPT_VERSION)
 
     async def aclose(self) -> None:
         shutdown = getattr(self._engine, "shutdown", None)
@@ -456,7 +545,8 @@ def _vllm_gpu(device: str) -> int | None:
 _KINDS = {"oracle": OracleJudge, "openai": OpenAIJudge, "vllm": VLLMJudge}
 # Settings only the HTTP judge uses. Other kinds drop them, so that one settings section can
 # feed any kind; any other unknown setting is still a TypeError (a typo must not pass).
-_HTTP_ONLY = {"base_url", "api_key", "max_retries", "backoff_initial_s", "backoff_max_s", "concurrency"}
+_HTTP_ONLY = {"base_url", "api_key", "max_retries", "backoff_initial_s", "backoff_max_s", "retry_after_max_s",
+              "concurrency"}
 _DROPPED = {"oracle": _HTTP_ONLY | {"model", "temperature", "max_tokens", "timeout_s"}, "vllm": _HTTP_ONLY}
 
 
@@ -468,3 +558,69 @@ def make_judge(kind: str, **settings: Any) -> Judge:
         raise ValueError(f"unknown judge kind {kind!r}; expected one of: {', '.join(_KINDS)}")
     dropped = _DROPPED.get(key, set())
     return cls(**{name: value for name, value in settings.items() if name not in dropped})
+
+
+# ---------------------------------------------------------------------------------------------
+# How good is a judge? Its verdicts on gold-labelled records, as ProcessBench scores a labeller.
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) by linear interpolation between closest ranks; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+async def judge_quality(judge: Judge, records: list, concurrency: int = 1, on_done=None) -> dict:
+    """Judge each record (id, problem, steps, label: the gold first error) and score the verdicts.
+
+    f1 and agreement count a failure (an unparseable answer, a timeout) as a wrong label: that
+    is what a labeller built on this judge delivers; f1_parsed and agreement_parsed count only
+    the answers that gave a verdict. `on_done` is called after each record (a progress bar).
+    """
+    from actprm.model.metrics import processbench_scores
+
+    slots = asyncio.Semaphore(max(1, concurrency))
+    results: list[dict] = []
+
+    async def one(record) -> None:
+        async with slots:
+            started = time.monotonic()
+            try:
+                verdict = await judge.judge(JudgeRequest(record.id, record.problem, record.steps, record.label))
+            except JudgeError as err:
+                results.append({"id": record.id, "gold": record.label, "verdict": None, "reason": err.reason,
+                                "latency_s": err.latency_s or time.monotonic() - started, "attempts": err.attempts})
+            else:
+                results.append({"id": record.id, "gold": record.label, "verdict": verdict.first_error,
+                                "latency_s": verdict.latency_s, "attempts": verdict.attempts})
+        if on_done is not None:
+            on_done()
+
+    await asyncio.gather(*(one(r) for r in records))
+    parsed = [r for r in results if r["verdict"] is not None]
+    # A failure is a wrong label: -2 matches no gold first error and is not "all correct".
+    every = processbench_scores([-2 if r["verdict"] is None else r["verdict"] for r in results],
+                                [r["gold"] for r in results])
+    among = processbench_scores([r["verdict"] for r in parsed], [r["gold"] for r in parsed])
+    latencies = [r["latency_s"] for r in results]
+    reasons = Counter(r["reason"].split(":")[0] if r["reason"].startswith("unparseable") else r["reason"][:80]
+                      for r in results if r["verdict"] is None)
+    rounded = lambda x: None if x is None else round(x, 4)  # noqa: E731
+    return {
+        "judge": getattr(judge, "name", "?"), "prompt_version": getattr(judge, "prompt_version", None), "n": len(results),
+        "n_error": every["n_error"], "n_correct": every["n_correct"],
+        "f1": rounded(every["f1"]), "acc_error": rounded(every["acc_error"]), "acc_correct": rounded(every["acc_correct"]),
+        "agreement": rounded(sum(r["verdict"] == r["gold"] for r in results) / len(results)) if results else None,
+        "parse_rate": rounded(len(parsed) / len(results)) if results else None,
+        "f1_parsed": rounded(among["f1"]),
+        "agreement_parsed": rounded(sum(r["verdict"] == r["gold"] for r in parsed) / len(parsed)) if parsed else None,
+        "latency_p50_s": rounded(_percentile(latencies, 0.5)), "latency_p99_s": rounded(_percentile(latencies, 0.99)),
+        "retries": sum(r["attempts"] - 1 for r in results),
+        "failures": dict(reasons.most_common(8)),
+        "verdicts_predicted_all_correct": sum(r["verdict"] == -1 for r in parsed),
+    }

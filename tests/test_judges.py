@@ -97,8 +97,9 @@ class FakeServer:
                 elif kind == "hang":
                     server.stop.wait(action[1])
                     self._send(200, json.dumps(completion("\\boxed{0}")))
-                elif kind == "status":
-                    self._send(action[1], json.dumps({"error": {"message": "scripted failure"}}))
+                elif kind == "status":  # ("status", code) or ("status", code, {header: value})
+                    headers = action[2] if len(action) > 2 else {}
+                    self._send(action[1], json.dumps({"error": {"message": "scripted failure"}}), headers)
                 elif kind == "raw":
                     self._send(200, action[1])
                 elif kind == "json":
@@ -106,9 +107,11 @@ class FakeServer:
                 else:
                     raise ValueError(f"unknown script action {kind!r}")
 
-            def _send(self, status: int, text: str) -> None:
+            def _send(self, status: int, text: str, headers: dict | None = None) -> None:
                 data = text.encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -197,6 +200,36 @@ def test_429_is_retried(server):
     server.script = [("status", 429), ("answer", "\\boxed{1}")]
     assert judge_once(server.base_url).first_error == 1
     assert server.requests == 2
+
+
+def test_retry_after_is_waited_for_before_the_next_attempt(server):
+    server.script = [("status", 429, {"Retry-After": "1"}), ("answer", "\\boxed{1}")]
+    started = time.monotonic()
+    result = judge_once(server.base_url)  # backoff is 0.01 s; the server asked for 1 s
+    assert result.first_error == 1 and result.attempts == 2
+    assert time.monotonic() - started >= 1.0
+
+
+def test_a_retry_after_longer_than_allowed_ends_the_call_retryable_with_the_wait(server):
+    server.script = [("status", 503, {"Retry-After": "3600"}), ("answer", "\\boxed{1}")]
+    err = judge_error(server.base_url, retry_after_max_s=60)
+    assert err.retryable and err.retry_after_s == 3600 and "Retry-After 3600" in err.reason
+    assert server.requests == 1  # not waited for here: the retry queue asks again in an hour
+
+
+def test_retry_after_as_an_http_date():
+    from email.utils import formatdate
+
+    from actprm.model.judges import retry_after_s
+
+    assert 59 <= retry_after_s(formatdate(time.time() + 60, usegmt=True)) <= 61
+    assert retry_after_s("120") == 120 and retry_after_s("soon") is None and retry_after_s(None) is None
+
+
+def test_a_failed_call_records_its_real_latency(server):
+    server.script = [("hang", 10.0)]
+    err = judge_error(server.base_url, timeout_s=0.3, max_retries=1)
+    assert err.latency_s >= 0.6 and err.attempts == 2
 
 
 def test_always_500_gives_up_after_max_retries(server):
@@ -317,6 +350,9 @@ def test_request_without_steps_is_rejected_before_sending(server):
         ("<think>\\boxed{0} no wait</think>\nFinal: \\boxed{-1}", 2, -1),
         ("reasoning only, chat template opened <think>\n...</think>\\boxed{1}", 2, 1),
         ("\\boxed{-1}", 0, -1),
+        ("Paragraph 1 adds wrongly.\nThe earliest error is in paragraph \\boxed{1}.", 4, 1),
+        ("Final answer: $\\boxed{2}$", 4, 2),
+        ("**\\boxed{0}**\n\n", 2, 0),
     ],
 )
 def test_parse_verdict_accepts(text, n, expected):
@@ -342,6 +378,12 @@ def test_parse_verdict_accepts(text, n, expected):
         ("<think>\\boxed{1}", 3),  # reasoning never finished
         ("<think>\\boxed{1}</think> no verdict here", 3),  # a draft box is not a verdict
         ("\\boxed{0}", 0),
+        ("\\boxed{1} and then", 3),  # the answer goes on after its box: cut mid-sentence
+        ("\\boxed{2}\nParagraph 3 also", 4),  # the last line holds no verdict
+        ("\\boxed{1} \\boxed{2}", 3),  # two boxes on the last line
+        ("Review the solution paragraph by paragraph, in order. For each one, check its arithmetic\n"
+         "\\boxed{-1}", 3),
+        ("if no paragraph is wrong, the integer is minus one. Write nothing after the box.\n\\boxed{-1}", 3),
     ],
 )
 def test_parse_verdict_rejects(text, n):
@@ -349,6 +391,18 @@ def test_parse_verdict_rejects(text, n):
         parse_verdict(text, n)
     assert not info.value.retryable
     assert info.value.reason.startswith("unparseable judge answer")
+
+
+def test_an_answer_cut_at_max_tokens_is_refused_even_with_a_box():
+    with pytest.raises(JudgeError, match="cut at max_tokens"):
+        parse_verdict("Paragraph 0 is right.\n\\boxed{0}", 3, finish_reason="length")
+
+
+def test_the_prompt_instruction_echoed_is_refused():
+    prompt = critique_messages("What is 1+1?", ["1+1=2.", "So 2."])[0]["content"]
+    echo = prompt[prompt.index("Review the solution"):]
+    with pytest.raises(JudgeError, match="repeats the prompt"):
+        parse_verdict(echo + "\n\\boxed{-1}", 2)
 
 
 @given(n=st.integers(1, 40), data=st.data())
@@ -384,7 +438,9 @@ def test_critique_messages_tags_every_step():
     assert "Compute 1+1." in text
     assert "<paragraph_0>\nOne plus one.\n</paragraph_0>" in text
     assert "<paragraph_1>\nEquals 2.\n</paragraph_1>" in text
-    assert "\\boxed{k}" in text and "\\boxed{-1}" in text and "from 0 to 1" in text
+    assert "\\boxed{}" in text and "from 0 to 1" in text
+    # No filled box in the instruction: a model that copies it must not hand back a verdict.
+    assert "\\boxed{-1}" not in text and "\\boxed{0}" not in text
     with pytest.raises(ValueError):
         critique_messages("p", [])
 
