@@ -196,6 +196,11 @@ def health(proc, stuck_after_s: float, now: float | None = None) -> tuple[bool, 
     stuck = {role: s for role, s in busy.items() if s > stuck_after_s}
     detail: dict[str, Any] = {"process_id": proc.process_id, "roles": list(proc.roles), "busy_s": busy,
                               "paused": proc.paused_consume}
+    judge = getattr(proc, "judge", None)
+    until = judge.alive_until() if judge is not None and "judge" in stuck else None
+    if until is not None and now <= until:  # its calls are slow but within their timeouts and retries: alive
+        del stuck["judge"]
+        detail["judge_calls_alive_until_s"] = round(until - now, 1)
     if stuck:
         detail["reason"] = "; ".join(f"role {role} busy for {s:.0f}s (stuck_after_s={stuck_after_s:g})"
                                      for role, s in stuck.items())

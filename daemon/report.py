@@ -717,10 +717,48 @@ def build_report(state_dir: str | Path, checkpoint_dir: str | Path | None = None
         sec.append(_missing(f"no label carries the metadata field {field_name!r}"))
     parts.append("".join(sec) + "</section>")
 
+    parts.append(verdict_section(st.state_dir))
+
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<link rel=\"icon\" href=\"data:,\">"  # no favicon request: nothing leaves the file
             f"<title>actprm report: {html.escape(st.state_dir.name or str(st.state_dir))}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def verdict_sample(entries: Sequence[dict], per_outcome: int = 6) -> tuple[dict[str, int], list[dict]]:
+    """Counts by outcome, and the newest few of each outcome (labels, asked again later, given up)."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in entries:
+        counts[str(e.get("outcome"))] += 1
+    sample = []
+    for outcome in ("label", "retry_later", "dead"):
+        sample += [e for e in entries if e.get("outcome") == outcome][-per_outcome:]
+    return dict(counts), sample
+
+
+def verdict_section(state_dir: Path, answer_chars: int = 600) -> str:
+    """What the judge said: a sample of its verdicts with the end of each answer (the verdict log
+    a judge process keeps in state_dir/judge/, rotated)."""
+    from actprm.streams.judging import read_verdicts
+
+    sec = ['<section id="verdicts"><h2>What the judge said</h2>']
+    counts, sample = verdict_sample(list(read_verdicts(Path(state_dir) / "judge")))
+    if not sample:
+        sec.append(_missing("no verdict log (judge/verdicts.jsonl): this state dir has no judge role, or it judged nothing yet"))
+        return "".join(sec) + "</section>"
+    sec.append("<p>" + ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(counts.items()))
+               + " (in the log kept now). The newest of each outcome:</p>")
+    rows = []
+    for e in sample:
+        answer = e.get("answer")
+        text = "–" if answer is None else "<pre>" + html.escape(answer[-answer_chars:]) + "</pre>"
+        verdict = e.get("first_error") if e.get("outcome") == "label" else e.get("reason")
+        rows.append([_when(_num(e.get("at"))), html.escape(str(e.get("id"))), html.escape(str(e.get("outcome"))),
+                     _fmt(verdict), _fmt(e.get("gold")), html.escape(str(e.get("model") or e.get("judge"))),
+                     html.escape(str(e.get("prompt_version"))), _fmt(_num(e.get("latency_s")), 1), text])
+    sec.append(_table(["at", "id", "outcome", "verdict / reason", "gold", "model", "prompt", "latency s", "answer (end)"],
+                      rows, left=9))
+    return "".join(sec) + "</section>"
 
 
 def write_report(out: str | Path, state_dir: str | Path, checkpoint_dir: str | Path | None = None, **kwargs: Any) -> Path:

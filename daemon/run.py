@@ -26,7 +26,7 @@ from actprm.model.backbone import default_hidden_layer, load_backbone
 from actprm.model.build import publish_initial
 from actprm.model.checkpoints import CheckpointStore
 from actprm.model.features import cache_key
-from actprm.model.judges import Judge, make_judge
+from actprm.model.judges import Judge
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.replay import FeatureMemo, ReplayStore
 from actprm.model.trainer import Trainer
@@ -34,7 +34,7 @@ from actprm.client import messages
 from actprm.streams.agents import aiokafka_options, kafka_sender, make_app, wire_agents
 from actprm.streams.epoch import WriteGate, claim_epoch, restart_this_process
 from actprm.streams.journal import Journal
-from actprm.streams.judging import JudgeRole
+from actprm.streams.judging import JudgeRole, VerdictLog, configured_judge
 from actprm.streams.ledger import Ledger
 from actprm.streams.process import ROLES, Process
 from actprm.streams.rounds import ADMISSION_COUNTERS, KeeperRole, RoundKeeper
@@ -56,7 +56,7 @@ class RunOptions:
     max_trajectories: int | None = None  # stop once this many have been scored and their labels trained
     heldout: int = 32  # synthetic held-out trajectories for the live F1 (0: off)
     status_interval_s: float = 5.0
-    drain_timeout_s: float = 300.0  # after max_trajectories, how long to wait for judge and trainer
+    drain_timeout_s: float | None = None  # after max_trajectories, how long to wait for judge and trainer (None: judge.drain_timeout_s)
 
 
 def parse_roles(role: str) -> tuple[str, ...]:
@@ -120,7 +120,8 @@ def build_process(settings: Settings, roles: tuple[str, ...], topics: Topics, se
                                            after_publish=scorer.serving.follow if scorer else None,
                                            consolidate=s.consolidate)
     if "judge" in roles:
-        parts["judge"] = JudgeRole(_make_judge(s), ledger, sender, topics, s.selection, metrics)
+        parts["judge"] = JudgeRole(_make_judge(s), ledger, sender, topics, s.selection, metrics, settings=s.judge,
+                                   audit=VerdictLog(s.state_dir / "judge", s.judge.audit_max_bytes), errors=errors)
     proc = Process(s, roles, topics, sender, ledger, store, journal, metrics=metrics, errors=errors, **parts)
     metrics.proc = proc
     return proc
@@ -136,14 +137,7 @@ def _first_version(store: CheckpointStore, base: EnsemblePRM, wait_s: float = 60
 
 
 def _make_judge(s: Settings) -> Judge:
-    j = s.judge
-    kwargs = {} if j.kind == "oracle" else {
-        "base_url": j.base_url, "model": j.model, "timeout_s": j.timeout_s, "max_retries": j.max_retries,
-        "concurrency": j.concurrency, "temperature": j.temperature, "max_tokens": j.max_tokens,
-        "api_key": j.api_key.get_secret_value() if j.api_key else None}
-    if j.kind == "vllm":
-        kwargs |= {"device": j.device, "gpu_memory_utilization": j.gpu_memory_utilization}
-    return make_judge(j.kind, **kwargs)
+    return configured_judge(s.judge)
 
 
 class HeldOut:
@@ -186,7 +180,8 @@ def pipeline_settled(proc: Process) -> bool:
         kept = sum(c[name] for name in ADMISSION_COUNTERS.values())  # each candidate the keeper saw, once
         ok = ok and kept >= c["selected"]
     if proc.judge is not None and proc.trainer is not None:
-        ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] >= c["annotation_requests"]
+        waiting = proc.judge.queued()  # asked again hours later: not this run's to wait for
+        ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] + waiting >= c["annotation_requests"]
         ok = ok and c["labels_received"] + c["labels_duplicate"] >= c["judged"]
     return ok
 
@@ -325,6 +320,8 @@ class StatusService(faust.Service):
         if limit is None:
             return
         proc = self.proc
+        drain_s = self.options.drain_timeout_s
+        drain_s = proc.settings.judge.drain_timeout_s if drain_s is None else drain_s
         while not self.should_stop:
             await self.sleep(0.5)
             scored = proc.counters()["scored"]
@@ -341,9 +338,14 @@ class StatusService(faust.Service):
                 settled = settled and (consolidator is None or consolidator.running_since is None)
             waiting_f1 = (settled and self._heldout is not None and proc.scorer is not None
                           and self.f1_version != proc.scorer.serving.current.version)
-            if waiting_f1 and time.monotonic() - self._drain_started <= self.options.drain_timeout_s:
+            if waiting_f1 and time.monotonic() - self._drain_started <= drain_s:
                 continue  # the last version's held-out figure first (the heldout task computes it)
-            if settled or time.monotonic() - self._drain_started > self.options.drain_timeout_s:
+            if settled or time.monotonic() - self._drain_started > drain_s:
+                if proc.judge is not None and (proc.judge.in_flight or proc.judge.queued()):
+                    # Said, not hidden: charged requests neither judged nor failed in this run.
+                    log.warning("stopping with judge requests unfinished", abandoned_in_flight=len(proc.judge.in_flight),
+                                queued_for_later=proc.judge.queued(), waited_s=round(time.monotonic() - self._drain_started))
+                    proc.counts["judge_abandoned"] = len(proc.judge.in_flight)
                 self._record_curve_point()
                 print(self.line(), file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
@@ -388,6 +390,10 @@ def supervise_embedded_broker(app: faust.App, broker) -> None:
 
 def run_daemon(settings: Settings, options: RunOptions) -> dict:
     """Run until stopped (Ctrl-C / SIGTERM) or until max_trajectories are done; returns the final status."""
+    if "judge" in options.roles:
+        from actprm.daemon.cli_judge import qualify
+
+        qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:

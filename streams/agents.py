@@ -188,6 +188,10 @@ def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str
             async for batch in stream.take_events(s.judge.concurrency, within=0.2):
                 await _handle(proc, "judge", proc.judge.on_annotations, _events(batch))
 
+        @app.timer(30.0)
+        async def judge_retry_queue():  # requests whose calls failed, asked again when due (streams/judging.py)
+            await _guarded(proc, "judge_retry_queue", proc.judge.retry_due)
+
     if broker_epoch is not None:
         @app.task
         async def guard_broker_data():

@@ -8,6 +8,9 @@ admitted is forwarded again free of charge (the judge dedupes it), so nothing is
 The round a request belongs to is decided here, where it is admitted: a scorer in its own
 process has no round keeper and cannot know it, so the forwarded request (and the label the
 judge makes from it) carries the round the keeper admitted it in.
+A request the judge gave up on for good comes back on the same topic (`judge_gave_up` set):
+its charge is refunded to the round it was admitted in, if that round is still the current
+one, and only once however often the notice is delivered.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pydantic import BaseModel, Field
 
 from actprm.client import messages
 from actprm.streams.ledger import ADMITTED, META, Ledger
+
+REFUNDED = "refunded"  # trajectory id -> the round whose budget got its charge back
 from actprm.client.messages import AnnotationRequest
 from actprm.streams.sender import Event, Sender
 from actprm.client.topics import Topics
@@ -82,6 +87,20 @@ class RoundKeeper:
             self._save()
         return Admission.NEW
 
+    def refund(self, trajectory_id: str) -> bool:
+        """Hand back the charge of a request the judge gave up on; False when there is
+        nothing to refund (never admitted, refunded before, or admitted in an earlier round)."""
+        if not self.ledger.has(ADMITTED, trajectory_id) or self.ledger.has(REFUNDED, trajectory_id):
+            return False
+        s = self.state
+        if self.admitted_round(trajectory_id) != s.round_id or s.used == 0:
+            return False
+        s.used -= 1
+        with self.ledger.transaction():  # the refund and its mark land together
+            self.ledger.put(REFUNDED, trajectory_id, s.round_id)
+            self._save()
+        return True
+
     def admitted_round(self, trajectory_id: str) -> int:
         """The round an admitted id belongs to: the one it was charged in."""
         return self.ledger.get(ADMITTED, trajectory_id, self.state.round_id)
@@ -120,6 +139,10 @@ class KeeperRole:
 
     async def on_candidates(self, events: Sequence[Event]) -> None:
         for event, msg in await self.sender.decoded(AnnotationRequest, events):
+            if msg.judge_gave_up is not None:  # the judge's notice, not a candidate
+                refunded = self.rounds.refund(msg.id)
+                self.counts["annotation_refunds" if refunded else "annotation_refunds_declined"] += 1
+                continue
             verdict = self.rounds.admit(msg.id)
             if verdict in (Admission.NEW, Admission.RESEND):
                 # The keeper's round, not the scorer's stamp: a scorer in its own process has none.

@@ -1,8 +1,8 @@
 """An OpenAI-compatible judge server that fails on purpose, for the tests of the daemon's judge
 client and of the daemon under judge faults. Each problem's text chooses what the server does
 with it (answer the gold label, answer 5xx or 400, hang past the client's timeout, reset the
-connection, answer garbage, no choices or no verdict), and the server counts its calls per
-problem, so a test can tell a retried or repeated judgement from a first one; `tagged_stream`
+connection, answer garbage, no choices or no verdict, 429 with a Retry-After, answer slowly,
+echo the prompt's instruction), and the server counts its calls per problem, so a test can tell a retried or repeated judgement from a first one; `tagged_stream`
 gives every test its own problem texts so those counts never mix streams.
 """
 
@@ -20,8 +20,9 @@ from actprm.streams.tools import synthetic_trajectories
 from helpers_network import free_port
 
 # A problem's text chooses what the judge does with it: "[fault:<mode>] ..." (default ok).
-JUDGE_MODES = ("ok", "http500", "timeout", "reset", "garbage", "no_choices", "no_verdict", "http400")
-RETRYABLE_MODES = {"http500", "timeout", "reset"}  # the client retries these (and connection refused)
+JUDGE_MODES = ("ok", "http500", "timeout", "reset", "garbage", "no_choices", "no_verdict", "http400", "http429",
+               "slow", "echo")
+RETRYABLE_MODES = {"http500", "timeout", "reset", "http429"}  # the client retries these (and connection refused)
 _MODE = re.compile(r"^\[fault:(\w+)\] ")
 
 
@@ -44,8 +45,12 @@ class FaultyJudge:
     the port refuses connections (the "connection refused" fault).
     """
 
-    def __init__(self, gold: dict[str, int], delay_s: float = 0.0, hang_s: float = 5.0, port: int | None = None):
+    def __init__(self, gold: dict[str, int], delay_s: float = 0.0, hang_s: float = 5.0, port: int | None = None,
+                 retry_after: str = "1", slow_s: float = 1.0):
         self.gold, self.delay_s, self.hang_s = gold, delay_s, hang_s
+        self.retry_after, self.slow_s = retry_after, slow_s  # the 429's Retry-After header; the "slow" answer's delay
+        self.modes: dict[str, str] = {}  # problem -> mode, over the one its text names (a test heals a fault)
+        self.call_times: dict[str, list[float]] = {}  # problem -> when each call came in
         self.port = port or free_port()
         self.calls: Counter = Counter()
         self.in_flight: Counter = Counter()
@@ -76,17 +81,18 @@ class FaultyJudge:
                 prompt = body["messages"][-1]["content"]
                 problem = re.search(r"\[Problem\]\n\n(.*?)\n\n\[Solution\]", prompt, re.S).group(1)
                 m = _MODE.match(problem)
-                mode = m.group(1) if m else "ok"
+                mode = server.modes.get(problem, m.group(1) if m else "ok")
                 with server._lock:
+                    server.call_times.setdefault(problem, []).append(time.monotonic())
                     server.calls[problem] += 1
                     server.in_flight[problem] += 1
                 try:
-                    self._answer(problem, mode)
+                    self._answer(problem, mode, prompt)
                 finally:
                     with server._lock:
                         server.in_flight[problem] -= 1
 
-            def _answer(self, problem: str, mode: str) -> None:
+            def _answer(self, problem: str, mode: str, prompt: str = "") -> None:
                 time.sleep(server.delay_s)
                 if mode == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -94,22 +100,33 @@ class FaultyJudge:
                     return
                 if mode == "timeout":
                     time.sleep(server.hang_s)
+                if mode == "slow":
+                    time.sleep(server.slow_s)
+                if mode == "http429":
+                    return self._send(429, b'{"error": "rate limited"}', headers={"Retry-After": server.retry_after})
                 if mode in ("http500", "http400"):
                     return self._send(int(mode[4:]), b'{"error": "injected"}')
                 if mode == "garbage":
                     return self._send(200, b"<html>502 Bad Gateway</html>", "text/html")
                 if mode == "no_choices":
                     return self._send(200, json.dumps({"id": "x", "object": "chat.completion"}).encode())
-                content = ("I am not sure." if mode == "no_verdict"
-                           else f"Checked every paragraph.\n\\boxed{{{server.gold.get(problem, -1)}}}")
+                if mode == "echo":  # what a small model does: repeats the instruction, then a box
+                    instruction = prompt[prompt.index("Review the solution"):]
+                    content = f"{instruction}\n\\boxed{{-1}}"
+                elif mode == "no_verdict":
+                    content = "I am not sure."
+                else:
+                    content = f"Checked every paragraph.\n\\boxed{{{server.gold.get(problem, -1)}}}"
                 reply = {"id": "x", "object": "chat.completion", "model": "m",
                          "choices": [{"index": 0, "finish_reason": "stop",
                                       "message": {"role": "assistant", "content": content}}]}
                 self._send(200, json.dumps(reply).encode())
 
-            def _send(self, code: int, data: bytes, ctype: str = "application/json") -> None:
+            def _send(self, code: int, data: bytes, ctype: str = "application/json", headers: dict | None = None) -> None:
                 try:
                     self.send_response(code)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

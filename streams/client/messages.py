@@ -150,6 +150,9 @@ class AnnotationRequest(Message):
     mu: list[float]
     metadata: dict[str, Scalar] = {}  # the trajectory's own (e.g. its error kind, policy step), for reports
     requested_at: float = Field(default_factory=_now)
+    # Set by a judge that gave up on this request for good (the reason): sent back on the
+    # candidates topic so that the round keeper refunds its charge, once.
+    judge_gave_up: str | None = None
 
     @model_validator(mode="after")
     def _gold_in_range(self) -> Self:
@@ -174,6 +177,9 @@ class Label(Message):
     scored_version: Count | None = None
     mu: list[float] | None = None
     metadata: dict[str, Scalar] = {}
+    # For audits: what the judge answered (its end, where the verdict is) and which prompt asked.
+    answer: str | None = None
+    prompt_version: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -231,6 +237,7 @@ class DeadLetter(Message):
     raw_bytes: Count = 0  # the original payload's size; raw_b64 may hold only a prefix
     raw_truncated: bool = False
     at: float = Field(default_factory=_now)
+    judge_answer: str | None = None  # a judge failure's answer text (the end of it), e.g. one that did not parse
 
 
 class BrokerEpoch(Message):
