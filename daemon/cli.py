@@ -226,9 +226,22 @@ def report(
 
 
 @app.command()
+def broker(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="the port to listen on (127.0.0.1)")] = 9092,
+    memory_limit_mb: Annotated[Optional[float], typer.Option(envvar="ACTPRM_BROKER_MEMORY_LIMIT_MB", help="warn at 80% of this (default: half the host's memory)")] = None,
+) -> None:
+    """Run the embedded broker alone on a fixed port until Ctrl-C / SIGTERM, so daemons
+    (ACTPRM_KAFKA__BOOTSTRAP=127.0.0.1:PORT) restart without losing topics. Memory only, no retention."""
+    from actprm.streams.broker import serve_broker
+
+    raise typer.Exit(serve_broker(port, int(memory_limit_mb * (1 << 20)) if memory_limit_mb else None))
+
+
+@app.command()
 def produce(
     file: Annotated[Optional[Path], typer.Argument(help="JSONL or ProcessBench-format JSON")] = None,
     synthetic: Annotated[Optional[int], typer.Option(help="produce N built-in synthetic trajectories instead")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="seed of --synthetic (ids wp-SEED-i); default: a new one per call, so calls never repeat ids")] = None,
     bootstrap: ToolBootstrapOpt = None,
     topic_prefix: TopicPrefixOpt = None,
     config: ConfigOpt = None,
@@ -239,12 +252,16 @@ def produce(
 
     if (file is None) == (synthetic is None):
         raise CLIError("give a FILE or --synthetic N (one of them)")
-    items, skipped = trajectories_from(file, synthetic)
+    if synthetic is not None and seed is None:
+        import secrets
+
+        seed = secrets.randbelow(10**9)  # printed below, so a run can be repeated
+    items, skipped = trajectories_from(file, synthetic, seed=seed or 0)
     for where, reason in skipped:
         typer.echo(f"skipped {where}: {reason}", err=True)
     target = kafka_target(config, bootstrap, topic_prefix)  # the daemon's Settings: SASL/TLS included
     n = produce_trajectories(target.bootstrap, target.topic_prefix, items, **target.options)
-    typer.echo(json.dumps({"produced": n, "skipped": len(skipped)}))
+    typer.echo(json.dumps({"produced": n, "skipped": len(skipped)} | ({"seed": seed} if synthetic is not None else {})))
 
 
 @app.command()

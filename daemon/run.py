@@ -42,7 +42,7 @@ from actprm.streams.scoring import ScorerRole
 from actprm.streams.sender import LastError, Sender
 from actprm.streams.series import FlagSeries, KeepFirstAndLast, ThinnedList
 from actprm.streams.swap import ServedModel, Serving, load_for_swap
-from actprm.streams.tools import synthetic_trajectories
+from actprm.streams.tools import iter_synthetic_trajectories
 from actprm.client.topics import Topics, ensure_topics
 from actprm.streams.training import TrainerRole, UpdateLoop
 
@@ -426,8 +426,9 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
             from actprm.model.synthetic import parse_kinds
 
             b = settings.builtin
-            stream = synthetic_trajectories(options.synthetic, seed=settings.model.seed, kinds=parse_kinds(b.kinds),
-                                            error_rate=b.error_rate, markers=b.markers)
+            # Generated as it is sent: a stream of millions holds one trajectory in memory at a time.
+            stream = iter_synthetic_trajectories(options.synthetic, seed=settings.model.seed, kinds=parse_kinds(b.kinds),
+                                                 error_rate=b.error_rate, markers=b.markers)
 
             @app.task
             async def produce_builtin_stream():
@@ -438,8 +439,11 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
                     if rate > 0:
                         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
                     acks.append(await proc.sender.enqueue(topics.trajectories, t.id, messages.encode(t)))
+                    if len(acks) >= 1000:  # the acknowledgements awaited in chunks: bounded too
+                        await asyncio.gather(*acks)
+                        acks.clear()
                 await asyncio.gather(*acks)
-                log.info("built-in stream produced", n=len(stream))
+                log.info("built-in stream produced", n=options.synthetic)
 
         def stop_now() -> None:
             log.error("the stop did not finish in time (is the broker unreachable?); exiting now: what is durable "

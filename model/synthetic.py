@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 
 from actprm.model.data import Record
 
@@ -126,23 +127,25 @@ def marker_trajectories(
     """Toy records whose steps read "step j ok" or "step j bad" (j 0-based); the first bad step
     is the label, steps after it are random. Strings stay short for a one-byte-per-token
     tokenizer."""
+    return list(iter_marker_trajectories(n, seed, error_rate, min_steps, max_steps))
+
+
+def iter_marker_trajectories(
+    n: int, seed: int = 0, error_rate: float = 0.5, min_steps: int = 2, max_steps: int = 6
+) -> Iterator[Record]:
+    """`marker_trajectories`, one record at a time (the same records)."""
     _check(n, {"error_rate": error_rate}, min_steps, max_steps, least=1)
     rng = random.Random(f"actprm-marker-{seed}")
     wrong = _exact_flags(rng, n, error_rate)
-    records = []
-    for i in range(n):
-        n_steps = rng.randint(min_steps, max_steps)
-        label = rng.randrange(n_steps) if wrong[i] else -1
-        records.append(
-            Record(
-                id=f"mark-{seed}-{i}",
-                problem=MARKER_PROBLEM,
-                steps=_marker_steps(rng, n_steps, label, EASY_OK, EASY_BAD),
-                label=label,
-                extra={"source": "synthetic-marker"},
-            )
-        )
-    return records
+
+    def records() -> Iterator[Record]:
+        for i in range(n):
+            n_steps = rng.randint(min_steps, max_steps)
+            label = rng.randrange(n_steps) if wrong[i] else -1
+            yield Record(id=f"mark-{seed}-{i}", problem=MARKER_PROBLEM,
+                         steps=_marker_steps(rng, n_steps, label, EASY_OK, EASY_BAD), label=label,
+                         extra={"source": "synthetic-marker"})
+    return records()
 
 
 def hard_minority_pool(
@@ -253,6 +256,19 @@ def word_problems(
     - arithmetic: the result is off ("27 + 18 = 46").
     extra: {"kind": one of KINDS or "correct", "answer", "stated_answer", "ops"}.
     """
+    return list(iter_word_problems(n, seed, kinds, error_rate, min_steps, max_steps))
+
+
+def iter_word_problems(
+    n: int,
+    seed: int = 0,
+    kinds: dict[str, float] | None = None,
+    error_rate: float = 0.5,
+    min_steps: int = 3,
+    max_steps: int = 8,
+) -> Iterator[Record]:
+    """`word_problems`, one record at a time (the same records): a stream of a million keeps
+    one record in memory, not a million (the exact shares cost a flag and a kind name each)."""
     kinds = DEFAULT_KINDS if kinds is None else kinds
     _check(n, {"error_rate": error_rate}, min_steps, max_steps, least=2)
     unknown = sorted(set(kinds) - set(KINDS))
@@ -261,7 +277,11 @@ def word_problems(
     rng = random.Random(f"actprm-words-{seed}")
     wrong = _exact_flags(rng, n, error_rate)
     kind_of = iter(_exact_kinds(rng, sum(wrong), kinds))
-    records = []
+    return _word_problems(rng, n, seed, wrong, kind_of, min_steps, max_steps)
+
+
+def _word_problems(rng: random.Random, n: int, seed: int, wrong: list[bool], kind_of: Iterator[str],
+                   min_steps: int, max_steps: int) -> Iterator[Record]:
     for i in range(n):
         kind = next(kind_of) if wrong[i] else "correct"
         name, pronoun = rng.choice(_NAMES)
@@ -296,10 +316,9 @@ def word_problems(
         story = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + ", then " + phrases[-1]
         problem = (f"{name} has {start} {obj}. {pronoun.capitalize()} {story}. "
                    f"How many {obj} does {pronoun} have now?")
-        records.append(Record(id=f"wp-{seed}-{i}", problem=problem, steps=steps, label=k,
-                              extra={"source": "synthetic-word-problems", "kind": kind, "answer": true,
-                                     "stated_answer": shown, "ops": ops}))
-    return records
+        yield Record(id=f"wp-{seed}-{i}", problem=problem, steps=steps, label=k,
+                     extra={"source": "synthetic-word-problems", "kind": kind, "answer": true,
+                            "stated_answer": shown, "ops": ops})
 
 
 def _wrong_step(rng: random.Random, kind: str, choices: list[tuple[str, int]], shown: int):
@@ -348,9 +367,16 @@ def builtin_records(n: int, seed: int = 0, kinds: dict[str, float] | None = None
                     markers: bool = False) -> list[Record]:
     """The built-in stream of the embedded default: word problems (`word_problems`), or with
     markers=True the toy "step j ok/bad" records a tiny random backbone can learn (tests)."""
+    return list(iter_builtin_records(n, seed, kinds, error_rate, markers))
+
+
+def iter_builtin_records(n: int, seed: int = 0, kinds: dict[str, float] | None = None, error_rate: float = 0.5,
+                         markers: bool = False) -> Iterator[Record]:
+    """`builtin_records`, one record at a time (the daemon's built-in stream and `produce --synthetic`)."""
     if markers:
-        records = marker_trajectories(n, seed=seed, error_rate=error_rate)
-        for r in records:
-            r.extra["kind"] = "marker" if r.label >= 0 else "correct"
-        return records
-    return word_problems(n, seed=seed, kinds=kinds, error_rate=error_rate)
+        def marked(records: Iterator[Record]) -> Iterator[Record]:
+            for r in records:
+                r.extra["kind"] = "marker" if r.label >= 0 else "correct"
+                yield r
+        return marked(iter_marker_trajectories(n, seed=seed, error_rate=error_rate))
+    return iter_word_problems(n, seed=seed, kinds=kinds, error_rate=error_rate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -24,17 +25,23 @@ def synthetic_trajectories(n: int, seed: int, kinds: dict[str, float] | None = N
                            markers: bool = False) -> list[Trajectory]:
     """The built-in stream: word problems with a known first wrong step (gold labels) of the
     given error kinds (model/synthetic.py); each says its kind in metadata."""
-    from actprm.model.synthetic import builtin_records
-
-    return [Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label,
-                       metadata={"kind": r.extra["kind"]})
-            for r in builtin_records(n, seed=seed, kinds=kinds, error_rate=error_rate, markers=markers)]
+    return list(iter_synthetic_trajectories(n, seed, kinds, error_rate, markers))
 
 
-def trajectories_from(file: Path | None, synthetic: int | None) -> tuple[list[Trajectory], list[tuple[str, str]]]:
-    """Trajectories from a labelled file (gold labels carried for the oracle judge) or the built-in generator."""
+def iter_synthetic_trajectories(n: int, seed: int, kinds: dict[str, float] | None = None, error_rate: float = 0.5,
+                                markers: bool = False) -> Iterator[Trajectory]:
+    """`synthetic_trajectories` one at a time: a long built-in stream is never held in memory."""
+    from actprm.model.synthetic import iter_builtin_records
+
+    return (Trajectory(id=r.id, problem=r.problem, steps=r.steps, gold_first_error=r.label, metadata={"kind": r.extra["kind"]})
+            for r in iter_builtin_records(n, seed=seed, kinds=kinds, error_rate=error_rate, markers=markers))
+
+
+def trajectories_from(file: Path | None, synthetic: int | None, seed: int = 0) -> tuple[list[Trajectory], list[tuple[str, str]]]:
+    """Trajectories from a labelled file (gold labels carried for the oracle judge) or the
+    built-in generator (ids wp-SEED-i: another seed gives other ids)."""
     if synthetic is not None:
-        return synthetic_trajectories(synthetic, seed=0), []
+        return synthetic_trajectories(synthetic, seed=seed), []
     from actprm.model.data import load_records
 
     loaded = load_records(file)

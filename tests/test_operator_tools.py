@@ -6,10 +6,17 @@ that cannot be reached is one line naming the address, exit 1, for them and for 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+from collections import Counter
 
 import pytest
 
+from actprm.client.topics import Topics
 from actprm.daemon.connect import kafka_target
+from actprm.streams.tools import produce_trajectories, synthetic_trajectories
+from helpers_daemon import ACTPRM, Daemon, read_topic, wait_until
+from helpers_network import free_port
 from test_cli import _one_line_error, actprm
 
 
@@ -38,12 +45,20 @@ def test_produce_tail_and_ctl_read_the_broker_from_the_config_file(broker, topic
     config = tmp_path / "actprm.toml"
     config.write_text(f'[kafka]\nbootstrap = "{broker.bootstrap}"\ntopic_prefix = "{topic_prefix}"\n')
     env = {}  # nothing but the file names the broker (an ACTPRM_KAFKA__* variable would beat it)
-    produced = actprm("produce", "--synthetic", "3", "--config", str(config), env=env, timeout=120)
-    assert produced.returncode == 0, produced.stderr
-    assert json.loads(produced.stdout.strip().splitlines()[-1]) == {"produced": 3, "skipped": 0}
-    tailed = actprm("tail", "trajectories", "--limit", "3", "--config", str(config), env=env, timeout=60)
+    seeds = []
+    for _ in range(2):  # two calls without --seed: other ids, so nothing is deduplicated away
+        produced = actprm("produce", "--synthetic", "3", "--config", str(config), env=env, timeout=120)
+        assert produced.returncode == 0, produced.stderr
+        out = json.loads(produced.stdout.strip().splitlines()[-1])
+        assert (out["produced"], out["skipped"]) == (3, 0)
+        seeds.append(out["seed"])
+    again = actprm("produce", "--synthetic", "3", "--seed", str(seeds[0]), "--config", str(config), env=env, timeout=120)
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == {"produced": 3, "skipped": 0, "seed": seeds[0]}
+    tailed = actprm("tail", "trajectories", "--limit", "9", "--config", str(config), env=env, timeout=60)
     assert tailed.returncode == 0, tailed.stderr
-    assert len([line for line in tailed.stdout.splitlines() if line.strip()]) == 3
+    ids = [json.loads(line)["id"] for line in tailed.stdout.splitlines() if line.strip()]
+    assert len(ids) == 9 and len(set(ids)) == 6  # --seed repeats a call's ids, no seed never does
+    assert {f"wp-{seeds[0]}-{i}" for i in range(3)} <= set(ids)
     # No daemon on this prefix: ctl says so about the configured broker, not 127.0.0.1:9092.
     status = actprm("ctl", "status", "--timeout", "2", "--config", str(config), env=env, timeout=60)
     _one_line_error(status, f"no daemon on {broker.bootstrap}: topic {topic_prefix}.control does not exist")
@@ -57,3 +72,38 @@ def test_an_unreachable_broker_is_one_line_naming_the_address(args):
     assert proc.returncode == 1, proc.stderr
     _one_line_error(proc, "cannot reach Kafka at 127.0.0.1:1", "check the address")
     assert len([line for line in proc.stderr.splitlines() if not line.startswith("warning:")]) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_daemon_restarts_on_actprm_broker_and_keeps_its_topics(topic_prefix, tmp_path):
+    """`actprm broker` outlives a daemon: the restarted daemon finds its topics, its committed
+    offsets and the rewards it sent, and scores only what is new."""
+    port = free_port()
+    broker = subprocess.Popen([ACTPRM, "broker", "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        started = json.loads(broker.stdout.readline())
+        bootstrap = started["bootstrap"]
+        assert bootstrap == f"127.0.0.1:{port}" and started["memory_limit_mb"] > 0
+        topics = Topics(topic_prefix)
+        stream = synthetic_trajectories(16, seed=11)
+        first, second = stream[:8], stream[8:]
+        daemon = Daemon(bootstrap, topic_prefix, tmp_path).start()
+        try:
+            produce_trajectories(bootstrap, topic_prefix, first)
+            ids = {t.id for t in first}
+            wait_until(lambda: ids <= {r.id for r in read_topic(bootstrap, topics.rewards, settle_s=0.2)}, 180,
+                       interval=1, what="rewards of the first half")
+            assert daemon.terminate() == 0
+            daemon.start()  # the same state dir, the same broker
+            produce_trajectories(bootstrap, topic_prefix, second)
+            every = {t.id for t in stream}
+            wait_until(lambda: every <= {r.id for r in read_topic(bootstrap, topics.rewards, settle_s=0.2)}, 180,
+                       interval=1, what="rewards of the second half")
+        finally:
+            daemon.kill()
+        rewards = Counter(r.id for r in read_topic(bootstrap, topics.rewards))
+        assert set(rewards) == {t.id for t in stream} and max(rewards.values()) == 1  # nothing scored again
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(30) == 0
