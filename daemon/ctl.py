@@ -103,7 +103,8 @@ def format_status(acks: list[ControlAck]) -> str:
               + (" (versions differ)" if len(o["served_versions"]) > 1 else "")]
     if o["errors"]:
         parts.append(f"{o['errors']} with errors")
-    return "\n".join(lines) + "\noverall: " + " | ".join(parts)
+    warning = next((a.state["broker_memory_warning"] for a in acks if a.state.get("broker_memory_warning")), None)
+    return "\n".join(lines) + "\noverall: " + " | ".join(parts) + (f"\nWARNING: {warning}" if warning else "")
 
 
 def format_acks(acks: list[ControlAck]) -> str:

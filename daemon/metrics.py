@@ -70,6 +70,14 @@ class _ProcessCollector:
         for role, since in proc.busy_since.items():
             busy.add_metric([role], 0.0 if since is None else now - since)
         yield busy
+        watch = self.metrics.broker_watch
+        if watch is not None:
+            rss = watch.rss()
+            if rss is not None:
+                yield GaugeMetricFamily("actprm_broker_rss_bytes", "resident memory of the embedded broker (no retention: "
+                                        "it grows with every message)", value=rss)
+            yield GaugeMetricFamily("actprm_broker_memory_limit_bytes", "the embedded broker's memory limit "
+                                    "(ACTPRM_BROKER_MEMORY_LIMIT_MB); status warns at 80% of it", value=watch.limit_bytes)
         accuracy = self.metrics.confident_accuracy()
         if accuracy is not None:
             yield GaugeMetricFamily("actprm_confident_accuracy",
@@ -116,6 +124,7 @@ class Metrics:
         r.register(_ProcessCollector(self))
         self._recent_latency: deque[float] = deque(maxlen=256)
         self._confident = [0, 0]  # right, wrong
+        self.broker_watch = None  # a BrokerWatch when this process runs the embedded broker (streams/broker.py)
 
     # --- observations (called by the handlers) ---------------------------------------------
 
@@ -148,7 +157,8 @@ class Metrics:
         """The few figures `ctl status` shows from here."""
         recent = list(self._recent_latency)
         return {"judge_latency_p50_s": round(statistics.median(recent), 3) if recent else None,
-                "confident_accuracy": self.confident_accuracy()}
+                "confident_accuracy": self.confident_accuracy(),
+                **(self.broker_watch.summary() if self.broker_watch is not None else {})}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

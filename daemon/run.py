@@ -246,6 +246,10 @@ class StatusService(faust.Service):
                 parts.append("held-out F1 -")
         if st["dead_lettered"]:
             parts.append(f"dead letters {st['dead_lettered']}")
+        watch = self.proc.metrics.broker_watch if self.proc.metrics is not None else None
+        warning = watch.warning() if watch is not None else None
+        if warning:
+            parts.append(f"WARNING {warning}")
         return " | ".join(parts)
 
     @faust.Service.task
@@ -421,6 +425,10 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         app.service(status)
         if broker is not None:
             supervise_embedded_broker(app, broker)
+            if proc.metrics is not None:
+                from actprm.streams.broker import BrokerWatch
+
+                proc.metrics.broker_watch = BrokerWatch(lambda: broker.pid)  # ctl status, metrics, the status line
 
         if options.synthetic:
             from actprm.model.synthetic import parse_kinds

@@ -239,3 +239,23 @@ def test_broker_dies_with_its_parent() -> None:
     while _pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _pid_alive(pid)
+
+
+def test_the_broker_watch_warns_before_the_memory_limit(monkeypatch) -> None:
+    """Tansu has no retention; the daemon reads its RSS and warns at 80% of the limit."""
+    import os
+
+    from actprm.daemon.metrics import Metrics
+    from actprm.streams.broker import BrokerWatch, default_memory_limit_bytes, rss_bytes
+
+    rss = rss_bytes(os.getpid())  # this process stands in for the broker
+    assert rss and rss_bytes(None) is None and rss_bytes(2**22 + 12345) is None
+    roomy = BrokerWatch(lambda: os.getpid(), limit_bytes=2 * rss)
+    assert roomy.warning() is None and roomy.summary()["broker_rss_mb"] > 0
+    tight = BrokerWatch(lambda: os.getpid(), limit_bytes=int(rss / 0.9))
+    assert "move to your own Kafka" in tight.warning()
+    metrics = Metrics()
+    metrics.broker_watch = tight
+    assert metrics.summary()["broker_memory_warning"] == tight.warning()  # what `ctl status` shows
+    monkeypatch.setenv("ACTPRM_BROKER_MEMORY_LIMIT_MB", "512")
+    assert default_memory_limit_bytes() == 512 << 20
