@@ -323,24 +323,23 @@ def config_show(config: ConfigOpt = None) -> None:
     typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2, default=str))
 
 
+# Errors that end a command with one line, by module: a class whose module was never imported
+# cannot have been raised, so `main` looks them up only then (importing them would load torch
+# before every command, `actprm ctl` included).
+KNOWN_ERRORS = (("actprm.model.backbone", "BackboneError"), ("actprm.model.checkpoints", "CheckpointError"),
+                ("actprm.model.data", "DataError"), ("actprm.model.judges", "JudgeError"),
+                ("aiokafka.errors", "KafkaError"), ("actprm.streams.broker", "BrokerError"),
+                ("actprm.client.topics", "KafkaUnreachable"))
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in KNOWN_ERRORS)
+    return (CLIError, FileNotFoundError, ValueError, *(e for e in loaded if e is not None))
+
+
 def main() -> None:
     from pydantic import ValidationError
 
-    from actprm.model.backbone import BackboneError
-    from actprm.model.checkpoints import CheckpointError
-
-    known: tuple[type[BaseException], ...] = (CLIError, BackboneError, CheckpointError, FileNotFoundError, ValueError)
-    try:
-        from actprm.model.data import DataError
-        from actprm.model.judges import JudgeError
-        from aiokafka.errors import KafkaError
-
-        from actprm.streams.broker import BrokerError
-        from actprm.client.topics import KafkaUnreachable
-
-        known += (DataError, BrokerError, JudgeError, KafkaUnreachable, KafkaError)
-    except ImportError:
-        pass
     try:
         app()
     except ValidationError as err:
@@ -348,7 +347,9 @@ def main() -> None:
             where = ".".join(str(x) for x in e["loc"]) or "settings"
             typer.echo(f"error: {where}: {e['msg']}", err=True)
         sys.exit(1)
-    except known as err:
+    except Exception as err:
+        if not isinstance(err, _known_errors()):
+            raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         typer.echo(f"error: {message}", err=True)
         sys.exit(1)

@@ -22,10 +22,10 @@ class KafkaTarget:
 
 
 def kafka_target(config: Path | None = None, bootstrap: str | None = None, topic_prefix: str | None = None) -> KafkaTarget:
-    from actprm.daemon.settings import load_settings
-    from actprm.streams.agents import aiokafka_options
+    # The kafka section as the daemon reads it (flags, ACTPRM_KAFKA__* env, the TOML file's [kafka]),
+    # through the torch-free client settings: `actprm ctl` starts in a fraction of a second.
+    from actprm.client.settings import aiokafka_options, load_client_settings
 
     overrides = {k: v for k, v in (("bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None}
-    settings = load_settings(config, **({"kafka": overrides} if overrides else {}))
-    k = settings.kafka
+    k = load_client_settings(config, kafka=overrides).kafka
     return KafkaTarget(k.bootstrap or DEFAULT_BOOTSTRAP, k.topic_prefix, aiokafka_options(k))

@@ -6,6 +6,7 @@ Tracebacks never carry local variables (they would leak secrets and tensors into
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -51,10 +52,11 @@ def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
     # second. The daemon says it once per check instead ("broker unreachable; holding sends and retrying", from
     # the epoch watcher); --verbose shows aiokafka's own lines.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL if not verbose else logging.INFO)
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:  # the same, read by transformers when a command loads it (importing it here would cost `actprm ctl` ~1 s)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -107,3 +108,15 @@ def test_a_daemon_restarts_on_actprm_broker_and_keeps_its_topics(topic_prefix, t
     finally:
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(30) == 0
+
+
+def test_ctl_starts_without_torch_or_transformers():
+    """`actprm ctl` loads neither (issue 21: 7-11 s of imports under load): its settings come
+    from the torch-free client settings, and the daemon's modules load only inside commands."""
+    code = ("import sys, actprm.daemon.cli as c\n"
+            "sys.argv = ['actprm', 'ctl', 'status', '--bootstrap', '127.0.0.1:1', '--timeout', '1']\n"
+            "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'faust') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    assert "cannot reach Kafka at 127.0.0.1:1" in proc.stderr  # and still the one-line error
