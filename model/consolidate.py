@@ -43,6 +43,7 @@ class ConsolidateConfig(BaseModel):
 
     epochs: int = Field(40, ge=1, description="most passes over the labels kept")
     patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation figure")
+    criterion: Literal["loss", "f1"] = Field("loss", description="what early stopping watches on the validation slice: the BCE of the ensemble mean (smooth), or F1 at 0.5 then loss (flat for the first epochs, while the heads learn that most steps are correct)")
     start: Literal["fresh", "served"] = Field("fresh", description="fresh: the heads' initial weights (their anchors); served: the weights serving now")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the labels kept that only validate (chosen by a hash of the label id, so a label stays on its side)")
     mini_batch: int = Field(32, ge=1, description="labels per optimizer step")
@@ -81,8 +82,11 @@ class Figures:
     loss: float
 
 
-def better(a: Figures, b: Figures) -> bool:
-    """Is `a` better than `b`: a higher F1 (None counts as -1), or the same F1 and a lower loss."""
+def better(a: Figures, b: Figures, criterion: str = "f1") -> bool:
+    """Is `a` better than `b`? criterion "f1": a higher F1 (None counts as -1), or the same F1
+    and a lower loss; "loss": a lower loss."""
+    if criterion == "loss":
+        return a.loss < b.loss
     fa, fb = -1.0 if a.f1 is None else a.f1, -1.0 if b.f1 is None else b.f1
     return fa > fb or (fa == fb and a.loss < b.loss)
 
@@ -92,14 +96,14 @@ def beats(candidate: Figures, served: Figures) -> bool:
     return better(candidate, served)
 
 
-def early_stopping(history: Sequence[Figures], patience: int) -> tuple[int, bool]:
+def early_stopping(history: Sequence[Figures], patience: int, criterion: str = "loss") -> tuple[int, bool]:
     """(index of the best entry, stop now?) for figures after each epoch (history[0]: before
     training). Stop when the last `patience` entries brought nothing better than the best."""
     if not history:
         raise ValueError("early_stopping needs at least one entry")
     best = 0
     for i in range(1, len(history)):
-        if better(history[i], history[best]):
+        if better(history[i], history[best], criterion):
             best = i
     return best, len(history) - 1 - best >= patience
 
@@ -206,12 +210,12 @@ def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: S
         figures = validation_figures(prm, val)
         history.append(figures)
         log.append({"epoch": epoch, "val_f1": figures.f1, "val_loss": figures.loss})
-        best, stop = early_stopping(history, config.patience)
+        best, stop = early_stopping(history, config.patience, config.criterion)
         if best == len(history) - 1:
             best_state = trainable_state(prm, mode)
         if stop and stopped == "epochs":
             stopped = "early stopping"
-    best, _ = early_stopping(history, config.patience)
+    best, _ = early_stopping(history, config.patience, config.criterion)
     load_trainable_state(prm, best_state)
     trainer.optimizer.state.clear()  # moments of later epochs do not belong to the best one's weights
     return Candidate(prm, trainer, best_state, history[best], start, epoch, best, steps, stopped,

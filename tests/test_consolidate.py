@@ -49,14 +49,25 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience_epochs_without_b
     # epoch 0 (before training) .. 5: the best is epoch 2 (0.6); epoch 4 ties it on F1 with a
     # higher loss, so it is not better; three epochs (3, 4, 5) without better -> stop at patience 3
     history = [F(0.2), F(0.5), F(0.6, 0.40), F(0.55), F(0.6, 0.45), F(0.58)]
-    assert early_stopping(history, patience=3) == (2, True)
-    assert early_stopping(history, patience=4) == (2, False)
+    assert early_stopping(history, patience=3, criterion="f1") == (2, True)
+    assert early_stopping(history, patience=4, criterion="f1") == (2, False)
     # the same F1 with a lower loss is better: epoch 4 becomes the best, one epoch after it
     history[4] = F(0.6, 0.30)
-    assert early_stopping(history, patience=3) == (4, False)
+    assert early_stopping(history, patience=3, criterion="f1") == (4, False)
     # an undefined F1 (a group missing) is worse than any F1; nothing better than epoch 0 -> 0
-    assert early_stopping([F(0.1), F(None, 0.1), F(None, 0.05)], patience=2) == (0, True)
+    assert early_stopping([F(0.1), F(None, 0.1), F(None, 0.05)], patience=2, criterion="f1") == (0, True)
     assert early_stopping([F(0.3)], patience=1) == (0, False)
+
+
+def test_early_stopping_on_the_loss_ignores_a_flat_f1():
+    # The default: the validation loss. The first epochs often keep F1 at 0 (the heads learn
+    # that most steps are correct) while the loss falls; on F1 these would stop at once.
+    history = [F(0.25, 0.69), F(0.0, 0.50), F(0.0, 0.42), F(0.3, 0.38), F(0.5, 0.39), F(0.6, 0.40), F(0.6, 0.41)]
+    assert early_stopping(history[:3], patience=2, criterion="f1") == (0, True)
+    assert early_stopping(history[:3], patience=2) == (2, False)
+    # loss best at epoch 3 (0.38); epochs 4, 5, 6 are higher -> stop at patience 3 and keep epoch 3
+    assert early_stopping(history, patience=3) == (3, True)
+    assert early_stopping(history, patience=4) == (3, False)
     with pytest.raises(ValueError):
         early_stopping([], patience=1)
 
@@ -118,7 +129,7 @@ def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
     H = tiny.hidden_size
     val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
     cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
-                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2), seed=1)
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1"), seed=1)
     assert cand.stopped == "early stopping" and cand.epochs == cand.best_epoch + 3 < 40, cand.history
     best = cand.history[cand.best_epoch]
     assert (cand.figures.f1, cand.figures.loss) == (best["val_f1"], best["val_loss"])
