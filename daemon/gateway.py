@@ -9,7 +9,8 @@ their rewards; the scorers do not know the gateway exists.
                     {"rewards", "scores", "extra_logs", "errors"}
 - POST /v1/rewards  per-step scores: {"items": [{"prompt", "response"} | {"problem", "steps"}]}
                     -> {"items": [{"ok", "id", "mu", "sigma", "reward", ...} | {"ok": false, "failure", "error", "reward"}]}
-- GET  /healthz     200 when the client is connected
+- GET  /healthz     200 when the client is connected, with its counters
+- GET  /metrics     the same counters for Prometheus (actprm_gateway_*: fallbacks, outages, ...)
 
 Each sample gets an answer by the client's one failure policy (actprm.client.outcome): its
 reward, or gateway.fallback_reward with the reason (per item; for OpenRLHF in extra_logs), so
@@ -28,7 +29,9 @@ import structlog
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from actprm.client.kafka import RewardClient
@@ -91,6 +94,25 @@ def _validation_reason(exc: RequestValidationError) -> str:
     return "; ".join(parts)[:1000]
 
 
+class _ClientCounters:
+    """The reward client's counters as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, client: RewardClient):
+        self.client = client
+
+    def collect(self):
+        for name, value in sorted(self.client.stats.items()):
+            yield CounterMetricFamily(f"actprm_gateway_{name}", f"reward client: {name.replace('_', ' ')}", value=value)
+        yield GaugeMetricFamily("actprm_gateway_outage", "1 while rewards are unavailable (answered with the fallback)",
+                                value=float(self.client.outages.ongoing))
+
+
+def _registry(client: RewardClient) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_ClientCounters(client))
+    return registry
+
+
 def create_app(settings: Settings, client: RewardClient) -> FastAPI:
     """The ASGI app around a started client (the caller owns the client's life)."""
     gw = settings.gateway
@@ -139,6 +161,10 @@ def create_app(settings: Settings, client: RewardClient) -> FastAPI:
         scored = iter(await outcomes(good, req.timeout_s, req.min_version) if good else [])
         done = [Outcome(None, "invalid", p) if p is not None else next(scored) for p in problems]
         return per_step_answer(done, gw)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(_registry(client)), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -355,6 +355,7 @@ def _smollm2_dir() -> Path:
     key = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
     target = cache_dir() / "backbones" / f"smollm2-135m-{key}"
     if (target / "actprm-converted.json").is_file():
+        _drop_gguf_quantization(target)  # a directory converted before this was fixed
         return target
     if importlib.util.find_spec("gguf") is None:
         raise BackboneError(f"backbone 'smollm2-135m' needs the gguf package to convert {gguf.name}: pip install gguf")
@@ -362,13 +363,30 @@ def _smollm2_dir() -> Path:
     return target
 
 
+def _drop_gguf_quantization(target: Path) -> None:
+    """Remove a GGUF quantization_config left in config.json (rewritten atomically)."""
+    path = target / "config.json"
+    config = json.loads(path.read_text())
+    if "quantization_config" not in config:
+        return
+    del config["quantization_config"]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path)
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves.
-    fresh = LlamaForCausalLM(loaded.config)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model with the same weights saves. The
+    # weights are dequantised to fp32, so the GGUF quantization config must not go with them: other
+    # tools (fine-tuning, serving) refuse a checkpoint that claims to be quantized.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
     fresh.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

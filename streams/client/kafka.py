@@ -140,10 +140,7 @@ class RewardClient:
 
     async def start(self) -> None:
         quiet_aiokafka()
-        k = self.kafka
-        # Idempotent; lets a client start before any daemon, with the daemon's partition count.
-        await ensure_topics(k.bootstrap, self.topics, partitions=k.partitions, replication_factor=k.replication_factor,
-                            **aiokafka_options(k))
+        await self._ensure_topics()
         try:
             await self._open(from_start=False)
             self._epoch = await self._read_epoch()
@@ -151,6 +148,13 @@ class RewardClient:
             await self.stop()
             raise
         self._reader = asyncio.create_task(self._read(), name="actprm-reward-reader")
+
+    async def _ensure_topics(self) -> None:
+        """Idempotent; lets a client start before any daemon (or after the broker lost its data)
+        with the daemon's partition count, which a topic auto-created by a produce would not have."""
+        k = self.kafka
+        await ensure_topics(k.bootstrap, self.topics, partitions=k.partitions, replication_factor=k.replication_factor,
+                            **aiokafka_options(k))
 
     async def _open(self, *, from_start: bool) -> None:
         """Fresh producer and reader; the reader at the end of the rewards (or at their start,
@@ -332,7 +336,7 @@ class RewardClient:
             self.stats["timeouts"] += 1
             self.outages.failed(len(missing), reason or f"no reward within {deadline:g}s"
                                 + ("" if was_sent else " and the samples did not reach Kafka"))
-        elif mine:
+        else:
             self.outages.recovered()
         return rewards, missing, was_sent, reason
 
@@ -359,6 +363,7 @@ class RewardClient:
                 if self._consumer is None:  # a restart after lost data failed half way: try it again
                     async with self._restart:
                         await self._close_clients()
+                        await self._ensure_topics()
                         await self._open(from_start=True)
                 batch = await self._consumer.getmany(timeout_ms=500)
                 delay = 0.5
@@ -401,7 +406,7 @@ class RewardClient:
                 wait.future.set_result(reward)
                 self.outages.recovered()
 
-    async def _read_epoch(self) -> str | None:
+    async def _read_epoch(self, wait_ms: int = 1000) -> str | None:
         """The epoch in the first record of the epoch topic (None: no daemon has written one)."""
         tp = TopicPartition(self.topics.epoch, 0)
         reader = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, group_id=None, enable_auto_commit=False,
@@ -410,7 +415,7 @@ class RewardClient:
             await reader.start()
             reader.assign([tp])
             await reader.seek_to_beginning(tp)
-            batch = await reader.getmany(tp, timeout_ms=1000, max_records=1)
+            batch = await reader.getmany(tp, timeout_ms=wait_ms, max_records=1)
             for record in batch.get(tp, []):
                 try:
                     return messages.decode(BrokerEpoch, record.value).epoch
@@ -428,11 +433,17 @@ class RewardClient:
         if now == self._epoch or (self._epoch is None and now is not None and not self.stats["restarts"]):
             self._epoch = now  # a daemon wrote the first epoch after this client started: nothing was lost
             return
+        # Confirmed by a second, longer read: one slow fetch on a busy machine must not make the
+        # client read a long-lived topic again from its start.
+        now = await self._read_epoch(5000)
+        if now == self._epoch:
+            return
         async with self._restart:
             log.warning("actprm reward client: the broker lost its data (epoch %s -> %s); reading the new data from its "
                         "start and sending the %d awaited sample(s) again", self._epoch, now, len(self._waits))
             self.stats["restarts"] += 1
             await self._close_clients()
+            await self._ensure_topics()
             await self._open(from_start=True)
             self._epoch = now
             for w in self._waits.values():
