@@ -191,6 +191,28 @@ def bench_report_cmd(
     _emit(bench_report(labels), as_json)
 
 
+@bench_app.command("soak")
+def bench_soak_cmd(
+    minutes: Annotated[float, typer.Option(help="how long the stream runs (after the model is loaded)")] = 10.0,
+    rate: Annotated[float, typer.Option(help="trajectories per second produced")] = 90.0,
+    warmup_minutes: Annotated[Optional[float], typer.Option(help="left out of the growth figures (default: min(5, minutes/3))")] = None,
+    sample_s: Annotated[float, typer.Option(help="seconds between samples")] = 15.0,
+    backbone: Annotated[str, typer.Option(help="the daemon's backbone")] = "tiny",
+    project_rate: Annotated[float, typer.Option(help="trajectories per second of the week projected to")] = 100.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A daemon on a steady stream: growth per 10,000 trajectories of each process's RSS, each state
+    subdirectory, the files and the broker's memory; throughput and status latency; a week's projection."""
+    from actprm.daemon.bench_soak import bench_soak, table
+
+    if minutes <= 0 or rate <= 0 or sample_s <= 0:
+        raise CLIError("--minutes, --rate and --sample-s must be > 0")
+    result = bench_soak(minutes=minutes, rate=rate, warmup_minutes=warmup_minutes, sample_s=sample_s, backbone=backbone,
+                        project_rate=project_rate,
+                        progress=lambda s: typer.echo(json.dumps({k: v for k, v in s.items() if k != "dirs_mb"}), err=True))
+    _emit(result, as_json, table(result))
+
+
 @bench_app.command("store")
 def bench_store_cmd(
     versions: Annotated[int, typer.Option(help="versions in the aged checkpoint store (a week at 100/s: ~189k)")] = 200_000,

@@ -20,6 +20,7 @@ import faust
 import structlog
 
 from actprm.daemon.logs import PROCESS_CONTEXT
+from actprm.daemon.memory import bound_arenas, trim
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.model.backbone import default_hidden_layer, load_backbone
@@ -207,6 +208,7 @@ class StatusService(faust.Service):
                                       error_rate=b.error_rate, markers=b.markers)
             self._heldout = HeldOut(records, frozen_backbone=proc.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
+        self._trimmed = time.monotonic()
 
     async def on_start(self) -> None:
         from actprm.daemon.metrics import start_metrics
@@ -258,6 +260,9 @@ class StatusService(faust.Service):
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
             self.proc.journal.append_if_changed("status", self.proc.status())  # idle: a line every few minutes
+            if time.monotonic() - self._trimmed >= 60:  # freed native memory back to the system (daemon/memory.py)
+                self._trimmed = time.monotonic()
+                trim()
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
@@ -398,6 +403,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         from actprm.daemon.cli_judge import qualify
 
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
+    if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
+        bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
