@@ -273,7 +273,8 @@ def bench_model(
     of scoring one batch, for each head count. Ratios compare the largest head count with the
     smallest (1 by default). `threads`: torch CPU threads in every run (default: this
     process's). `device` / `dtype` / `attn_implementation` as model.* settings."""
-    from actprm.model.backbone import resolve_device
+    from actprm.model.backbone import default_hidden_layer, resolve_device
+    hidden_layer = default_hidden_layer(spec, hidden_layer)  # the layers the daemon runs (smollm2-135m: 15 of 30)
     heads = sorted(set(int(e) for e in heads))
     if not heads or heads[0] < 1:
         raise ValueError(f"head counts must be >= 1, got {heads}")
