@@ -70,7 +70,6 @@ class GatewaySettings(RewardSettings):
     (actprm.client.settings.RewardSettings: reduce, step split, deadline, failure policy, address)
     and what only the server needs."""
 
-    response_marker: str | None = Field(None, description="when a query does not start with its prompt (nor with a left-cut tail of it), the response is the text after the last occurrence of this (e.g. '<|im_start|>assistant\\n')")
     max_items: int = Field(1024, ge=1, description="samples per request at most")
 
 

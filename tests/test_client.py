@@ -109,6 +109,14 @@ def _reward(i: str, version: int) -> Reward:
                   truncated=False, round_id=0)
 
 
+async def sent(client: RewardClient, produced: int, timeout_s: float = 10) -> None:
+    """Wait until the client has sent `produced` samples (its waiters are registered before)."""
+    deadline = time.monotonic() + timeout_s
+    while client.stats["produced"] < produced:
+        assert time.monotonic() < deadline, f"the client sent {client.stats['produced']} samples, not {produced}"
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.broker
 def test_failures_are_the_fallback_or_raise_and_repeats_are_one_trajectory(broker, topic_prefix):
     """No scorer here: the test publishes the rewards itself, to see the client keep the first
@@ -124,9 +132,7 @@ def test_failures_are_the_fallback_or_raise_and_repeats_are_one_trajectory(broke
             # The same sample twice in one call is one trajectory, produced once, answered twice.
             produced = client.stats["produced"]
             call = asyncio.create_task(client.score([{"id": "dup-1", "problem": "p", "steps": ["x"]}] * 2, timeout_s=30))
-            wait = time.monotonic() + 10
-            while client.stats["produced"] == produced and time.monotonic() < wait:
-                await asyncio.sleep(0.01)  # the call registered its waiter and sent the sample
+            await sent(client, produced + 1)
             await publish(broker.bootstrap, client.topics.rewards, [_reward("dup-1", 3), _reward("dup-1", 4)])
             got = await call
             assert [r.model_version for r in got] == [3, 3] and client.stats["produced"] == produced + 1
@@ -137,7 +143,7 @@ def test_failures_are_the_fallback_or_raise_and_repeats_are_one_trajectory(broke
 
             call = asyncio.create_task(client.score([{"id": "old-1", "problem": "p", "steps": ["x"]}], timeout_s=30,
                                                     min_version=5))
-            await asyncio.sleep(0.2)
+            await sent(client, produced + 2)
             await publish(broker.bootstrap, client.topics.rewards, [_reward("old-1", 4)])
             with pytest.raises(StaleRewardError, match=r"old-1 \(v4\)"):
                 await call

@@ -105,6 +105,6 @@ def reward_func(queries: list[str], prompts: list[str], labels: list[Any] | None
     global _default
     if _default is None:
         _default = Rewarder()
-    items, bad = query_items(queries, prompts, None)
+    items, bad = query_items(queries, prompts, _default.reward.response_marker)
     scored = _default.outcomes_sync([x for x in items if x is not None]) if any(x is not None for x in items) else []
     return openrlhf_answer(merge(items, bad, scored), _default.reward.reduce, _default.reward.fallback_reward)

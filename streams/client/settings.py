@@ -73,6 +73,7 @@ class RewardSettings(Section):
     on_failure: Literal["fallback", "raise"] = Field("fallback", description="a sample without a reward by the deadline: 'fallback' answers "
                                                                             "fallback_reward (TRL: None) and counts it; 'raise' raises RewardUnavailable")
     fallback_reward: float = Field(0.0, allow_inf_nan=False, description="the reward a sample gets on failure (verl: with ok=false; OpenRLHF: with extra_logs saying so)")
+    response_marker: str | None = Field(None, description="OpenRLHF: when a query does not start with its prompt (nor with a left-cut tail of it), the response is the text after the last occurrence of this (e.g. '<|im_start|>assistant\\n')")
     reward_cache: int = Field(20000, ge=0, description="rewards kept by id, so a retried sample is answered at once")
     host: str = Field("127.0.0.1", description="the gateway's address (0.0.0.0 exposes it to the network: set a token)")
     port: int = Field(5000, ge=1, le=65535)
