@@ -311,16 +311,20 @@ class RewardClient:
                 self._waits[tid] = mine[tid] = wait  # registered before producing: a fast reward finds it
                 to_send.append(wait)
         reason = ""
+
+        async def send_and_wait() -> None:
+            nonlocal reason
+            try:
+                await self._send(to_send)
+            except KafkaError as err:
+                reason = f"{type(err).__name__}: {err}"[:200]
+                return
+            if mine:
+                await asyncio.wait([w.future for w in mine.values()])
+
         try:
-            async with asyncio.timeout(deadline):
-                try:
-                    await self._send(to_send)
-                except KafkaError as err:
-                    reason = f"{type(err).__name__}: {err}"[:200]
-                    raise TimeoutError from None
-                if mine:
-                    await asyncio.wait([w.future for w in mine.values()])
-        except TimeoutError:
+            await asyncio.wait_for(send_and_wait(), deadline)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             pass
         finally:
             for tid, wait in mine.items():

@@ -10,10 +10,12 @@ import base64
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from typing_extensions import Self  # typing.Self is 3.11+; the client runs on 3.10 too
 
 from actprm.client.steps import DEFAULT_SPLIT, StepSplitError, split_steps
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024

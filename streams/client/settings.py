@@ -10,10 +10,13 @@ the daemon: `load_client_settings()` takes, highest first, keyword overrides, th
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (RL environments often are)
+    import tomli as tomllib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from actprm.client.steps import check_split_mode
