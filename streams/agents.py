@@ -17,7 +17,8 @@ from aiokafka.errors import KafkaError
 from actprm.client.settings import aiokafka_options
 from actprm.streams.config import ProcessSettings
 from actprm.streams.control import run_control_consumer
-from actprm.streams.epoch import BrokerLink, WriteGate, guard_epoch, read_epoch, restart_this_process
+from actprm.client.topics import read_epoch
+from actprm.streams.epoch import BrokerLink, WriteGate, guard_epoch, restart_this_process
 from actprm.streams.process import Process
 from actprm.streams.sender import Event, Sender
 from actprm.client.topics import Topics

@@ -24,28 +24,9 @@ from aiokafka import AIOKafkaProducer
 
 from actprm.client import messages
 from actprm.client.messages import BrokerEpoch
-from actprm.streams.topics import partition_reader, read_from
+from actprm.client.topics import read_epoch
 
 log = structlog.get_logger("actprm")
-
-
-async def read_epoch(bootstrap: str, topic: str, wait_ms: int = 1500, **kafka_options) -> str | None:
-    """The epoch in the topic's first record, or None when the topic is empty.
-
-    Raises the client's error when the broker cannot be reached (the caller decides)."""
-    consumer = partition_reader(bootstrap, **kafka_options)
-    try:
-        await consumer.start()
-        tp = await read_from(consumer, topic)
-        batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
-        for record in batch.get(tp, []):
-            try:
-                return messages.decode(BrokerEpoch, record.value).epoch
-            except messages.MessageError:
-                return None
-        return None
-    finally:
-        await consumer.stop()
 
 
 async def claim_epoch(bootstrap: str, topic: str, **kafka_options) -> str:

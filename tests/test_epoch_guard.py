@@ -11,7 +11,8 @@ import socket
 import pytest
 
 from actprm.streams.broker import EmbeddedBroker
-from actprm.streams.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch, read_epoch
+from actprm.client.topics import read_epoch
+from actprm.streams.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch
 from helpers_network import TcpRelay
 
 pytestmark = pytest.mark.broker

@@ -36,11 +36,11 @@ from pydantic import ValidationError
 
 from actprm.client import messages
 from actprm.client.ids import sample_id
-from actprm.client.messages import MAX_STEPS, BrokerEpoch, Reward, Trajectory
+from actprm.client.messages import MAX_STEPS, Reward, Trajectory
 from actprm.client.outcome import Outages, Outcome, RewardUnavailable, quiet_aiokafka
 from actprm.client.settings import KafkaSettings, RewardSettings, aiokafka_options, sections
 from actprm.client.steps import StepSplitError, split_steps
-from actprm.client.topics import Topics, ensure_topics
+from actprm.client.topics import Topics, ensure_topics, read_epoch
 
 log = logging.getLogger("actprm.client")
 
@@ -411,26 +411,7 @@ class RewardClient:
                 self.outages.recovered()
 
     async def _read_epoch(self, wait_ms: int = 1000) -> str | None:
-        """The epoch in the first record of the epoch topic (None: no daemon has written one)."""
-        tp = TopicPartition(self.topics.epoch, 0)
-        reader = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap, group_id=None, enable_auto_commit=False,
-                                  fetch_max_wait_ms=100, **aiokafka_options(self.kafka))
-        try:
-            await reader.start()
-            reader.assign([tp])
-            await reader.seek_to_beginning(tp)
-            batch = await reader.getmany(tp, timeout_ms=wait_ms, max_records=1)
-            for record in batch.get(tp, []):
-                try:
-                    return messages.decode(BrokerEpoch, record.value).epoch
-                except messages.MessageError:
-                    return None
-            return None
-        finally:
-            try:
-                await reader.stop()
-            except Exception:  # noqa: BLE001
-                pass
+        return await read_epoch(self.kafka.bootstrap, self.topics.epoch, wait_ms, **aiokafka_options(self.kafka))
 
     async def _check_epoch(self) -> None:
         now = await self._read_epoch()

@@ -9,9 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
+from actprm.client import messages
 from actprm.client.messages import (
     AnnotationRequest,
     BrokerEpoch,
@@ -170,3 +172,25 @@ async def ensure_topics(
     if failures:
         raise TopicSetupError(f"could not create topics on {bootstrap}: {'; '.join(failures)}")
     return created
+
+
+async def read_epoch(bootstrap: str, topic: str, wait_ms: int = 1500, **kafka_options: Any) -> str | None:
+    """The epoch in the first record of the epoch topic (which life of the broker's data this
+    is: streams/epoch.py), or None when the topic is empty. Raises the client's error when the
+    broker cannot be reached (the caller decides)."""
+    tp = TopicPartition(topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=100, **kafka_options)
+    try:
+        await consumer.start()
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
+        for record in batch.get(tp, []):
+            try:
+                return messages.decode(BrokerEpoch, record.value).epoch
+            except messages.MessageError:
+                return None
+        return None
+    finally:
+        await consumer.stop()
