@@ -28,6 +28,7 @@ REDUCTIONS = ("min", "mean", "last", "prod")
 
 # Why a sample has no reward; the code is what OpenRLHF's numeric extra_logs can carry.
 FAILURE_CODES = {"": 0, "unavailable": 1, "invalid": 2, "stale": 3}
+INVALID_LOG_EVERY_S = 60.0  # an RL policy may write empty answers for hours: a line a minute, not one per batch
 
 
 class RewardUnavailable(RuntimeError):
@@ -88,6 +89,7 @@ class Outages:
         self.counts: Counter = Counter()
         self.since: float | None = None
         self.reason = ""
+        self._invalid_logged_at = -math.inf
 
     @property
     def ongoing(self) -> bool:
@@ -108,9 +110,14 @@ class Outages:
             self.since, self.reason = None, ""
 
     def invalid(self, n: int, first_error: str) -> None:
+        """Samples that cannot be scored (no steps, too many): counted, logged at most once a minute."""
         self.counts["invalid"] += n
         self.counts["fallbacks"] += n
-        log.warning("actprm %s: %d sample(s) cannot be scored and get the fallback; first: %s", self.where, n, first_error[:200])
+        now = time.monotonic()
+        if now - self._invalid_logged_at >= INVALID_LOG_EVERY_S:
+            self._invalid_logged_at = now
+            log.warning("actprm %s: sample(s) that cannot be scored get the fallback (%d so far); latest: %s",
+                        self.where, self.counts["invalid"], first_error[:200])
 
 
 class QuietRepeats(logging.Filter):
