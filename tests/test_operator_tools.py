@@ -120,3 +120,16 @@ def test_ctl_starts_without_torch_or_transformers():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
     assert "cannot reach Kafka at 127.0.0.1:1" in proc.stderr  # and still the one-line error
+
+
+def test_the_built_in_stream_is_generated_as_it_is_read():
+    import itertools
+
+    from actprm.model.synthetic import builtin_records, iter_builtin_records
+    from actprm.streams.tools import iter_synthetic_trajectories
+
+    for markers in (False, True):
+        assert list(iter_builtin_records(300, seed=4, markers=markers)) == builtin_records(300, seed=4, markers=markers)
+    # A million-trajectory stream yields its first ones without building the rest.
+    first = list(itertools.islice(iter_synthetic_trajectories(1_000_000, seed=2), 3))
+    assert [t.id for t in first] == ["wp-2-0", "wp-2-1", "wp-2-2"]
