@@ -84,6 +84,7 @@ class Ledger:
         self.retention_s, self._clock = retention_s, clock
         self.bucket_s = retention_s / BUCKETS if retention_s else None
         self._expired_through: int | None = None  # the bucket that was current at the last drop
+        self._compactor: threading.Thread | None = None
         if self.bucket_s is not None:
             if self._db.get(self._key(META, _LEGACY_DROP_AT)) is None:
                 self._db[self._key(META, _LEGACY_DROP_AT)] = json.dumps(clock() + retention_s).encode()
@@ -109,29 +110,40 @@ class Ledger:
         now = self._bucket()
         return [self._bucket_prefix(ns, b) for b in range(now, now - BUCKETS - 1, -1)] + [f"{ns}/".encode()]
 
-    def expire(self, now: float | None = None) -> int:
+    def expire(self, now: float | None = None, wait: bool = True) -> int:
         """Drop every bucket older than the retention (and, one retention after the first open,
-        an older layout's unbucketed keys); returns the number of key ranges dropped."""
+        an older layout's unbucketed keys); returns the number of key ranges dropped. The keys
+        are gone at once (a range tombstone); the disk space comes back with a compaction of
+        those ranges, in the background unless `wait`."""
         if self.bucket_s is None:
             return 0
         now = self._clock() if now is None else now
         first_live = self._bucket(now) - BUCKETS
         drop_legacy = json.loads(self._db.get(self._key(META, _LEGACY_DROP_AT)) or b"0") <= now
-        dropped = 0
+        ranges = []
         for ns in sorted(EXPIRING):
-            ranges = [(f"{ns}@".encode(), self._bucket_prefix(ns, first_live))]
+            ranges.append((f"{ns}@".encode(), self._bucket_prefix(ns, first_live)))
             if drop_legacy:
                 ranges.append((f"{ns}/".encode(), f"{ns}0".encode()))  # "0" follows "/" in ASCII
-            for lo, hi in ranges:
-                self._db.delete_range(lo, hi)
-                self._db.compact_range(lo, hi)  # give the space back now, not at some later compaction
-                dropped += 1
+        for lo, hi in ranges:
+            self._db.delete_range(lo, hi)
         self._expired_through = self._bucket(now)
-        return dropped
+        # Keys only grow with time, so nothing new lands in a dropped range and no ordinary
+        # compaction would ever rewrite its files: compact them now, or the space never returns.
+        if wait:
+            self._compact(ranges)
+        elif self._compactor is None or not self._compactor.is_alive():
+            self._compactor = threading.Thread(target=self._compact, args=(ranges,), name="actprm-ledger-compact", daemon=True)
+            self._compactor.start()
+        return len(ranges)
+
+    def _compact(self, ranges: list[tuple[bytes, bytes]]) -> None:
+        for lo, hi in ranges:
+            self._db.compact_range(lo, hi)
 
     def _maybe_expire(self) -> None:
         if self.bucket_s is not None and self._bucket() != self._expired_through:
-            self.expire()
+            self.expire(wait=False)  # once a bucket (a day), from whichever write crosses into it
 
     def _raw(self, ns: str, key: str) -> bytes | None:
         prefixes = self._live(ns)
@@ -203,6 +215,8 @@ class Ledger:
         self._db.flush()
 
     def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.join()  # a compaction of dropped buckets finishes before the store closes
         self._db.close()
 
 

@@ -126,3 +126,20 @@ def test_a_lookup_checks_only_the_live_buckets(tmp_path):
     led = Ledger(tmp_path, retention_s=7 * DAY, clock=Clock())
     assert len(led._live(SCORED)) == BUCKETS + 2  # the live buckets and the older layout's keys
     assert led._live(PENDING) == [b"pending/"]
+
+
+def test_dropped_buckets_give_their_disk_space_back(tmp_path):
+    def sst_bytes() -> int:
+        return sum(p.stat().st_size for p in tmp_path.glob("*.sst"))
+
+    clock = Clock()
+    led = Ledger(tmp_path, retention_s=7 * DAY, clock=clock)
+    with led.transaction():
+        for i in range(20_000):
+            led.put(SCORED, f"t{i}", {"version": i, "reward": {"mu": [i / 20_000] * 6, "id": f"t{i}"}})
+    led.flush()
+    full = sst_bytes()
+    assert full > 200_000
+    clock.t += 9 * DAY
+    led.expire()
+    assert sst_bytes() < full / 10 and led.count(SCORED) == 0
