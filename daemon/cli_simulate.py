@@ -90,6 +90,8 @@ def simulate(
     consolidate: Annotated[bool, typer.Option(help="also consolidate a PRM on each run's admitted labels, as the daemon does (the consolidated column)")] = True,
     consolidate_start: Annotated[str, typer.Option(help="consolidation starts from 'fresh' heads (their initial weights) or the run's 'served' PRM")] = "fresh",
     consolidate_epochs: Annotated[Optional[int], typer.Option(help="most epochs of a consolidation (default: consolidate.epochs)")] = None,
+    consolidate_lr: Annotated[Optional[float], typer.Option(help="a consolidation's learning rate (default: the trainer's)")] = None,
+    consolidate_mini_batch: Annotated[Optional[int], typer.Option(help="labels per consolidation step (default: consolidate.mini_batch)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON instead of the table")] = False,
 ) -> None:
     """Replay a labelled pool as a stream (score, select, label, update) for each strategy and
@@ -117,8 +119,9 @@ def simulate(
                        trainer=TrainerConfig(**trainer_kw),
                        fit=FitConfig(**{k: v for k, v in {"steps": steps, "mini_batch": mini_batch, "replay_share": replay_share,
                                                           "replay_size": replay_size}.items() if v is not None}),
-                       consolidate=ConsolidateConfig(start=consolidate_start, **({"epochs": consolidate_epochs} if consolidate_epochs else {}))
-                       if consolidate else None)
+                       consolidate=ConsolidateConfig(start=consolidate_start, **{k: v for k, v in {
+                           "epochs": consolidate_epochs, "lr": consolidate_lr, "mini_batch": consolidate_mini_batch}.items()
+                           if v is not None}) if consolidate else None)
     config.check()
     pool_records, pool_skipped = _load(pool, format, pool_limit, "pool")
     test_records, test_skipped = _load(test, format, test_limit, "test")

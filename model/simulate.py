@@ -335,7 +335,7 @@ def consolidated_run(engine, pool: Sequence[Record], test: Sequence[Record], val
         got = evaluate_run(engine, pool, test, val_idx, [])
     finally:
         engine.prm = online
-    return {"consolidated_f1": got["f1"], "consolidated_threshold": got["threshold"],
+    return {"consolidated_f1": got["f1"], "consolidated_threshold": got["threshold"], "consolidated_val_f1": got["val_f1"],
             "consolidated_f1_at_0.5": got["f1_at_0.5"], "consolidated_test_flagged_share": got["test_flagged_share"],
             "consolidated_epochs": cand.epochs, "consolidated_best_epoch": cand.best_epoch,
             "consolidated_stopped": cand.stopped, "consolidated_train_labels": len(cand.train_ids),
