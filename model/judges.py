@@ -169,7 +169,8 @@ def parse_verdict(text: str, n_steps: int, finish_reason: str | None = None) -> 
 
     The verdict counts only where the judge states it as its answer: one \\boxed{k} on the
     last line after any <think> reasoning, with nothing but closing punctuation after it, k a
-    single integer in [-1, n_steps - 1]. A box earlier in the text is a draft. An answer that
+    single integer in [-1, n_steps - 1]; a box inside <think> is a draft, and boxes elsewhere
+    in the answer that say otherwise leave the verdict in doubt. An answer that
     repeats the prompt's instruction, was cut at max_tokens (finish_reason "length") or ends
     mid-sentence after its box is a judge failure, never a guessed label.
     """
@@ -188,6 +189,10 @@ def parse_verdict(text: str, n_steps: int, finish_reason: str | None = None) -> 
         raise _unparseable("no \\boxed{...} verdict on the answer's last line")
     if len(boxes) > 1:
         raise _unparseable(f"{len(boxes)} boxes on the answer's last line")
+    # Boxes that disagree (a box per paragraph, a changed mind outside <think>) leave the verdict in doubt.
+    others = {c.strip() for line in answer.splitlines()[:-1] for c, _ in _box_contents(line)}
+    if others - {boxes[0][0].strip()}:
+        raise _unparseable(f"the answer's boxes disagree ({', '.join(sorted(others | {boxes[0][0].strip()}))[:60]})")
     content, end = boxes[0]
     if not _AFTER_BOX.fullmatch(last[end:]):
         raise _unparseable(f"the answer goes on after its box: {last[end:][:60]!r}")

@@ -159,11 +159,12 @@ class JudgeRole:
     # --- what the agents call -----------------------------------------------------------------
 
     async def on_annotations(self, events: Sequence[Event]) -> None:
-        todo = []
+        todo, ids = [], set()
         for event, request in await self.sender.decoded(AnnotationRequest, events):
-            if self.ledger.has(RETRY_QUEUE, request.id) or request.id in self.in_flight:
-                self.counts["judge_repeats"] += 1  # redelivered while waiting to be asked again
+            if request.id in ids or request.id in self.in_flight or self.ledger.has(RETRY_QUEUE, request.id):
+                self.counts["judge_repeats"] += 1  # redelivered while being judged or waiting to be asked again
                 continue
+            ids.add(request.id)
             todo.append((event, request, 0))
         await self._run_all(todo)
 
@@ -172,6 +173,7 @@ class JudgeRole:
         now = self.clock()
         due = [(key, entry) for key, entry in self.ledger.items(RETRY_QUEUE)
                if entry["next_at"] <= now and key not in self.in_flight]
+        due = sorted(due, key=lambda item: item[1]["next_at"])[: 4 * self.settings.concurrency]  # the rest next time
         todo = []
         for key, entry in due:
             try:
@@ -206,12 +208,16 @@ class JudgeRole:
     # --- one call, start to end ----------------------------------------------------------------
 
     async def _run_all(self, todo: list[tuple[Event | None, AnnotationRequest, int]]) -> None:
-        tasks = [asyncio.ensure_future(self._one(event, request, tries)) for event, request, tries in todo]
-        for done in asyncio.as_completed(tasks):
-            await done  # each result is sent inside _one as soon as it is in
+        # The calls run together; each sends its own result the moment it ends (_one), so
+        # this only waits for the last. A send that failed (Kafka) fails the batch, which the
+        # agent retries: what was judged is then resent from the ledger, not judged again.
+        results = await asyncio.gather(*(self._one(*item) for item in todo), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _one(self, event: Event | None, request: AnnotationRequest, tries: int) -> None:
-        self.in_flight[request.id] = self.clock()
+        self.in_flight[request.id] = time.time()  # wall time, as the liveness check reads it
         try:
             outcome = await call_judge(self.judge, self.ledger, request, self.settings.answer_max_chars)
         finally:

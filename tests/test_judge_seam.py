@@ -239,3 +239,22 @@ def test_drain_says_how_many_calls_it_abandons(tmp_path):
             return abandoned, left
 
         assert asyncio.run(go()) == (1, 0)
+
+
+def test_the_verdict_log_is_bounded_and_the_report_shows_a_sample_with_the_text(tmp_path):
+    from actprm.daemon.report import verdict_section
+
+    log = VerdictLog(tmp_path / "judge", max_bytes=2048)
+    for i in range(200):
+        outcome = "label" if i % 3 else "dead"
+        log.write({"at": 1e9 + i, "id": f"t{i}", "outcome": outcome, "first_error": 1, "gold": 1, "model": "qwq",
+                   "prompt_version": PROMPT_VERSION, "latency_s": 2.5, "reason": "unparseable judge answer: echo",
+                   "answer": f"paragraph 1 <b>is</b> wrong\n\\boxed{{1}} #{i}"})
+    files = sorted(p.name for p in (tmp_path / "judge").iterdir())
+    assert files == ["verdicts.jsonl", "verdicts.jsonl.1", "verdicts.jsonl.2"]  # rotated, three kept
+    assert sum(p.stat().st_size for p in (tmp_path / "judge").iterdir()) < 4 * 2048
+    entries = list(read_verdicts(tmp_path / "judge"))
+    assert entries[-1]["id"] == "t199" and [e["at"] for e in entries] == sorted(e["at"] for e in entries)
+    page = verdict_section(tmp_path)
+    assert "\\boxed{1} #199" in page and "&lt;b&gt;is&lt;/b&gt;" in page  # the answer's text, escaped
+    assert "t198" in page and "unparseable judge answer: echo" in page and PROMPT_VERSION in page

@@ -346,7 +346,7 @@ def test_request_without_steps_is_rejected_before_sending(server):
         ("\\boxed{-1}", 4, -1),
         ("\\boxed{ 0 }", 1, 0),
         ("\\boxed {3}", 4, 3),
-        ("First I thought \\boxed{1}, but paragraph 3 is the real error.\n\\boxed{3}", 4, 3),
+        ("Paragraph 3 is wrong: \\boxed{3}.\nSo the answer is\n\\boxed{3}", 4, 3),  # boxes that agree
         ("<think>\\boxed{0} no wait</think>\nFinal: \\boxed{-1}", 2, -1),
         ("reasoning only, chat template opened <think>\n...</think>\\boxed{1}", 2, 1),
         ("\\boxed{-1}", 0, -1),
@@ -381,6 +381,8 @@ def test_parse_verdict_accepts(text, n, expected):
         ("\\boxed{1} and then", 3),  # the answer goes on after its box: cut mid-sentence
         ("\\boxed{2}\nParagraph 3 also", 4),  # the last line holds no verdict
         ("\\boxed{1} \\boxed{2}", 3),  # two boxes on the last line
+        ("First I thought \\boxed{1}, but paragraph 3 is the real error.\n\\boxed{3}", 4),  # boxes disagree
+        ("Paragraph 0: \\boxed{1}\nParagraph 1: \\boxed{0}\nParagraph 2: \\boxed{1}", 3),  # a box per paragraph
         ("Review the solution paragraph by paragraph, in order. For each one, check its arithmetic\n"
          "\\boxed{-1}", 3),
         ("if no paragraph is wrong, the integer is minus one. Write nothing after the box.\n\\boxed{-1}", 3),
