@@ -613,8 +613,8 @@ async def judge_quality(judge: Judge, records: list, concurrency: int = 1, on_do
                                 [r["gold"] for r in results])
     among = processbench_scores([r["verdict"] for r in parsed], [r["gold"] for r in parsed])
     latencies = [r["latency_s"] for r in results]
-    reasons = Counter(r["reason"].split(":")[0] if r["reason"].startswith("unparseable") else r["reason"][:80]
-                      for r in results if r["verdict"] is None)
+    # Failures by kind: the reason without its particulars (quoted text, figures in brackets).
+    reasons = Counter(re.sub(r" [('\"].*", "", r["reason"])[:100] for r in results if r["verdict"] is None)
     rounded = lambda x: None if x is None else round(x, 4)  # noqa: E731
     return {
         "judge": getattr(judge, "name", "?"), "prompt_version": getattr(judge, "prompt_version", None), "n": len(results),
