@@ -157,6 +157,7 @@ def test_trl_grpo_trains_two_steps_on_actprm_rewards(served, tmp_path):
                     env=client_env(served["bootstrap"], served["prefix"], timeout_s="60"))
     got = run.result(timeout=240)
     name = got["name"]
+    assert name == "reward_func", got  # the ready function: TRL logs rewards/reward_func
     assert got["steps"] == 2 and len(got["reward_means"]) == 2, got
     assert all(0.0 <= m <= 1.0 for m in got["reward_means"]), got  # TRL's logged rewards/<name>/mean
     # Every completion of both steps got a reward from the daemon: none None (TRL's NaN), no fallback.
@@ -170,7 +171,7 @@ def test_trl_goes_on_with_the_fallback_when_the_daemon_dies_mid_run(broker, topi
     pause = tmp_path / "pause"
     pause.mkdir()
     timeout_s = 5.0
-    run = Framework("trl-openrlhf", "run_trl.py", str(tmp_path / "out"), "--pause-after-step-1", str(pause),
+    run = Framework("trl-openrlhf", "run_trl.py", str(tmp_path / "out"), "--made", "--pause-after-step-1", str(pause),
                     workdir=tmp_path, env=client_env(broker.bootstrap, topic_prefix, timeout_s=str(timeout_s)))
     try:
         wait_until(lambda: (pause / "step1").exists() or run.proc.poll() is not None, 180,
@@ -183,7 +184,7 @@ def test_trl_goes_on_with_the_fallback_when_the_daemon_dies_mid_run(broker, topi
     finally:
         run.kill()
         daemon.kill()
-    assert got["steps"] == 2, got
+    assert got["steps"] == 2 and got["name"] == "actprm_prm", got  # make_reward_func's: rewards/actprm_prm
     assert all(x is not None for x in got["rewards"][0]) and got["fallbacks"][0] == 0.0, got  # step 1: the daemon
     assert got["rewards"][1] == [None] * 4 and got["fallbacks"][1] == 4.0, got  # step 2: the fallback, TRL skips it
     # The fallback came back by the deadline (plus the step's own generation and backward).
@@ -197,6 +198,9 @@ def test_trl_goes_on_with_the_fallback_when_the_daemon_dies_mid_run(broker, topi
 
 # --- verl ----------------------------------------------------------------------------------------
 
+VERL_KEYS = {"score", "ok", "prm_steps", "prm_version"}  # every sample's, whether it was scored or not
+
+
 def test_verl_reward_loop_scores_through_the_documented_flags(served, tmp_path):
     path = module_file("verl", "actprm.client.verl")
     documented = [f"reward.custom_reward_function.path={path}", "reward.custom_reward_function.name=compute_score"]
@@ -204,6 +208,8 @@ def test_verl_reward_loop_scores_through_the_documented_flags(served, tmp_path):
         {"name": "documented", "overrides": documented},
         {"name": "pkg", "overrides": ["reward.custom_reward_function.path=pkg://actprm.client.verl"]},
         {"name": "legacy", "overrides": [f"custom_reward_function.path={path}", "custom_reward_function.name=compute_score"]},
+        {"name": "legacy_unknown_source", "data_source": "my/math-prompts",
+         "overrides": [f"custom_reward_function.path={path}", "custom_reward_function.name=compute_score"]},
         {"name": "legacy_migrated", "overrides": [f"custom_reward_function.path={path}",
                                                   "custom_reward_function.name=compute_score"], "migrate": True},
     ]
@@ -216,13 +222,14 @@ def test_verl_reward_loop_scores_through_the_documented_flags(served, tmp_path):
         assert len(case["outputs"]) == 4, case
         for out in case["outputs"]:
             info = out["reward_extra_info"]
-            assert set(info) == {"score", "ok", "prm_steps", "prm_version"}, out
+            assert set(info) == VERL_KEYS, out
             assert info["ok"] is True and 0.0 <= out["reward_score"] == info["score"] <= 1.0, out
             assert info["prm_steps"] == 3 and info["prm_version"] >= 0, out  # three blank-line steps per solution
 
     # reward.custom_reward_function.path/.name, as our docs give them: actprm scores every sample.
     assert got["documented"]["reward_fn_config"] == {"path": path, "name": "compute_score"}
     actprm_scored(got["documented"])
+    assert all(case["error"] is None for name, case in got.items() if name != "legacy_unknown_source"), got
     # The module by name works too (verl's load_module takes pkg://), and name defaults to compute_score.
     assert got["pkg"]["reward_fn_config"] == {"path": "pkg://actprm.client.verl", "name": "compute_score"}
     assert got["pkg"]["compute_score"] == "actprm.client.verl.compute_score"
@@ -234,6 +241,10 @@ def test_verl_reward_loop_scores_through_the_documented_flags(served, tmp_path):
     assert legacy["legacy_fn_config"]["path"] == path and legacy["reward_fn_config"]["path"] is None
     assert legacy["compute_score"] == "verl.utils.reward_score.default_compute_score"
     assert all(set(o["reward_extra_info"]) == {"acc"} for o in legacy["outputs"]), legacy
+    # ...and for a data source verl has no rule for, its scorer raises: the training step fails.
+    unknown = got["legacy_unknown_source"]
+    assert unknown["outputs"] is None and unknown["error"].startswith("NotImplementedError: Reward function is not "
+                                                                      "implemented for data_source="), unknown
     # Only verl's fully async trainer migrates them (migrate_legacy_reward_impl), and then actprm scores.
     assert got["legacy_migrated"]["reward_fn_config"] == {"path": path, "name": "compute_score"}
     actprm_scored(got["legacy_migrated"])
@@ -250,7 +261,9 @@ def test_verl_fallback_has_the_keys_verl_collects(broker, tmp_path):
                     env=client_env(broker.bootstrap, f"t-nobody-{uuid.uuid4().hex[:8]}", timeout_s="3"))
     got = run.result(timeout=120)["cases"]["away"]
     for out in got["outputs"]:
-        assert out["reward_extra_info"] == {"score": 0.0, "ok": False, "prm_steps": 0, "prm_version": -1}, out
+        info = out["reward_extra_info"]
+        assert set(info) == VERL_KEYS and info["ok"] is False and out["reward_score"] == info["score"] == 0.0, out
+        assert info["prm_steps"] == 0 and info["prm_version"] == -1, out
     assert run.seconds < 60, run.seconds
 
 

@@ -57,6 +57,7 @@ class TinyEngine:
         self.tok, self.model = tok, model
         self.lock = threading.Lock()
         self.calls: list[dict] = []
+        self.seed = 0
         # Never end early on a special token: the response must have text to score.
         self.suppress = [tok.eos_token_id, tok.pad_token_id, tok.bos_token_id]
 
@@ -76,7 +77,8 @@ class TinyEngine:
 
     async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
         self.calls.append({"prompt_tokens": len(prompt_token_ids), "max_tokens": sampling_params.max_tokens})
-        return await asyncio.to_thread(self._generate, prompt_token_ids, deepcopy(sampling_params), len(self.calls))
+        self.seed += 1  # a new seed per call, over every run: each run scores texts of its own
+        return await asyncio.to_thread(self._generate, prompt_token_ids, deepcopy(sampling_params), self.seed)
 
 
 async def run(url: str, long_prompt: bool, tok, engine: TinyEngine) -> dict:

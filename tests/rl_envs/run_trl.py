@@ -3,7 +3,10 @@
 Runs inside the trl-openrlhf virtualenv (scripts/rl-envs): TRL, torch and the actprm client,
 no actprm daemon code. Settings come from the environment (ACTPRM_KAFKA__*, ACTPRM_GATEWAY__*).
 
-    python run_trl.py OUTPUT_DIR [--pause-after-step-1 DIR]
+    python run_trl.py OUTPUT_DIR [--made] [--pause-after-step-1 DIR]
+
+--made: the reward function is make_reward_func() (settings read at once, its own name) instead
+of the ready reward_func.
 
 --pause-after-step-1 DIR: after step 1, write DIR/step1 and wait (up to 120 s) for DIR/go, so the
 test can stop the daemon between the two steps.
@@ -30,14 +33,15 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from actprm.client.trl import reward_func  # noqa: E402  (the adapter under test)
+from actprm.client.trl import make_reward_func, reward_func  # noqa: E402  (the adapter under test)
 
 
 class Steps(TrainerCallback):
     """Wall time per step, TRL's logs as they come, and the optional pause after step 1."""
 
-    def __init__(self, pause_dir: Path | None):
+    def __init__(self, pause_dir: Path | None, name: str):
         self.pause_dir = pause_dir
+        self.name = name
         self.started: float | None = None
         self.step_s: list[float] = []
         self.rewards: list[list[float | None]] = []
@@ -49,7 +53,7 @@ class Steps(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_s.append(round(time.monotonic() - self.started, 3))
-        per_completion = list(self.trainer._logs["rewards"][reward_func.__name__])  # TRL's own record
+        per_completion = list(self.trainer._logs["rewards"][self.name])  # TRL's own record
         self.rewards.append([None if math.isnan(r) else r for r in per_completion])
         print(f"run_trl: step {state.global_step} done in {self.step_s[-1]} s", file=sys.stderr, flush=True)
         if state.global_step == 1 and self.pause_dir is not None:
@@ -69,7 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--pause-after-step-1", type=Path)
+    parser.add_argument("--made", action="store_true")
     opts = parser.parse_args()
+    func = make_reward_func() if opts.made else reward_func
 
     tok = tiny.tokenizer()
     model = tiny.causal_lm(tok)
@@ -80,8 +86,8 @@ def main() -> None:
         max_completion_length=24, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
-    steps = Steps(opts.pause_after_step_1)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_func], args=config, train_dataset=data,
+    steps = Steps(opts.pause_after_step_1, func.__name__)
+    trainer = GRPOTrainer(model=model, reward_funcs=[func], args=config, train_dataset=data,
                           processing_class=tok, callbacks=[steps])
     steps.trainer = trainer
     started = time.monotonic()

@@ -11,11 +11,12 @@ reward_model.ground_truth, extra_info with the question, raw_prompt).
     python run_verl.py TOKENIZER_DIR '[{"name": ..., "overrides": ["KEY=VALUE", ...], "migrate": false}, ...]'
 
 Each case composes its own config and worker. "migrate": apply verl's migrate_legacy_reward_impl
-to the composed config first, as verl's fully async trainer (fully_async_main.py) does.
+to the composed config first, as verl's fully async trainer (fully_async_main.py) does;
+"data_source": the rows' data_source (default openai/gsm8k, which verl's own scorer knows).
 
 Last stdout line: RESULT {"cases": {NAME: {"reward_fn_config", "legacy_fn_config",
 "compute_score" (the function verl's reward manager calls), "outputs": [{"reward_score",
-"reward_extra_info"}, ...]}}}.
+"reward_extra_info"}, ...] or null, "error": what compute_score_batch raised, or null}}}.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def verl_config(overrides: list[str], migrate: bool):
     return config, legacy
 
 
-def data_proto(tok) -> DataProto:
+def data_proto(tok, data_source: str) -> DataProto:
     """One row per problem, laid out as verl lays out a batch: prompts left-padded, responses
     right-padded, attention_mask over both; the row's dataset fields as non-tensor arrays."""
     rows, prompts, responses = [], [], []
@@ -62,7 +63,7 @@ def data_proto(tok) -> DataProto:
         chat = [{"role": "user", "content": question}]
         prompts.append(tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False))
         responses.append(tok(solution + tok.eos_token, add_special_tokens=False)["input_ids"])
-        rows.append({"data_source": DATA_SOURCE, "raw_prompt": chat, "index": i,
+        rows.append({"data_source": data_source, "raw_prompt": chat, "index": i,
                      "reward_model": {"style": "rule", "ground_truth": answer},
                      "extra_info": {"split": "train", "index": i, "question": question, "answer": solution}})
     p_len, r_len, pad = max(map(len, prompts)), max(map(len, responses)), tok.pad_token_id
@@ -91,29 +92,34 @@ def plain(value):
     return value
 
 
-async def run_case(tokenizer_dir: str, overrides: list[str], migrate: bool) -> dict:
+async def run_case(tokenizer_dir: str, overrides: list[str], migrate: bool, data_source: str) -> dict:
     config, legacy = verl_config([f"actor_rollout_ref.model.path={tokenizer_dir}", *overrides], migrate)
     worker = RewardLoopWorker(config)  # built inside the running loop, as in a Ray async actor
     fn = worker.reward_manager.compute_score
     while hasattr(fn, "func"):  # functools.partial(_call_with_kwargs_async, raw_fn, ...)
         fn = fn.args[0] if fn.func.__name__.startswith("_call_with_kwargs") else fn.func
-    outputs = await worker.compute_score_batch(data_proto(tiny.tokenizer()))
+    try:
+        outputs, error = plain(await worker.compute_score_batch(data_proto(tiny.tokenizer(), data_source))), None
+    except Exception as err:  # what verl raises is part of the answer (an unknown data source, say)
+        outputs, error = None, f"{type(err).__name__}: {err}"
     return {"reward_fn_config": OmegaConf.to_container(config.reward.custom_reward_function),
             "legacy_fn_config": legacy, "compute_score": f"{fn.__module__}.{fn.__qualname__}",
             "compute_score_file": fn.__code__.co_filename,
-            "reward_manager": type(worker.reward_manager).__name__, "outputs": plain(outputs)}
+            "reward_manager": type(worker.reward_manager).__name__, "outputs": outputs, "error": error}
 
 
 async def run(tokenizer_dir: str, cases: list[dict]) -> dict:
     tiny.tokenizer().save_pretrained(tokenizer_dir)  # verl loads it from actor_rollout_ref.model.path
-    return {case["name"]: await run_case(tokenizer_dir, case["overrides"], case.get("migrate", False))
+    return {case["name"]: await run_case(tokenizer_dir, case["overrides"], case.get("migrate", False),
+                                         case.get("data_source", DATA_SOURCE))
             for case in cases}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tokenizer_dir")
-    parser.add_argument("cases", type=json.loads, help='[{"name", "overrides": [KEY=VALUE, ...], "migrate": bool}]')
+    parser.add_argument("cases", type=json.loads,
+                        help='[{"name", "overrides": [KEY=VALUE, ...], "migrate": bool, "data_source": str}]')
     opts = parser.parse_args()
     tiny.result(cases=asyncio.run(run(opts.tokenizer_dir, opts.cases)))
 
