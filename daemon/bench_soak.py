@@ -41,6 +41,23 @@ def _du(path: Path) -> tuple[int, int]:
     return size, files
 
 
+def _proc_status(pid: int) -> dict:
+    """RssAnon (heap, native and Python), RssFile (mapped files, shared libraries) in MB and the
+    thread count of a process, from /proc: which kind of memory grows."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    out[key] = round(int(value.split()[0]) / 1024, 1)
+                elif key == "Threads":
+                    out["threads"] = int(value)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def _slope(xs: list[float], ys: list[float]) -> float | None:
     n = len(xs)
     if n < 2:
@@ -145,6 +162,7 @@ def bench_soak(minutes: float = 10.0, rate: float = 90.0, warmup_minutes: float 
                       "updates": st.get("updates"), "labels_trained": st.get("labels_trained"),
                       "status_s": round(status_s, 4) if status_s is not None else None,
                       "daemon_rss_mb": round((rss_bytes(daemon.pid) or 0) / 2**20, 1),
+                      "daemon_memory": _proc_status(daemon.pid),
                       "broker_rss_mb": round((rss_bytes(broker.pid) or 0) / 2**20, 1),
                       "dirs_mb": {k: round(v[0] / 1e6, 3) for k, v in dirs.items()},
                       "files": sum(v[1] for v in dirs.values())}
@@ -174,6 +192,9 @@ def summarise(samples: list[dict], warmup_s: float, rate: float, project_rate: f
     week = project_rate * WEEK_S
     series = {"daemon_rss_mb": [s["daemon_rss_mb"] for s in kept], "broker_rss_mb": [s["broker_rss_mb"] for s in kept],
               "files": [s["files"] for s in kept]}
+    for key in ("RssAnon", "RssFile"):
+        if all(key in s.get("daemon_memory", {}) for s in kept):
+            series[f"daemon_{key}_mb"] = [s["daemon_memory"][key] for s in kept]
     for name in sorted({k for s in kept for k in s["dirs_mb"]}):
         series[f"{name}_mb"] = [s["dirs_mb"].get(name, 0.0) for s in kept]
     growth = {}
