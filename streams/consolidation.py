@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.checkpoints import CheckpointError, Manifest
-from actprm.model.consolidate import ConsolidateConfig, Figures, beats, train_candidate, validation_figures, validation_ids
+from actprm.model.consolidate import (ConsolidateConfig, Figures, beats, id_hash, train_candidate, validation_figures,
+                                      validation_ids)
 from actprm.model.trainer import LabelledSample, load_trainable_state, trainable_state
 from actprm.streams.ledger import META
 
@@ -56,6 +57,9 @@ class Consolidator:
     def __init__(self, updates, config: ConsolidateConfig, train_pool: ThreadPoolExecutor):
         # config: the `consolidate` settings section (read live: `ctl set` changes it in place)
         self.updates, self.config = updates, config
+        # The validation slice is kept out of the online updates too: the served version is
+        # then compared with the candidate on labels neither has trained on.
+        updates.holdout = lambda label_id: id_hash(label_id) < self.config.val_fraction
         self.train_pool = train_pool  # the update loop's own thread
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-consolidate")
         self.running_since: float | None = None

@@ -74,6 +74,9 @@ class UpdateLoop:
         self._canary_f1: dict[int, float] = KeepFirstAndLast(8)  # version -> canary F1 (v0 and the newest 8: bounded)
         self.version = self._reconcile()
         self.rejected = 0
+        # label id -> True for a label kept out of training: a consolidation's validation slice
+        # (streams/consolidation.py), so the served version is never scored there on labels it learnt
+        self.holdout: Callable[[str], bool] | None = None
 
     def _reconcile(self) -> int:
         """Mark labels trained by versions the ledger has not recorded (a crash after save)."""
@@ -127,8 +130,11 @@ class UpdateLoop:
         samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error, self._known_features(l)) for l in labels]
         before = self.canary_f1(self.version)
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
+        held = [s for s in samples if self.holdout is not None and self.holdout(s.id)]
         try:
-            result, kept, poisoned = self._train(samples)
+            trainable = [s for s in samples if s not in held]
+            result, kept, poisoned = self._train(trainable) if trainable else (UpdateResult(True, "ok"), [], [])
+            kept += held if kept or not trainable else []  # held out: kept for validation, consumed once
             refused = None if kept else result.reason
             ids = [s.id for s in kept] if kept else ids
         except torch.cuda.OutOfMemoryError:
@@ -197,6 +203,8 @@ class UpdateLoop:
 
         Returns the last step's result, the samples trained on, and the ids refused alone."""
         replay = self.replay.samples() if self.replay is not None else []
+        if self.holdout is not None:
+            replay = [s for s in replay if not self.holdout(s.id)]
         result = self.trainer.fit(samples, replay, self.fit)
         if result.applied:
             return result, list(samples), []
