@@ -132,7 +132,7 @@ class UpdateLoop:
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
         held = [s for s in samples if self.holdout is not None and self.holdout(s.id)]
         try:
-            trainable = [s for s in samples if s not in held]
+            trainable = [s for s in samples if not any(s is h for h in held)]
             result, kept, poisoned = self._train(trainable) if trainable else (UpdateResult(True, "ok"), [], [])
             kept += held if kept or not trainable else []  # held out: kept for validation, consumed once
             refused = None if kept else result.reason
