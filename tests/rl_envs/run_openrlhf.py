@@ -7,12 +7,13 @@ Runs inside the trl-openrlhf virtualenv (scripts/rl-envs). The engine stands in 
 vLLM actor (RolloutRayActor.generate): it really generates, with a tiny causal LM, and answers
 in vLLM's RequestOutput shape.
 
-    python run_openrlhf.py REMOTE_RM_URL [REMOTE_RM_URL ...]
+    python run_openrlhf.py REMOTE_RM_URL [REMOTE_RM_URL ...] [--kinds short,long,cut-mid-char]
 
-For each URL: the four problems at once (as OpenRLHF's rollouts run concurrently), then one
-prompt far longer than max_len, which OpenRLHF cuts from the left before generating.
+For each URL and kind of prompt (prompts_of): short, the four problems at once (as OpenRLHF's
+rollouts run concurrently); long, one prompt far longer than max_len, which OpenRLHF cuts from
+the left before generating; cut-mid-char, a long one cut inside a two-byte character.
 
-Last stdout line: RESULT {"runs": [{"url", "file_mode", "long_prompt", "samples": [{"reward",
+Last stdout line: RESULT {"runs": [{"url", "file_mode", "kind", "samples": [{"reward",
 "scores", "extra_logs", "query_starts_with_prompt", "prompt_tokens", "kept_prompt_tokens",
 ...}]}], "max_length": N}.
 """
@@ -81,42 +82,58 @@ class TinyEngine:
         return await asyncio.to_thread(self._generate, prompt_token_ids, deepcopy(sampling_params), self.seed)
 
 
-async def run(url: str, long_prompt: bool, tok, engine: TinyEngine) -> dict:
+def chat(tok, question: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+def prompts_of(kind: str, tok) -> list[tuple[str, str]]:
+    """(prompt, label) pairs. short: the four problems, whole. long: one prompt far over max_len,
+    which OpenRLHF cuts from the left. cut-mid-char: a long one cut inside a two-byte character
+    ("×"), as a byte-level BPE cuts one: the query then starts with U+FFFD."""
+    if kind == "short":
+        return [(chat(tok, q), a) for q, _, a in tiny.PROBLEMS]
+    question, _, answer = tiny.PROBLEMS[0]
+    if kind == "long":
+        return [(chat(tok, "Read all of this first. " + "Some context that does not matter. " * 20 + question), answer)]
+    keep = MAX_LENGTH - MAX_NEW_TOKENS
+    for pad in range(keep):
+        prompt = chat(tok, "Some context first. " * 20 + "Note that 3×4 = 12. " + "x" * pad + " " + question)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        if tok.decode(ids[-keep:]).startswith("\ufffd"):
+            return [(prompt, answer)]
+    raise AssertionError("no padding puts the cut inside the character")
+
+
+async def run(url: str, kind: str, tok, engine: TinyEngine) -> dict:
     executor = SingleTurnAgentExecutor(url)  # a .py path: OpenRLHF loads reward_func from it
-    problems = tiny.PROBLEMS[:1] if long_prompt else tiny.PROBLEMS
-    prompts = []
-    for question, _, _ in problems:
-        if long_prompt:  # far over max_len: OpenRLHF keeps only the prompt's last tokens
-            question = "Read all of this first. " + "Some context that does not matter. " * 20 + question
-        prompts.append(tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True))
+    pairs = prompts_of(kind, tok)
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS)
     engine.calls.clear()
-    outputs = await asyncio.gather(*[
-        executor.execute(prompt, answer, params, MAX_LENGTH, tok, engine)
-        for prompt, (_, _, answer) in zip(prompts, problems)])
+    outputs = await asyncio.gather(*[executor.execute(prompt, label, params, MAX_LENGTH, tok, engine)
+                                     for prompt, label in pairs])
     samples = []
-    for prompt, out, call in zip(prompts, outputs, engine.calls):
+    for (prompt, _), out, call in zip(pairs, outputs, engine.calls):
         query = tok.decode(out["observation_tokens"], skip_special_tokens=False)
         samples.append({
             "reward": out["reward"], "scores": out["scores"], "extra_logs": out["extra_logs"],
             "truncated": out["truncated"], "query_starts_with_prompt": query.startswith(prompt),
-            "prompt_tokens": len(tok(prompt, add_special_tokens=False)["input_ids"]),
+            "query_head": query[:24], "prompt_tokens": len(tok(prompt, add_special_tokens=False)["input_ids"]),
             "kept_prompt_tokens": call["prompt_tokens"],
             "response": tok.decode(out["observation_tokens"][out["action_ranges"][0][0]:]),
         })
-    return {"url": url, "file_mode": executor.reward_func is not None, "long_prompt": long_prompt, "samples": samples}
+    return {"url": url, "file_mode": executor.reward_func is not None, "kind": kind, "samples": samples}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("remote_rm_urls", nargs="+")
+    parser.add_argument("--kinds", default="short,long", help="short, long, cut-mid-char (see prompts_of)")
     opts = parser.parse_args()
     tok = tiny.tokenizer()
     engine = TinyEngine(tok, tiny.causal_lm(tok).eval())
 
     async def every_url():
-        return [await run(url, long, tok, engine) for url in opts.remote_rm_urls for long in (False, True)]
+        return [await run(url, kind, tok, engine) for url in opts.remote_rm_urls for kind in opts.kinds.split(",")]
 
     tiny.result(runs=asyncio.run(every_url()), max_length=MAX_LENGTH)
 
