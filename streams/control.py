@@ -46,6 +46,7 @@ LIVE_SETTINGS: dict[str, str] = {
     "consolidate.every_labels": "labels trained between consolidations (0: only on `ctl consolidate`)",
     "consolidate.epochs": "most epochs of a consolidation (from the next one)",
     "consolidate.max_seconds": "time bound of a consolidation (from the next one)",
+    "consolidate.start": "fresh (the heads' initial weights) or served (from the next one)",
 }
 SCOPES = ("annotate", "train", "all")
 TRAINER_ONLY = {"reset-round", "rollback", "consolidate"}
