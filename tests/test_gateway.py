@@ -30,6 +30,8 @@ def test_split_query_by_prompt_prefix_its_left_cut_tail_or_marker():
     # OpenRLHF cuts a long prompt from the left before generating: the query starts with its tail.
     long_prompt = "Some context. " * 20 + PROMPT
     assert split_query(long_prompt[-40:] + RESPONSE, long_prompt, None) == (long_prompt, RESPONSE)
+    # A byte-level tokenizer may cut inside a character: the query then starts with U+FFFD.
+    assert split_query("\ufffd" + long_prompt[-40:] + RESPONSE, long_prompt, None) == (long_prompt, RESPONSE)
     marker = "<|im_start|>assistant\n"
     assert split_query("chat:" + PROMPT + RESPONSE, None, marker) == ("chat:" + PROMPT[:-len(marker)], RESPONSE)
     with pytest.raises(QueryError, match="nor with a left-cut tail of it; set gateway.response_marker"):

@@ -301,9 +301,6 @@ def test_openrlhf_executor_gets_rewards_over_http_and_from_the_reward_file(serve
     print(f"OpenRLHF: rewards {[[s['reward'] for s in r['samples']] for r in got['runs']]}, run {run.seconds:.1f} s")
 
 
-@pytest.mark.xfail(strict=True, reason="actprm.client.openrlhf.split_query finds a left-cut prompt only when the cut "
-                   "falls between characters; a byte-level BPE cut inside one leaves U+FFFD at the query's start and "
-                   "the sample gets the fallback (prm_failure 2)")
 def test_openrlhf_prompt_cut_inside_a_character_still_gets_its_reward(served, tmp_path):
     reward_file = module_file("trl-openrlhf", "actprm.client.openrlhf")
     run = Framework("trl-openrlhf", "run_openrlhf.py", served["gateway"].url + "/get_reward", reward_file,

@@ -44,18 +44,20 @@ def split_query(query: str, prompt: str | None, marker: str | None = None) -> tu
     raise QueryError("no prompt given and no gateway.response_marker set, so the response cannot be found in the query")
 
 
-def _prompt_tail(query: str, prompt: str, min_chars: int = 16) -> int:
-    """Length of the longest tail of `prompt` that `query` starts with (0: none of at least
-    min_chars). Found by the prompt's last characters, so the search is linear in practice."""
+def _prompt_tail(query: str, prompt: str, min_chars: int = 16, max_garbled: int = 3) -> int:
+    """Length of the head of `query` that is a left-cut tail of `prompt` (0: none of at least
+    min_chars). A byte-level tokenizer may cut inside a character, which decodes as U+FFFD (or a
+    stray byte's character): up to `max_garbled` characters before the tail may differ. Found by
+    the prompt's last characters, so the search is linear in practice."""
     probe = prompt[-min_chars:]
     if len(prompt) < min_chars:
         return 0
     start = query.find(probe)
     while start != -1:
         end = start + len(probe)
-        head = query[:end]
-        if prompt.endswith(head):
-            return end
+        for skip in range(min(max_garbled, end - min_chars) + 1):
+            if prompt.endswith(query[skip:end]):
+                return end
         start = query.find(probe, start + 1)
     return 0
 
