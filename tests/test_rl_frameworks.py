@@ -163,7 +163,8 @@ def test_trl_grpo_trains_two_steps_on_actprm_rewards(served, tmp_path):
     # Every completion of both steps got a reward from the daemon: none None (TRL's NaN), no fallback.
     assert [len(r) for r in got["rewards"]] == [4, 4] and all(x is not None for r in got["rewards"] for x in r), got
     assert got["fallbacks"] == [0.0, 0.0], got  # actprm/fallbacks, logged by the adapter through TRL's log_metric
-    print(f"TRL: rewards/{name}/mean {got['reward_means']}, steps {got['step_s']} s, run {run.seconds:.1f} s")
+    print(f"TRL: rewards/{name}/mean {got['reward_means']}, steps {got['step_s']} s, reward calls {got['reward_s']} s, "
+          f"run {run.seconds:.1f} s")
 
 
 def test_trl_goes_on_with_the_fallback_when_the_daemon_dies_mid_run(broker, topic_prefix, tmp_path):
@@ -187,13 +188,16 @@ def test_trl_goes_on_with_the_fallback_when_the_daemon_dies_mid_run(broker, topi
     assert got["steps"] == 2 and got["name"] == "actprm_prm", got  # make_reward_func's: rewards/actprm_prm
     assert all(x is not None for x in got["rewards"][0]) and got["fallbacks"][0] == 0.0, got  # step 1: the daemon
     assert got["rewards"][1] == [None] * 4 and got["fallbacks"][1] == 4.0, got  # step 2: the fallback, TRL skips it
-    # The fallback came back by the deadline (plus the step's own generation and backward).
-    assert got["step_s"][1] < timeout_s + 15, got
+    # The fallback came back by the deadline: TRL's own timing of the reward call in step 2; the
+    # step as a whole adds generation and backward on a shared CPU.
+    assert got["reward_s"][1] < timeout_s + 2, got
+    assert got["step_s"][1] < timeout_s + 30, got
     after = run.stderr().splitlines()[lines_before:]
     client_lines = [x for x in after if "actprm" in x.lower() and not x.startswith("run_trl:")]
     assert len(client_lines) <= 5, "\n".join(client_lines[:50])
     assert len(after) <= 40, "\n".join(after[:80])  # TRL's own warning about the None rewards included
-    print(f"TRL, daemon killed after step 1: step times {got['step_s']} s; stderr after the kill:\n" + "\n".join(after))
+    print(f"TRL, daemon killed after step 1: steps {got['step_s']} s, reward calls {got['reward_s']} s; stderr after "
+          "the kill:\n" + "\n".join(after))
 
 
 # --- verl ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ test can stop the daemon between the two steps.
 
 Last stdout line: RESULT {"steps", "log" (TRL's per-step logs), "rewards" (the per-completion
 rewards of each step, None for TRL's NaN), "fallbacks" (actprm/fallbacks per step), "step_s" (wall
-time of each step), ...}.
+time of each step), "reward_s" (TRL's timing of the reward calls in each step), ...}.
 """
 
 from __future__ import annotations
@@ -33,7 +33,22 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from trl.extras import profiling  # noqa: E402
+
 from actprm.client.trl import make_reward_func, reward_func  # noqa: E402  (the adapter under test)
+
+# TRL times each reward function call itself (profiling_context around `await func(...)`) but
+# only reports it to wandb/mlflow/trackio: keep its figures too.
+TIMINGS: list[tuple[str, float]] = []
+_log_metrics = profiling.ProfilingContext._log_metrics
+
+
+def _keep_timing(self, duration: float) -> None:
+    TIMINGS.append((self.name, duration))
+    _log_metrics(self, duration)
+
+
+profiling.ProfilingContext._log_metrics = _keep_timing
 
 
 class Steps(TrainerCallback):
@@ -44,6 +59,7 @@ class Steps(TrainerCallback):
         self.name = name
         self.started: float | None = None
         self.step_s: list[float] = []
+        self.reward_s: list[float] = []  # TRL's own timing of the reward function's calls, per step
         self.rewards: list[list[float | None]] = []
         self.logs: list[dict] = []
         self.trainer = None
@@ -53,6 +69,9 @@ class Steps(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_s.append(round(time.monotonic() - self.started, 3))
+        calls = [d for name, d in TIMINGS if name.endswith("." + self.name)]
+        self.reward_s.append(round(sum(calls), 3))
+        TIMINGS.clear()
         per_completion = list(self.trainer._logs["rewards"][self.name])  # TRL's own record
         self.rewards.append([None if math.isnan(r) else r for r in per_completion])
         print(f"run_trl: step {state.global_step} done in {self.step_s[-1]} s", file=sys.stderr, flush=True)
@@ -97,7 +116,7 @@ def main() -> None:
     tiny.result(steps=trainer.state.global_step, train_loss=out.training_loss, name=name,
                 reward_means=[log[f"rewards/{name}/mean"] for log in per_step],
                 fallbacks=[log.get("actprm/fallbacks") for log in per_step],  # the adapter's log_metric
-                rewards=steps.rewards, step_s=steps.step_s, total_s=round(time.monotonic() - started, 3),
+                rewards=steps.rewards, step_s=steps.step_s, reward_s=steps.reward_s, total_s=round(time.monotonic() - started, 3),
                 torch=torch.__version__)
 
 
