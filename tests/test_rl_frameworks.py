@@ -157,7 +157,7 @@ def test_trl_grpo_trains_two_steps_on_actprm_rewards(served, tmp_path):
                     env=client_env(served["bootstrap"], served["prefix"], timeout_s="60"))
     got = run.result(timeout=240)
     name = got["name"]
-    assert name == "reward_func", got  # the ready function: TRL logs rewards/reward_func
+    assert name == "actprm_prm", got  # the ready function: TRL logs rewards/actprm_prm
     assert got["steps"] == 2 and len(got["reward_means"]) == 2, got
     assert all(0.0 <= m <= 1.0 for m in got["reward_means"]), got  # TRL's logged rewards/<name>/mean
     # Every completion of both steps got a reward from the daemon: none None (TRL's NaN), no fallback.

@@ -4,7 +4,7 @@
     trainer = GRPOTrainer(model=..., reward_funcs=[reward_func], ...)
 
 `reward_func(prompts, completions, **kwargs) -> list[float | None]` is async (TRL 1.x runs
-async reward functions on its own loop); TRL logs it as `rewards/reward_func` (a function from
+async reward functions on its own loop); TRL logs it as `rewards/actprm_prm` (a function from
 `make_reward_func(name=...)` under its name). Prompts and completions may be strings or
 conversations. A sample without a reward by the deadline is None, which TRL skips (its
 advantage is 0), and the count goes to TRL's metrics as `actprm/fallbacks`: the run goes on
@@ -57,3 +57,6 @@ async def reward_func(prompts, completions, **kwargs) -> list[float | None]:
         _default = Rewarder()
     outcomes = await _default.outcomes(_items(prompts, completions))
     return trl_values(_default, outcomes, kwargs.get("log_metric"))
+
+
+reward_func.__name__ = reward_func.__qualname__ = "actprm_prm"  # TRL logs it as rewards/actprm_prm
