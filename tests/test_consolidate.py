@@ -141,3 +141,25 @@ def test_train_candidate_stops_at_its_time_bound(tiny):
     cand = train_candidate(served, TrainerConfig(), _samples(32, tiny.hidden_size, 2), _samples(8, tiny.hidden_size, 3),
                            ConsolidateConfig(epochs=50, max_seconds=1e-6))
     assert cand.stopped == "time limit" and cand.steps == 0 and cand.best_epoch == 0
+
+
+def test_lora_candidate_is_a_copy_trained_on_text_within_its_time_bound(tiny):
+    # lora/full: the candidate is a deep copy (a second backbone in memory) trained on the text,
+    # a backbone forward and backward per label per epoch; max_seconds bounds it.
+    import copy
+
+    from actprm.model.trainer import Trainer, trainable_state
+
+    served = EnsemblePRM(copy.deepcopy(tiny), PRMConfig(n_heads=2, head_width=8))
+    Trainer(served, TrainerConfig(mode="lora"))  # the daemon's trainer injects the adapters
+    before = {k: v.clone() for k, v in trainable_state(served, "lora").items()}
+    text = [LabelledSample(f"t{i}", "what is 2+2?", ["2+2=4", "so 4"] if i % 2 else ["2+2=5", "so 5"], -1 if i % 2 else 0)
+            for i in range(12)]
+    cand = train_candidate(served, TrainerConfig(mode="lora", lr=1e-2), text[:8], text[8:],
+                           ConsolidateConfig(epochs=3, mini_batch=4, patience=5), seed=0)
+    assert cand.epochs == 3 and cand.steps == 6
+    assert all(torch.equal(before[k], v) for k, v in trainable_state(served, "lora").items())  # served untouched
+    assert any(k.startswith("body.") and "lora_" in k for k in cand.state)
+    bounded = train_candidate(served, TrainerConfig(mode="lora"), text[:8], text[8:],
+                              ConsolidateConfig(epochs=50, mini_batch=1, max_seconds=0.5), seed=0)
+    assert bounded.stopped == "time limit" and bounded.seconds < 5
