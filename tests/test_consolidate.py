@@ -161,5 +161,5 @@ def test_lora_candidate_is_a_copy_trained_on_text_within_its_time_bound(tiny):
     assert all(torch.equal(before[k], v) for k, v in trainable_state(served, "lora").items())  # served untouched
     assert any(k.startswith("body.") and "lora_" in k for k in cand.state)
     bounded = train_candidate(served, TrainerConfig(mode="lora"), text[:8], text[8:],
-                              ConsolidateConfig(epochs=50, mini_batch=1, max_seconds=0.5), seed=0)
+                              ConsolidateConfig(epochs=50, mini_batch=1, max_seconds=0.5, patience=50), seed=0)
     assert bounded.stopped == "time limit" and bounded.seconds < 5
