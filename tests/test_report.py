@@ -16,7 +16,8 @@ from actprm.daemon.report import (ReportError, build_report, by_field, by_kind, 
 from helpers_browser import CHROMIUM, visit
 from helpers_daemon import ACTPRM
 
-SECTIONS = ["Summary", "Versions", "Rounds and budget", "Calibration against the judge", "Where the uncertainty went"]
+SECTIONS = ["Summary", "Versions", "Rounds and budget", "Calibration against the judge", "Where the uncertainty went",
+            "What the judge said"]
 
 
 def _jsonl(path: Path, rows: list, tail: str = "") -> None:
