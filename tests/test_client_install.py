@@ -66,7 +66,7 @@ def _venv(python: str) -> Path:
 def test_the_client_installs_alone_and_works_on_other_pythons(version, broker, topic_prefix, tmp_path):
     python = _python(version)
     if python is None:
-        pytest.skip(f"python{version} is not on this machine")
+        pytest.skip(reason=f"python{version} is not on this machine")
     venv = _venv(python)
     env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": broker.bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": topic_prefix}
     env.pop("PYTHONPATH", None)

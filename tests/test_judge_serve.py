@@ -47,7 +47,7 @@ def served(tmp_path_factory):
 
     cli = _transformers_cli()
     if cli is None or not is_serve_available():
-        pytest.skip("`transformers serve` needs transformers[serving] (fastapi, uvicorn, openai): pip install -e '.[dev]'")
+        pytest.skip(reason="`transformers serve` needs transformers[serving] (fastapi, uvicorn, openai): pip install -e '.[dev]'")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
