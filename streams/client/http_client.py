@@ -47,26 +47,29 @@ class HttpRewardClient:
             self.outages.recovered()
         return out
 
+    def _post(self, items: Sequence[Mapping[str, Any]], deadline: float) -> dict:
+        # The gateway answers by its own deadline; a little more here covers the trip.
+        return {"url": f"{self.url}/v1/rewards", "json": {"items": list(items), "timeout_s": deadline},
+                "headers": self.headers, "timeout": deadline + 5}
+
+    def _answer(self, n: int, deadline: float, resp: httpx.Response | None, err: Exception | None) -> list[Outcome]:
+        if err is not None:
+            return self._outcomes(n, None, f"gateway {self.url} unreachable: {type(err).__name__}", deadline)
+        if resp.status_code != 200:
+            return self._outcomes(n, None, f"gateway answered {resp.status_code}: {resp.text[:200]}", deadline)
+        return self._outcomes(n, resp.json(), "", deadline)
+
     def score_each(self, items: Sequence[Mapping[str, Any]], *, timeout_s: float | None = None) -> list[Outcome]:
         deadline = self._deadline(timeout_s)
         try:
-            # The gateway answers by its own deadline; a little more here covers the trip.
-            resp = httpx.post(f"{self.url}/v1/rewards", json={"items": list(items), "timeout_s": deadline},
-                              headers=self.headers, timeout=deadline + 5)
+            return self._answer(len(items), deadline, httpx.post(**self._post(items, deadline)), None)
         except httpx.HTTPError as err:
-            return self._outcomes(len(items), None, f"gateway {self.url} unreachable: {type(err).__name__}", deadline)
-        if resp.status_code != 200:
-            return self._outcomes(len(items), None, f"gateway answered {resp.status_code}: {resp.text[:200]}", deadline)
-        return self._outcomes(len(items), resp.json(), "", deadline)
+            return self._answer(len(items), deadline, None, err)
 
     async def ascore_each(self, items: Sequence[Mapping[str, Any]], *, timeout_s: float | None = None) -> list[Outcome]:
         deadline = self._deadline(timeout_s)
         try:
-            async with httpx.AsyncClient(timeout=deadline + 5) as http:
-                resp = await http.post(f"{self.url}/v1/rewards", json={"items": list(items), "timeout_s": deadline},
-                                       headers=self.headers)
+            async with httpx.AsyncClient() as http:
+                return self._answer(len(items), deadline, await http.post(**self._post(items, deadline)), None)
         except httpx.HTTPError as err:
-            return self._outcomes(len(items), None, f"gateway {self.url} unreachable: {type(err).__name__}", deadline)
-        if resp.status_code != 200:
-            return self._outcomes(len(items), None, f"gateway answered {resp.status_code}: {resp.text[:200]}", deadline)
-        return self._outcomes(len(items), resp.json(), "", deadline)
+            return self._answer(len(items), deadline, None, err)

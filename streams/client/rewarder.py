@@ -12,7 +12,7 @@ from typing import Any
 
 from actprm.client.background import BackgroundRewardClient
 from actprm.client.http_client import HttpRewardClient
-from actprm.client.outcome import Outages, Outcome, reduce_steps
+from actprm.client.outcome import Outcome, reduce_steps
 from actprm.client.settings import ClientSettings, RewardSettings, load_client_settings, sections
 
 
@@ -30,12 +30,6 @@ class Rewarder:
         self.transport = "kafka" if kafka.bootstrap else "http"
         self._kafka = BackgroundRewardClient(self.settings) if self.transport == "kafka" else None
         self._http = HttpRewardClient(self.settings) if self.transport == "http" else None
-
-    @property
-    def outages(self) -> Outages | None:
-        if self._http is not None:
-            return self._http.outages
-        return self._kafka.client.outages if self._kafka.client is not None else None
 
     def value(self, outcome: Outcome) -> float:
         return outcome.value(self.reward.reduce, self.reward.fallback_reward)
