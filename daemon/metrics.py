@@ -124,7 +124,7 @@ class Metrics:
         r.register(_ProcessCollector(self))
         self._recent_latency: deque[float] = deque(maxlen=256)
         self._confident = [0, 0]  # right, wrong
-        self.broker_watch = None  # a BrokerWatch when this process runs the embedded broker (streams/broker.py)
+        self.broker_watch = None  # a BrokerWatch when this process runs the embedded broker (streams/kafka/broker.py)
 
     # --- observations (called by the handlers) ---------------------------------------------
 

@@ -25,27 +25,27 @@ from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.model.backbone import default_hidden_layer, load_backbone
 from actprm.model.build import publish_initial
-from actprm.model.checkpoints import CheckpointStore
+from actprm.model.training.checkpoints import CheckpointStore
 from actprm.model.features import cache_key
-from actprm.model.judges import Judge
+from actprm.model.judges.base import Judge
 from actprm.model.prm import EnsemblePRM, PRMConfig
-from actprm.model.replay import FeatureMemo, ReplayStore
-from actprm.model.trainer import Trainer
+from actprm.model.training.replay import FeatureMemo, ReplayStore
+from actprm.model.training.trainer import Trainer
 from actprm.client import messages
-from actprm.streams.agents import aiokafka_options, kafka_sender, make_app, wire_agents
-from actprm.streams.epoch import WriteGate, claim_epoch, restart_this_process
-from actprm.streams.journal import Journal
-from actprm.streams.judging import JudgeRole, VerdictLog, configured_judge
-from actprm.streams.ledger import Ledger
+from actprm.streams.app import aiokafka_options, kafka_sender, make_app, wire_agents
+from actprm.streams.kafka.epoch import WriteGate, claim_epoch, restart_this_process
+from actprm.streams.state.journal import Journal
+from actprm.streams.roles.judging import JudgeRole, VerdictLog, configured_judge
+from actprm.streams.state.ledger import Ledger
 from actprm.streams.process import ROLES, Process
-from actprm.streams.rounds import ADMISSION_COUNTERS, KeeperRole, RoundKeeper
-from actprm.streams.scoring import ScorerRole
-from actprm.streams.sender import LastError, Sender
-from actprm.streams.series import FlagSeries, KeepFirstAndLast, ThinnedList
-from actprm.streams.swap import ServedModel, Serving, load_for_swap
-from actprm.streams.tools import iter_synthetic_trajectories
+from actprm.streams.roles.rounds import ADMISSION_COUNTERS, KeeperRole, RoundKeeper
+from actprm.streams.roles.scoring import ScorerRole
+from actprm.streams.kafka.sender import LastError, Sender
+from actprm.streams.state.series import FlagSeries, KeepFirstAndLast, ThinnedList
+from actprm.streams.roles.swap import ServedModel, Serving, load_for_swap
+from actprm.streams.tools.produce import iter_synthetic_trajectories
 from actprm.client.topics import Topics, ensure_topics
-from actprm.streams.training import TrainerRole, UpdateLoop
+from actprm.streams.roles.training import TrainerRole, UpdateLoop
 
 log = structlog.get_logger("actprm")
 
@@ -152,7 +152,7 @@ class HeldOut:
         self._features = None
 
     def scores(self, served) -> dict:
-        from actprm.model.metrics import processbench_scores
+        from actprm.model.eval.metrics import processbench_scores
 
         items = [(r.problem, r.steps) for r in self.records]
         if self.frozen and self._features is not None:
@@ -201,7 +201,7 @@ class StatusService(faust.Service):
         self.curve: list[dict] = ThinnedList(2000)
         self._heldout: HeldOut | None = None
         if options.heldout and proc.scorer is not None:
-            from actprm.model.synthetic import builtin_records, parse_kinds
+            from actprm.model.data.synthetic import builtin_records, parse_kinds
 
             b = proc.settings.builtin
             records = builtin_records(options.heldout, seed=10_000 + proc.settings.model.seed, kinds=parse_kinds(b.kinds),
@@ -316,7 +316,7 @@ class StatusService(faust.Service):
                "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],
                "curve": None}
         try:
-            from actprm.model.plots import run_learning_curve
+            from actprm.model.lab.plots import run_learning_curve
 
             out["curve"] = str(run_learning_curve(self.curve, self.proc.settings.state_dir / "learning_curve.png"))
         except (OSError, ValueError) as err:
@@ -383,7 +383,7 @@ class BoundedStopWorker(faust.Worker):
 def supervise_embedded_broker(app: faust.App, broker) -> None:
     """When the embedded broker dies (the OOM killer is the likely one: it keeps everything in
     RAM), start over as a whole process on the same port: a fresh broker, and no client left
-    that remembers the old one's topics (see streams/epoch.py for why that matters)."""
+    that remembers the old one's topics (see streams/kafka/epoch.py for why that matters)."""
 
     @app.timer(1.0)
     async def embedded_broker_alive():
@@ -400,7 +400,7 @@ def supervise_embedded_broker(app: faust.App, broker) -> None:
 def run_daemon(settings: Settings, options: RunOptions) -> dict:
     """Run until stopped (Ctrl-C / SIGTERM) or until max_trajectories are done; returns the final status."""
     if "judge" in options.roles:
-        from actprm.daemon.cli_judge import qualify
+        from actprm.daemon.cli.judge import qualify
 
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
@@ -408,7 +408,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
-        from actprm.streams.broker import EmbeddedBroker
+        from actprm.streams.kafka.broker import EmbeddedBroker
 
         broker = EmbeddedBroker(port=settings.kafka.embedded_port)
         broker.start()
@@ -433,12 +433,12 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         if broker is not None:
             supervise_embedded_broker(app, broker)
             if proc.metrics is not None:
-                from actprm.streams.broker import BrokerWatch
+                from actprm.streams.kafka.broker import BrokerWatch
 
                 proc.metrics.broker_watch = BrokerWatch(lambda: broker.pid)  # ctl status, metrics, the status line
 
         if options.synthetic:
-            from actprm.model.synthetic import parse_kinds
+            from actprm.model.data.synthetic import parse_kinds
 
             b = settings.builtin
             # Generated as it is sent: a stream of millions holds one trajectory in memory at a time.

@@ -1,7 +1,7 @@
 """One validated settings model for every process, composed of the sections each layer owns.
 
 The stream side's sections (Kafka, selection, scorer, judge, rounds, updates, control) are in
-streams/config.py, the model's in model/config.py and model/trainer.py; the daemon's own parts
+streams/config.py, the model's in model/config.py and model/training/trainer.py; the daemon's own parts
 (the built-in stream, metrics, the gateway) are here.
 
 Precedence, highest first: CLI flags, environment variables (``ACTPRM_...``, nested with
@@ -20,9 +20,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from actprm.client.settings import RewardSettings
-from actprm.model.synthetic import DEFAULT_KINDS
+from actprm.model.data.synthetic import DEFAULT_KINDS
 from actprm.model.config import ModelSettings
-from actprm.model.trainer import TrainerConfig
+from actprm.model.training.trainer import TrainerConfig
 from actprm.streams.config import (
     ConsolidateSettings,
     ControlSettings,
@@ -53,7 +53,7 @@ class BuiltinStreamSettings(Section):
     @field_validator("kinds")
     @classmethod
     def _known_kinds(cls, v: str) -> str:
-        from actprm.model.synthetic import parse_kinds
+        from actprm.model.data.synthetic import parse_kinds
 
         parse_kinds(v)
         return v
@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     consolidate: ConsolidateSettings = ConsolidateSettings()
     control: ControlSettings = ControlSettings()
     control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
-    # The model's (model/config.py, model/trainer.py), then the daemon's own.
+    # The model's (model/config.py, model/training/trainer.py), then the daemon's own.
     model: ModelSettings = ModelSettings()
     trainer: TrainerConfig = TrainerConfig()
     builtin: BuiltinStreamSettings = BuiltinStreamSettings()

@@ -7,9 +7,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from actprm.model.backbone import load_backbone
-from actprm.model.checkpoints import CheckpointStore, Manifest, resolve_checkpoint
+from actprm.model.training.checkpoints import CheckpointStore, Manifest, resolve_checkpoint
 from actprm.model.prm import EnsemblePRM, PRMConfig
-from actprm.model.trainer import TrainerConfig, configure_trainable, load_trainable_state, trainable_state
+from actprm.model.training.trainer import TrainerConfig, configure_trainable, load_trainable_state, trainable_state
 
 
 def build_prm(spec: str, *, hidden_layer: int | None = None, prm: PRMConfig | None = None, seed: int = 0,

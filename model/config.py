@@ -1,7 +1,7 @@
 """The model's section of the settings: which backbone, how many heads, where it runs.
 
 Read by whoever builds the ensemble (the daemon's scorer and trainer); the trainer's own
-settings are TrainerConfig and FitConfig in model/trainer.py.
+settings are TrainerConfig and FitConfig in model/training/trainer.py.
 """
 
 from __future__ import annotations

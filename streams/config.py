@@ -1,7 +1,7 @@
 """The settings of the stream side's parts: Kafka, selection, scorer, judge, rounds, updates, control.
 
 Each part reads its own section. daemon/settings.py composes these with the model's sections
-(model/config.py, model/trainer.py) and the daemon's own into the one Settings it reads from
+(model/config.py, model/training/trainer.py) and the daemon's own into the one Settings it reads from
 flags, the environment and a TOML file; `ProcessSettings` is what the stream side reads of it.
 """
 
@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field, SecretStr
 
 from actprm.client.settings import KafkaSettings, Section
 from actprm.model.config import ModelSettings
-from actprm.model.consolidate import ConsolidateConfig
-from actprm.model.trainer import FitConfig, TrainerConfig
+from actprm.model.training.consolidate import ConsolidateConfig
+from actprm.model.training.trainer import FitConfig, TrainerConfig
 
 
 class SelectionSettings(Section):
@@ -75,7 +75,7 @@ class UpdateSettings(FitConfig, Section):
 
 
 class ConsolidateSettings(ConsolidateConfig, Section):
-    """When the trainer trains a candidate on every label kept (model/consolidate.py: how)."""
+    """When the trainer trains a candidate on every label kept (model/training/consolidate.py: how)."""
 
     every_labels: int = Field(256, ge=0, description="start a consolidation after this many labels trained by updates (0: only on `actprm ctl consolidate`)")
 

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from actprm.client import messages
 from actprm.client.messages import ControlAck, ControlCommand
-from actprm.streams.topics import read_from, started_reader
+from actprm.streams.kafka.readers import read_from, started_reader
 
 if TYPE_CHECKING:  # the roles load torch; `actprm ctl` imports this module and must start without it
     from actprm.streams.process import Process
@@ -101,7 +101,7 @@ def parse_setting(key: str, raw_value: Any) -> Any:
     """The validated value for `key`, or a ValueError naming the key; changes nothing."""
     if key not in LIVE_SETTINGS:
         raise ValueError(f"{key} cannot be set on a running daemon; live settings: {', '.join(LIVE_SETTINGS)}")
-    from actprm.streams.config import SECTIONS  # the settings load torch (model/trainer.py): only `ctl set` needs them
+    from actprm.streams.config import SECTIONS  # the settings load torch (model/training/trainer.py): only `ctl set` needs them
 
     section, field = key.split(".")
     info = SECTIONS[section].model_fields[field]

@@ -1,9 +1,9 @@
 """One daemon process: the roles it runs, and what it shows of them.
 
 A process runs some roles (scorer, judge, trainer; daemon/run.py builds them). Each role is
-an object with the state it owns: `ScorerRole` (streams/scoring.py) with its `Serving`
-(streams/swap.py), `KeeperRole` (streams/rounds.py) and `TrainerRole` (streams/training.py)
-in the trainer's process, `JudgeRole` (streams/judging.py). The agents (streams/agents.py)
+an object with the state it owns: `ScorerRole` (streams/roles/scoring.py) with its `Serving`
+(streams/roles/swap.py), `KeeperRole` (streams/roles/rounds.py) and `TrainerRole` (streams/roles/training.py)
+in the trainer's process, `JudgeRole` (streams/roles/judging.py). The agents (streams/app.py)
 call the roles; control commands (streams/control.py) call narrow methods on them. What is
 left here is what belongs to the process: pause, busy marks, the status it reports.
 """
@@ -18,17 +18,17 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from actprm.model.checkpoints import CheckpointStore
+from actprm.model.training.checkpoints import CheckpointStore
 from actprm.streams.config import ProcessSettings
-from actprm.streams.journal import Journal
-from actprm.streams.judging import JudgeRole
-from actprm.streams.ledger import Ledger
-from actprm.streams.rounds import KeeperRole
-from actprm.streams.scoring import ScorerRole
-from actprm.streams.sender import LastError, Sender
-from actprm.streams.swap import serving_status
+from actprm.streams.state.journal import Journal
+from actprm.streams.roles.judging import JudgeRole
+from actprm.streams.state.ledger import Ledger
+from actprm.streams.roles.rounds import KeeperRole
+from actprm.streams.roles.scoring import ScorerRole
+from actprm.streams.kafka.sender import LastError, Sender
+from actprm.streams.roles.swap import serving_status
 from actprm.client.topics import Topics
-from actprm.streams.training import TrainerRole
+from actprm.streams.roles.training import TrainerRole
 
 ROLES = ("scorer", "judge", "trainer")
 
@@ -41,7 +41,7 @@ class Process:
     sender: Sender
     ledger: Ledger
     store: CheckpointStore
-    journal: Journal  # what was learned, readable while this runs (streams/journal.py)
+    journal: Journal  # what was learned, readable while this runs (streams/state/journal.py)
     scorer: ScorerRole | None = None
     keeper: KeeperRole | None = None  # with the trainer: one writer keeps the round
     trainer: TrainerRole | None = None

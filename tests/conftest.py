@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from actprm.streams.broker import EmbeddedBroker
+from actprm.streams.kafka.broker import EmbeddedBroker
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ positioned before the first trajectory is produced, so no reward can be missed.
 - Where it starts reading: the broker's end offsets, which on the embedded broker may be a
   little before the true end; old rewards read again are skipped by id.
 - The broker losing its data (the embedded one keeps it in memory) is noticed through the
-  epoch record the daemons write (streams/epoch.py): the client then starts its Kafka clients
+  epoch record the daemons write (streams/kafka/epoch.py): the client then starts its Kafka clients
   afresh, reads the new data from its start, and sends the samples still awaited again.
 - A timeout says truthfully whether the samples reached Kafka (RewardUnavailable.sent).
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +38,7 @@ from actprm.client import messages
 from actprm.client.ids import sample_id
 from actprm.client.messages import MAX_STEPS, Reward, Trajectory
 from actprm.client.outcome import Outages, Outcome, RewardUnavailable, quiet_aiokafka
-from actprm.client.settings import KafkaSettings, RewardSettings, aiokafka_options, sections
+from actprm.client.settings import aiokafka_options, sections
 from actprm.client.steps import StepSplitError, split_steps
 from actprm.client.topics import Topics, ensure_topics, read_epoch
 

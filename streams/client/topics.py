@@ -176,7 +176,7 @@ async def ensure_topics(
 
 async def read_epoch(bootstrap: str, topic: str, wait_ms: int = 1500, **kafka_options: Any) -> str | None:
     """The epoch in the first record of the epoch topic (which life of the broker's data this
-    is: streams/epoch.py), or None when the topic is empty. Raises the client's error when the
+    is: streams/kafka/epoch.py), or None when the topic is empty. Raises the client's error when the
     broker cannot be reached (the caller decides)."""
     tp = TopicPartition(topic, 0)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,

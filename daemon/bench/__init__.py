@@ -1,0 +1,1 @@
+"""Benchmarks that drive whole processes and print JSON: gateway, soak, store, report."""

@@ -1,0 +1,1 @@
+"""actprm report: one self-contained HTML page built from what a daemon keeps on disk."""

@@ -1,0 +1,1 @@
+"""Experiments off the service: the label-efficiency simulation, the heads' cost benchmark, plots."""

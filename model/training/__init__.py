@@ -1,0 +1,1 @@
+"""Turning labels into versions: the trainer, the replay store, consolidation, and versioned checkpoints."""

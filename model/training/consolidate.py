@@ -1,0 +1,222 @@
+"""Consolidation: train a candidate PRM on every label kept, as the published method trains the
+PRM it ships on the data its ensemble selected.
+
+The online updates (Trainer.fit) take a few steps per batch of new labels and leave the served
+model under-trained; the features hold more than they take out. A consolidation trains a copy
+of the PRM for up to `epochs` passes over all labels kept (the replay store; in heads mode on
+the kept hidden states, so no backbone pass), stops early on a validation slice of labels it
+never trains on, and keeps its best epoch. The caller publishes it only if it beats the served
+version on that slice (`beats`).
+
+Pure parts, tested against hand-worked examples: `validation_ids` (the split) and
+`early_stopping`. `train_candidate` is the loop; `validation_figures` scores a PRM on the slice.
+
+The anchor stays: the candidate's heads keep their anchors (the heads' initial weights) and
+the anchor penalty, so the ensemble keeps the diversity the uncertainty rule reads. Starting
+"fresh" resets the heads to exactly those initial weights; "served" starts from the weights
+that serve now.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from actprm.model.labels import step_labels
+from actprm.model.eval.metrics import processbench_scores
+from actprm.model.prm import EnsemblePRM, StepScores
+from actprm.model.training.trainer import LabelledSample, Trainer, TrainerConfig, load_trainable_state, trainable_state
+
+
+class ConsolidateConfig(BaseModel):
+    """How a consolidation trains its candidate (the daemon's `consolidate` section adds when)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    epochs: int = Field(40, ge=1, description="most passes over the labels kept")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation figure")
+    criterion: Literal["loss", "f1"] = Field("loss", description="what early stopping watches on the validation slice: the BCE of the ensemble mean (smooth), or F1 at 0.5 then loss (flat for the first epochs, while the heads learn that most steps are correct)")
+    start: Literal["fresh", "served"] = Field("served", description="served: the weights serving now (measured: keeps the online F1, fresh heads lost 0.05-0.15 of it); fresh: the heads' initial weights (their anchors)")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the labels kept that only validate (chosen by a hash of the label id, so a label stays on its side)")
+    mini_batch: int = Field(32, ge=1, description="labels per optimizer step")
+    lr: float | None = Field(None, gt=0, description="learning rate (None: the trainer's)")
+    max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def id_hash(label_id: str) -> float:
+    """A label id's fixed place in [0, 1): the same on every run and machine."""
+    return int.from_bytes(hashlib.sha256(label_id.encode()).digest()[:8], "big") / 2.0**64
+
+
+def validation_ids(labels: Sequence[tuple[str, int]], fraction: float) -> set[str]:
+    """The ids of (id, first_error) labels that only validate.
+
+    A label validates when its id's hash is below `fraction`, so a label never changes side as
+    labels come and go, and a candidate never meets as validation a label that an earlier
+    candidate trained on. ProcessBench F1 needs both erroneous and correct trajectories: when a
+    group of two or more has none on the validation side, its lowest-hash member goes there."""
+    val = {i for i, _ in labels if id_hash(i) < fraction}
+    for group in ([i for i, k in labels if k == -1], [i for i, k in labels if k != -1]):
+        if len(group) >= 2 and not val.intersection(group):
+            val.add(min(group, key=id_hash))
+    return val
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A PRM on the validation slice: ProcessBench F1 (threshold 0.5) and the mean BCE of the
+    ensemble mean on the labelled steps."""
+
+    f1: float | None
+    loss: float
+
+
+def better(a: Figures, b: Figures, criterion: str = "f1") -> bool:
+    """Is `a` better than `b`? criterion "f1": a higher F1 (None counts as -1), or the same F1
+    and a lower loss; "loss": a lower loss."""
+    if criterion == "loss":
+        return a.loss < b.loss
+    fa, fb = -1.0 if a.f1 is None else a.f1, -1.0 if b.f1 is None else b.f1
+    return fa > fb or (fa == fb and a.loss < b.loss)
+
+
+def beats(candidate: Figures, served: Figures) -> bool:
+    """Publish the candidate? Only when it is better than the served version on the slice."""
+    return better(candidate, served)
+
+
+def early_stopping(history: Sequence[Figures], patience: int, criterion: str = "loss") -> tuple[int, bool]:
+    """(index of the best entry, stop now?) for figures after each epoch (history[0]: before
+    training). Stop when the last `patience` entries brought nothing better than the best."""
+    if not history:
+        raise ValueError("early_stopping needs at least one entry")
+    best = 0
+    for i in range(1, len(history)):
+        if better(history[i], history[best], criterion):
+            best = i
+    return best, len(history) - 1 - best >= patience
+
+
+# --- scoring on the slice --------------------------------------------------------------------
+
+
+def _score(prm: EnsemblePRM, samples: Sequence[LabelledSample]) -> list[StepScores]:
+    if samples and all(s.features is not None for s in samples):
+        return prm.score_features([s.features for s in samples], n_steps=[len(s.steps) for s in samples])
+    return prm.score([(s.problem, s.steps) for s in samples])
+
+
+def validation_figures(prm: EnsemblePRM, samples: Sequence[LabelledSample]) -> Figures:
+    """F1 at threshold 0.5 (the served rule: the first step with mu < 0.5) and mean BCE of mu."""
+    scores = _score(prm, samples)
+    f1 = processbench_scores([s.first_error for s in scores], [s.first_error for s in samples])["f1"]
+    total, n = 0.0, 0
+    for sc, s in zip(scores, samples):
+        for mu, y in zip(sc.mu, step_labels(s.first_error, max(len(s.steps), s.first_error + 1))):
+            if y is not None:
+                p = min(max(mu, 1e-6), 1 - 1e-6)
+                total -= y * math.log(p) + (1 - y) * math.log(1 - p)
+                n += 1
+    return Figures(f1, total / n if n else float("inf"))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A trained candidate: its best epoch's weights and how it got there."""
+
+    prm: EnsemblePRM
+    trainer: Trainer
+    state: dict[str, torch.Tensor] = field(repr=False)  # trainable_state at the best epoch
+    figures: Figures  # on the validation slice, at the best epoch
+    start_figures: Figures  # before training
+    epochs: int  # epochs run
+    best_epoch: int  # 0: training made nothing better than the start
+    steps: int
+    stopped: str  # "early stopping", "epochs", "time limit", "cancelled", "no label"
+    seconds: float
+    train_ids: list[str]
+    val_ids: list[str]
+    history: list[dict]
+
+
+def candidate_prm(served: EnsemblePRM, mode: str) -> EnsemblePRM:
+    """A PRM to train beside the served one. heads mode: new heads around the same frozen body
+    (which a scorer may be reading: it never changes); lora/full: a deep copy of everything,
+    which costs a second copy of the backbone's memory."""
+    if mode == "heads":
+        return EnsemblePRM(served.backbone, served.config, heads=copy.deepcopy(served.heads))
+    return copy.deepcopy(served)
+
+
+def reset_heads(prm: EnsemblePRM) -> None:
+    """Every head back to its initial weights, the anchor it is pulled towards."""
+    with torch.no_grad():
+        for name, p in prm.heads.named_parameters():
+            p.copy_(getattr(prm.heads, f"anchor_{name}"))
+
+
+def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: Sequence[LabelledSample],
+                    val: Sequence[LabelledSample], config: ConsolidateConfig, *, seed: int = 0,
+                    served_state: dict[str, torch.Tensor] | None = None,
+                    cancelled: Callable[[], bool] = lambda: False) -> Candidate:
+    """Train a candidate on `train` for up to config.epochs, early stopping on `val`.
+
+    served_state: the served weights to start from (config.start == "served"; default: the
+    served PRM's own). The served PRM is never changed: a scorer may be reading it."""
+    t0 = time.monotonic()
+    mode = trainer_config.mode
+    prm = candidate_prm(served, mode)
+    if served_state is not None:
+        load_trainable_state(prm, served_state)
+    if config.start == "fresh":
+        reset_heads(prm)
+    cfg = trainer_config.model_copy(update={"seed": seed, **({"lr": config.lr} if config.lr is not None else {})})
+    trainer = Trainer(prm, cfg)
+    if mode == "heads":
+        trainer.attach_features([s for s in list(train) + list(val) if s.features is None])
+    start = validation_figures(prm, val)
+    history, best_state, stopped, steps = [start], trainable_state(prm, mode), "epochs", 0
+    log = [{"epoch": 0, "val_f1": start.f1, "val_loss": start.loss}]
+    gen = torch.Generator().manual_seed(seed)
+    epoch = 0
+    if not train:
+        stopped = "no label"
+    while train and epoch < config.epochs and stopped == "epochs":
+        epoch += 1
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for at in range(0, len(order), config.mini_batch):
+            if cancelled():
+                stopped = "cancelled"
+                break
+            if time.monotonic() - t0 > config.max_seconds:
+                stopped = "time limit"
+                break
+            trainer.update([train[i] for i in order[at:at + config.mini_batch]])
+            steps += 1
+        figures = validation_figures(prm, val)
+        history.append(figures)
+        log.append({"epoch": epoch, "val_f1": figures.f1, "val_loss": figures.loss})
+        best, stop = early_stopping(history, config.patience, config.criterion)
+        if best == len(history) - 1:
+            best_state = trainable_state(prm, mode)
+        if stop and stopped == "epochs":
+            stopped = "early stopping"
+    best, _ = early_stopping(history, config.patience, config.criterion)
+    load_trainable_state(prm, best_state)
+    trainer.optimizer.state.clear()  # moments of later epochs do not belong to the best one's weights
+    return Candidate(prm, trainer, best_state, history[best], start, epoch, best, steps, stopped,
+                     round(time.monotonic() - t0, 3), [s.id for s in train], [s.id for s in val], log)

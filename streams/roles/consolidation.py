@@ -1,0 +1,183 @@
+"""Consolidations in the trainer's process: train a candidate on every label kept, beside the
+online loop, and publish it only if it beats the served version (model/training/consolidate.py).
+
+Three steps, so scoring and updates never wait for the training:
+1. on the training thread (where updates run, so the replay store is not changing): a
+   snapshot of the labels kept, split into training and validation ids (a hash of each id);
+2. on a thread of its own: `train_candidate`, up to `consolidate.epochs`, early stopping on the
+   validation slice, bounded by `consolidate.max_seconds`; updates go on meanwhile;
+3. back on the training thread: the labels that updates trained meanwhile are trained into the
+   candidate too (one update's worth of steps, so none is lost from the weights), then the
+   candidate and the weights serving now are scored on the whole validation slice; the
+   candidate is saved as the next version only if it is better, and updates continue from it.
+A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and the
+ledger is not touched, so no label is trained as new twice; the manifest's `consolidated`
+says how it was trained and both validation figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import structlog
+
+from actprm.model.training.checkpoints import CheckpointError, Manifest
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, id_hash, train_candidate, validation_figures,
+                                      validation_ids)
+from actprm.model.training.trainer import LabelledSample, load_trainable_state, trainable_state
+from actprm.streams.state.ledger import META
+
+log = structlog.get_logger("actprm")
+
+
+@dataclass
+class Snapshot:
+    train: list[LabelledSample]
+    val: list[LabelledSample]
+    served_version: int
+    served_state: dict
+
+
+@dataclass
+class ConsolidationOutcome:
+    manifest: Manifest | None  # the published version; None when refused or failed
+    record: dict  # what the journal, the status and the manifest say about it
+    refused: str | None = None
+    error: str | None = None
+
+
+class Consolidator:
+    """Starts consolidations (every `every_labels` labels trained, or when asked) and finishes
+    them on the update loop's thread. One at a time."""
+
+    def __init__(self, updates, config: ConsolidateConfig, train_pool: ThreadPoolExecutor):
+        # config: the `consolidate` settings section (read live: `ctl set` changes it in place)
+        self.updates, self.config = updates, config
+        # The validation slice is kept out of the online updates too: the served version is
+        # then compared with the candidate on labels neither has trained on.
+        updates.holdout = lambda label_id: id_hash(label_id) < self.config.val_fraction
+        self.train_pool = train_pool  # the update loop's own thread
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-consolidate")
+        self.running_since: float | None = None
+        self.labels_since = 0  # labels trained by updates since the last consolidation started
+        self.last: dict | None = None
+        self.published: list[int] = []  # versions that are consolidations, oldest first
+        self._cancel = False
+        self._seq = 0
+
+    # --- when ---------------------------------------------------------------------------------
+
+    def due(self, labels_trained: int) -> bool:
+        """Count labels an update trained; True when a consolidation should start now."""
+        self.labels_since += labels_trained
+        every = self.every_labels
+        return bool(every) and self.labels_since >= every and self.running_since is None
+
+    @property
+    def every_labels(self) -> int:
+        return getattr(self.config, "every_labels", 0)
+
+    def status(self) -> dict:
+        return {"running": self.running_since is not None,
+                "running_s": round(time.time() - self.running_since, 1) if self.running_since else None,
+                "labels_since": self.labels_since, "every_labels": self.every_labels,
+                "published_versions": self.published[-10:], "last": self.last}
+
+    # --- the three steps ----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Step 1, on the training thread: the labels kept, split; the served weights."""
+        u = self.updates
+        kept = u.replay.samples() if u.replay is not None else []
+        val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
+        return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
+                        trainable_state(u.trainer.prm, u.trainer.config.mode))
+
+    def train(self, snap: Snapshot):
+        """Step 2, on the consolidation thread: the candidate (the served PRM is only read)."""
+        u = self.updates
+        self._seq += 1
+        return train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, self.config,
+                               seed=u.trainer.config.seed + 7919 * self._seq, served_state=snap.served_state,
+                               cancelled=lambda: self._cancel)
+
+    def finish(self, snap: Snapshot, cand) -> ConsolidationOutcome:
+        """Step 3, on the training thread: catch up, compare, publish or refuse."""
+        u = self.updates
+        trainer = u.trainer
+        seen = {s.id for s in snap.train} | {s.id for s in snap.val}
+        kept = u.replay.samples() if u.replay is not None else []
+        val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
+        meanwhile = [s for s in kept if s.id not in seen and s.id not in val_ids]
+        val = [s for s in kept if s.id in val_ids]
+        if meanwhile:  # trained online while the candidate trained: into the candidate too
+            cand.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
+        served = validation_figures(trainer.prm, val)
+        figures = validation_figures(cand.prm, val)
+        record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": self.config.start,
+                  "epochs": cand.epochs, "best_epoch": cand.best_epoch, "steps": cand.steps, "stopped": cand.stopped,
+                  "labels": len(cand.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
+                  "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
+                  "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,
+                  "history": cand.history}
+        if not beats(figures, served):
+            return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
+        mode = trainer.config.mode
+        fields = {"kind": "consolidate", "parent": u.version, "mode": mode, "backbone": trainer.prm.backbone.reference(),
+                  "prm": asdict(trainer.prm.config), "settings": trainer.config.model_dump(mode="json"),
+                  "consumed_label_ids": [], "consolidated": {k: v for k, v in record.items() if k != "history"},
+                  "metrics": {"val_f1": figures.f1, "served_val_f1": served.f1, "val_loss": figures.loss,
+                              "labels_new": 0, "labels_consolidated": record["labels"], "epochs": cand.epochs}}
+        state = trainable_state(cand.prm, mode)
+        try:
+            manifest = u.store.save(state, fields)
+        except CheckpointError as err:
+            return ConsolidationOutcome(None, record, error=str(err))
+        u.ledger.put(META, "trained_through", manifest.version)
+        u.version = manifest.version
+        load_trainable_state(trainer.prm, state)  # updates go on from the consolidated weights
+        trainer.optimizer.state.clear()  # the online optimizer's moments belong to the old weights
+        self.published.append(manifest.version)
+        return ConsolidationOutcome(manifest, record | {"version": manifest.version})
+
+    async def run(self, reason: str, on_done: Callable[[ConsolidationOutcome], object]) -> None:
+        """The three steps; `on_done` (on the event loop) journals and publishes the outcome."""
+        loop = asyncio.get_running_loop()
+        try:
+            snap = await loop.run_in_executor(self.train_pool, self.snapshot)
+            log.info("consolidation started", reason=reason, labels=len(snap.train), val_labels=len(snap.val),
+                     served_version=snap.served_version, start=self.config.start)
+            cand = await loop.run_in_executor(self.pool, self.train, snap)
+            outcome = await loop.run_in_executor(self.train_pool, self.finish, snap, cand)
+        except Exception as err:  # noqa: BLE001 - a failed consolidation never stops the trainer
+            log.exception("consolidation failed; the served version stays")
+            outcome = ConsolidationOutcome(None, {"reason": reason}, error=f"consolidation failed: {str(err).splitlines()[0]}")
+        finally:
+            self.running_since = None
+        outcome.record["reason"] = reason
+        self.last = {k: v for k, v in outcome.record.items() if k != "history"} | {
+            "published": outcome.manifest is not None, "refused": outcome.refused, "error": outcome.error}
+        await on_done(outcome)
+
+    def begin(self) -> None:
+        """Mark one as running (on the event loop, before its task starts)."""
+        if self.running_since is not None:
+            raise RuntimeError(f"a consolidation is already running (for {time.time() - self.running_since:.0f} s)")
+        self.running_since = time.time()
+        self.labels_since = 0
+
+    def close(self) -> None:
+        self._cancel = True  # a candidate in training stops at its next step
+        self.pool.shutdown(wait=True)
+
+
+def _why_not(candidate: Figures, served: Figures) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (f"candidate validation F1 {f(candidate.f1)} (loss {candidate.loss:.4f}) does not beat the served "
+            f"version's {f(served.f1)} (loss {served.loss:.4f})")

@@ -1,0 +1,48 @@
+"""load_settings: the TOML file reaches the settings sources without touching the caller's environment."""
+
+from __future__ import annotations
+
+import os
+
+from actprm.daemon.settings import Settings, load_settings
+
+
+def test_load_settings_reads_the_file_and_leaves_os_environ_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACTPRM_CONFIG", raising=False)
+    config = tmp_path / "actprm.toml"
+    config.write_text('[kafka]\ntopic_prefix = "from-toml"\n[round]\nbudget = 7\n')
+    before = dict(os.environ)
+
+    s = load_settings(config, round={"budget": 9})  # a flag beats the file
+    assert (s.kafka.topic_prefix, s.round.budget) == ("from-toml", 9)
+    assert dict(os.environ) == before  # a library call changes no global state
+    # The next call without a file does not inherit the previous one's.
+    assert load_settings().kafka.topic_prefix == "actprm"
+
+
+def test_actprm_config_in_the_environment_is_still_read(tmp_path, monkeypatch):
+    config = tmp_path / "env.toml"
+    config.write_text('[kafka]\ntopic_prefix = "from-env-file"\n')
+    monkeypatch.setenv("ACTPRM_CONFIG", str(config))
+    assert load_settings().kafka.topic_prefix == "from-env-file"
+    assert Settings().kafka.topic_prefix == "from-env-file"
+    other = tmp_path / "flag.toml"
+    other.write_text('[kafka]\ntopic_prefix = "from-flag-file"\n')
+    assert load_settings(other).kafka.topic_prefix == "from-flag-file"  # --config beats ACTPRM_CONFIG
+
+
+def test_the_daemon_settings_compose_the_sections_each_layer_owns():
+    """streams/config.py's sections are the ones Settings reads (ctl set validates against them),
+    and the stream side reads the settings without importing the daemon."""
+    import subprocess
+    import sys
+
+    from actprm.model.config import ModelSettings
+    from actprm.streams.config import SECTIONS
+
+    for key, section in SECTIONS.items():
+        assert Settings.model_fields[key].annotation is section, key
+    assert Settings.model_fields["model"].annotation is ModelSettings
+    probe = ("import sys, actprm.streams, actprm.streams.process, actprm.streams.control, actprm.streams.app, actprm.streams.client; "
+             "print([m for m in sys.modules if m.startswith('actprm.daemon')])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

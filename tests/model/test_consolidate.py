@@ -1,0 +1,165 @@
+"""Consolidation's pure parts against hand-worked examples (the validation split, early
+stopping, the publish rule), then `train_candidate` on a tiny backbone's hidden states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actprm.model.backbone import load_backbone
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, train_candidate,
+                                      validation_figures, validation_ids)
+from actprm.model.prm import EnsemblePRM, PRMConfig
+from actprm.model.training.trainer import LabelledSample, TrainerConfig
+
+# id_hash of these ids (sha256, first 8 bytes / 2**64), worked out once and written down:
+# a 0.7914, b 0.2427, c 0.1816, d 0.0964, e 0.2480, f 0.1452, g 0.8009, h 0.6666
+LABELS = [("a", -1), ("b", 2), ("c", -1), ("d", 1), ("e", -1), ("f", 0), ("g", 3), ("h", -1)]
+
+
+def test_id_hash_is_fixed():
+    assert round(id_hash("a"), 4) == 0.7914 and round(id_hash("d"), 4) == 0.0964
+
+
+def test_validation_slice_is_the_ids_hashed_below_the_fraction():
+    # below 0.2: c (correct), d and f (erroneous); both groups are there, nothing is added
+    assert validation_ids(LABELS, 0.2) == {"c", "d", "f"}
+
+
+def test_a_group_missing_from_the_slice_gets_its_lowest_hash_member():
+    # below 0.1 only d (erroneous): the correct group {a, c, e, h} adds c, its lowest hash (0.18)
+    assert validation_ids(LABELS, 0.1) == {"c", "d"}
+    # below 0.01 nothing: each group adds its lowest (c 0.18, d 0.096)
+    assert validation_ids(LABELS, 0.01) == {"c", "d"}
+    # a group of one stays on the training side (it would leave nothing to train on)
+    assert validation_ids([("a", -1), ("b", 2), ("g", 3)], 0.01) == {"b"}
+
+
+def test_a_label_keeps_its_side_as_labels_arrive():
+    before = validation_ids(LABELS, 0.2)
+    after = validation_ids(LABELS + [(f"new-{i}", i % 3 - 1) for i in range(50)], 0.2)
+    assert before <= after and not ({i for i, _ in LABELS} - before) & after
+
+
+def F(f1, loss=1.0):
+    return Figures(f1, loss)
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience_epochs_without_better():
+    # epoch 0 (before training) .. 5: the best is epoch 2 (0.6); epoch 4 ties it on F1 with a
+    # higher loss, so it is not better; three epochs (3, 4, 5) without better -> stop at patience 3
+    history = [F(0.2), F(0.5), F(0.6, 0.40), F(0.55), F(0.6, 0.45), F(0.58)]
+    assert early_stopping(history, patience=3, criterion="f1") == (2, True)
+    assert early_stopping(history, patience=4, criterion="f1") == (2, False)
+    # the same F1 with a lower loss is better: epoch 4 becomes the best, one epoch after it
+    history[4] = F(0.6, 0.30)
+    assert early_stopping(history, patience=3, criterion="f1") == (4, False)
+    # an undefined F1 (a group missing) is worse than any F1; nothing better than epoch 0 -> 0
+    assert early_stopping([F(0.1), F(None, 0.1), F(None, 0.05)], patience=2, criterion="f1") == (0, True)
+    assert early_stopping([F(0.3)], patience=1) == (0, False)
+
+
+def test_early_stopping_on_the_loss_ignores_a_flat_f1():
+    # The default: the validation loss. The first epochs often keep F1 at 0 (the heads learn
+    # that most steps are correct) while the loss falls; on F1 these would stop at once.
+    history = [F(0.25, 0.69), F(0.0, 0.50), F(0.0, 0.42), F(0.3, 0.38), F(0.5, 0.39), F(0.6, 0.40), F(0.6, 0.41)]
+    assert early_stopping(history[:3], patience=2, criterion="f1") == (0, True)
+    assert early_stopping(history[:3], patience=2) == (2, False)
+    # loss best at epoch 3 (0.38); epochs 4, 5, 6 are higher -> stop at patience 3 and keep epoch 3
+    assert early_stopping(history, patience=3) == (3, True)
+    assert early_stopping(history, patience=4) == (3, False)
+    with pytest.raises(ValueError):
+        early_stopping([], patience=1)
+
+
+def test_a_candidate_is_published_only_when_better_than_the_served_version():
+    assert beats(F(0.8, 0.5), F(0.7, 0.2))
+    assert beats(F(0.7, 0.4), F(0.7, 0.5))  # same F1, lower loss
+    assert not beats(F(0.7, 0.5), F(0.7, 0.5))  # a tie is not better
+    assert not beats(F(0.6, 0.1), F(0.7, 0.9))
+    assert not beats(F(None, 0.1), F(0.0, 0.9))
+
+
+# --- train_candidate -------------------------------------------------------------------------
+
+
+def _samples(n: int, H: int, seed: int, noisy: float = 0.0) -> list[LabelledSample]:
+    """Hidden states where step correctness is in feature 0 (+1 correct, -1 the first error);
+    a share `noisy` of them carries a wrong label (something to overfit)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        S = 3 + i % 3
+        k = -1 if i % 2 == 0 else i % S
+        x = torch.randn((S, H), generator=g) * 0.5
+        x[:, 0] = 1.0
+        if k >= 0:
+            x[k, 0] = -1.0
+        label = (S - 1 if k == -1 else -1) if i < noisy * n else k
+        out.append(LabelledSample(f"s{seed}-{i}", "p", ["x"] * S, label, x))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+def test_train_candidate_learns_and_leaves_the_served_prm_alone(tiny):
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    before = {k: v.clone() for k, v in served.heads.state_dict().items()}
+    H = tiny.hidden_size
+    train, val = _samples(48, H, 0), _samples(16, H, 1)
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val,
+                           ConsolidateConfig(epochs=20, patience=4, mini_batch=16, lr=1e-2), seed=1)
+    assert cand.figures.f1 >= 0.7 and cand.start_figures.f1 < 0.5, cand.history
+    assert cand.best_epoch >= 1 and cand.steps == cand.epochs * 3  # 48 labels in mini-batches of 16
+    # the weights kept are the best epoch's: scoring them again gives its figures
+    assert validation_figures(cand.prm, val) == cand.figures
+    # the served PRM is untouched; the candidate keeps the same anchors (the heads' first draw)
+    assert all(torch.equal(before[k], v) for k, v in served.heads.state_dict().items())
+    assert all(torch.equal(cand.prm.heads.state_dict()[k], before[k]) for k in before if k.startswith("anchor_"))
+
+
+def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
+    # The validation slice says the opposite of the training labels at the first error: once
+    # training has learnt that, each epoch makes it worse; training stops `patience` epochs
+    # after the best one and keeps that epoch's weights.
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1"), seed=1)
+    assert cand.stopped == "early stopping" and cand.epochs == cand.best_epoch + 3 < 40, cand.history
+    best = cand.history[cand.best_epoch]
+    assert (cand.figures.f1, cand.figures.loss) == (best["val_f1"], best["val_loss"])
+    assert validation_figures(cand.prm, val) == cand.figures
+
+
+def test_train_candidate_stops_at_its_time_bound(tiny):
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=2, head_width=8))
+    cand = train_candidate(served, TrainerConfig(), _samples(32, tiny.hidden_size, 2), _samples(8, tiny.hidden_size, 3),
+                           ConsolidateConfig(epochs=50, max_seconds=1e-6))
+    assert cand.stopped == "time limit" and cand.steps == 0 and cand.best_epoch == 0
+
+
+def test_lora_candidate_is_a_copy_trained_on_text_within_its_time_bound(tiny):
+    # lora/full: the candidate is a deep copy (a second backbone in memory) trained on the text,
+    # a backbone forward and backward per label per epoch; max_seconds bounds it.
+    import copy
+
+    from actprm.model.training.trainer import Trainer, trainable_state
+
+    served = EnsemblePRM(copy.deepcopy(tiny), PRMConfig(n_heads=2, head_width=8))
+    Trainer(served, TrainerConfig(mode="lora"))  # the daemon's trainer injects the adapters
+    before = {k: v.clone() for k, v in trainable_state(served, "lora").items()}
+    text = [LabelledSample(f"t{i}", "what is 2+2?", ["2+2=4", "so 4"] if i % 2 else ["2+2=5", "so 5"], -1 if i % 2 else 0)
+            for i in range(12)]
+    cand = train_candidate(served, TrainerConfig(mode="lora", lr=1e-2), text[:8], text[8:],
+                           ConsolidateConfig(epochs=3, mini_batch=4, patience=5), seed=0)
+    assert cand.epochs == 3 and cand.steps == 6
+    assert all(torch.equal(before[k], v) for k, v in trainable_state(served, "lora").items())  # served untouched
+    assert any(k.startswith("body.") and "lora_" in k for k in cand.state)
+    bounded = train_candidate(served, TrainerConfig(mode="lora"), text[:8], text[8:],
+                              ConsolidateConfig(epochs=50, mini_batch=1, max_seconds=0.5, patience=50), seed=0)
+    assert bounded.stopped == "time limit" and bounded.seconds < 5

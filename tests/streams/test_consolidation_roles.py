@@ -1,0 +1,109 @@
+"""Consolidation in the trainer role without a broker (tests/support/roles.py): the three steps
+called in a chosen interleaving, so the labels that arrive while a candidate trains are
+checked exactly: trained into the candidate, never consumed twice, none lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+
+from actprm.client.messages import Label, ModelVersion
+from actprm.daemon.settings import Settings
+from actprm.model.training.trainer import trainable_state
+from actprm.streams.state.ledger import META
+from actprm.streams.tools.produce import synthetic_trajectories
+from support.roles import event, memory_process, sent_to
+
+
+@pytest.fixture
+def proc(tmp_path):
+    settings = Settings(state_dir=tmp_path / "state", model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
+                        selection={"strategy": "full"}, update={"batch_size": 8, "steps": 2, "mini_batch": 8},
+                        builtin={"markers": True},
+                        consolidate={"every_labels": 0, "epochs": 3, "mini_batch": 8, "val_fraction": 0.25})
+    process, sent = memory_process(settings)
+    process.sent = sent
+    yield process
+    process.close()
+
+
+def _labels(n: int, seed: int) -> list[Label]:
+    """Judged labels of the marker stream (gold first errors: what the tiny backbone can learn)."""
+    return [Label(id=x.id, first_error=x.gold_first_error, n_steps=len(x.steps), judge="oracle", round_id=0,
+                  problem=x.problem, steps=x.steps)
+            for x in synthetic_trajectories(n, seed=seed, markers=True)]
+
+
+def _train(proc, labels: list[Label]) -> None:
+    t = proc.topics
+    asyncio.run(proc.trainer.on_labels([event(t.labels, x, i) for i, x in enumerate(labels)]))
+    while proc.trainer.updates.pending():
+        asyncio.run(proc.trainer.maybe_update(force=True))
+
+
+def test_labels_trained_while_a_candidate_trains_are_caught_up_and_consumed_once(proc):
+    trainer = proc.trainer
+    c, updates = trainer.consolidator, trainer.updates
+    _train(proc, _labels(32, seed=1))
+    snap = c.snapshot()  # step 1: what the candidate trains on
+    assert len(snap.train) + len(snap.val) == 32 and snap.val and snap.served_version == updates.version
+    meanwhile = _labels(16, seed=2)
+    _train(proc, meanwhile)  # updates go on while the candidate trains
+    served_before = updates.version
+    cand = c.train(snap)  # step 2 (here after the updates, as if it had run beside them)
+    outcome = c.finish(snap, cand)  # step 3: catch up, compare, publish or refuse
+    rec = outcome.record
+    assert rec["served_version"] == served_before
+    # the labels that arrived meanwhile, minus those on the validation side, went into the candidate
+    assert 0 < rec["labels_meanwhile"] <= 16 and rec["labels"] == len(snap.train) + rec["labels_meanwhile"]
+    assert rec["val_labels"] == len(snap.val) + 16 - rec["labels_meanwhile"]  # the slice grew by the rest
+    # nothing was consumed as new by the consolidation; every label by exactly one update
+    consumed = Counter(i for v in updates.store.versions() for i in updates.store.manifest(v).consumed_label_ids)
+    assert set(consumed.values()) == {1} and len(consumed) == 48
+    m = outcome.manifest  # published: after 3 epochs it beats the served version on the slice (by its loss)
+    assert m is not None and m.kind == "consolidate" and m.consumed_label_ids == [] and m.parent == served_before
+    assert m.consolidated["labels_meanwhile"] == rec["labels_meanwhile"] and m.metrics["val_f1"] == rec["val_f1"]
+    assert updates.version == m.version == updates.ledger.get(META, "trained_through")
+    # the trainer continues from the published weights
+    saved = updates.store.load(m.version)[1]
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(updates.trainer.prm, "heads").items())
+
+
+def test_a_worse_candidate_is_refused_and_the_served_version_stays(proc):
+    trainer = proc.trainer
+    c, updates = trainer.consolidator, trainer.updates
+    for seed in (3, 4, 5):  # a served version that has learnt something
+        _train(proc, _labels(32, seed=seed))
+    c.config.max_seconds = 1e-9  # no time to train: the candidate is the heads' initial weights
+    served = updates.version
+    before = {k: v.clone() for k, v in trainable_state(updates.trainer.prm, "heads").items()}
+    snap = c.snapshot()
+    outcome = c.finish(snap, c.train(snap))
+    assert outcome.manifest is None and "does not beat the served version" in outcome.refused
+    assert outcome.record["stopped"] == "time limit" and outcome.record["steps"] == 0
+    assert updates.version == served and updates.store.latest() == served
+    assert all((before[k] == v).all() for k, v in trainable_state(updates.trainer.prm, "heads").items())
+
+
+def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
+    trainer = proc.trainer
+    _train(proc, _labels(32, seed=9))
+    proc.sent.clear()
+
+    async def go():
+        message = trainer.consolidate("ctl")
+        with pytest.raises(RuntimeError, match="already running"):
+            trainer.consolidate("ctl")
+        await trainer._consolidation
+        return message
+
+    message = asyncio.run(go())
+    assert "consolidation started on the 32 labels kept" in message
+    assert trainer.consolidator.running_since is None and trainer.consolidator.last is not None
+    published = trainer.counts["consolidations"] == 1
+    assert published or trainer.counts["consolidations_refused"] == 1
+    versions = sent_to(proc.sent, proc.topics.versions, ModelVersion)
+    assert [v.version for v in versions] == (trainer.consolidator.published if published else [])

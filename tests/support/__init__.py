@@ -1,0 +1,1 @@
+"""Test support: processes, brokers, roles and waits shared by the tests."""
