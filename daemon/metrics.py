@@ -38,13 +38,11 @@ ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judg
 class _ProcessCollector:
     """Reads proc.counters and proc.status() at scrape time."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, proc):
+        self.proc = proc
 
     def collect(self) -> Iterable:
-        proc = self.metrics.proc
-        if proc is None:
-            return
+        proc = self.proc
         # The named counters exist from the start (at 0), so dashboards and alerts never miss them.
         counters = {name: 0 for name in ALWAYS_COUNTED} | dict(proc.counters())
         for name, value in sorted(counters.items()):
@@ -70,7 +68,7 @@ class _ProcessCollector:
         for role, since in proc.busy_since.items():
             busy.add_metric([role], 0.0 if since is None else now - since)
         yield busy
-        watch = self.metrics.broker_watch
+        watch = getattr(proc.metrics, "broker_watch", None)
         if watch is not None:
             rss = watch.rss()
             if rss is not None:
@@ -78,7 +76,7 @@ class _ProcessCollector:
                                         "it grows with every message)", value=rss)
             yield GaugeMetricFamily("actprm_broker_memory_limit_bytes", "the embedded broker's memory limit "
                                     "(ACTPRM_BROKER_MEMORY_LIMIT_MB); status warns at 80% of it", value=watch.limit_bytes)
-        accuracy = self.metrics.confident_accuracy()
+        accuracy = proc.metrics.confident_accuracy()
         if accuracy is not None:
             yield GaugeMetricFamily("actprm_confident_accuracy",
                                     "share of confident predictions whose first error matched the judge", value=accuracy)
@@ -108,8 +106,7 @@ def _learning_gauges(st: dict) -> Iterable:
 
 
 class Metrics:
-    def __init__(self, proc=None):
-        self.proc = proc
+    def __init__(self, proc=None, broker_watch=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.step_score = Histogram("actprm_step_score", "per-step score mu of every scored step",
@@ -121,10 +118,19 @@ class Metrics:
                                       buckets=SWAP_BUCKETS, registry=r)
         self.agreement = Counter("actprm_agreement", "ensemble's first error vs the judge's, by confidence",
                                  ["confident", "outcome"], registry=r)
-        r.register(_ProcessCollector(self))
         self._recent_latency: deque[float] = deque(maxlen=256)
         self._confident = [0, 0]  # right, wrong
-        self.broker_watch = None  # a BrokerWatch when this process runs the embedded broker (streams/kafka/broker.py)
+        # a BrokerWatch when this process runs the embedded broker (streams/kafka/broker.py)
+        self.broker_watch = broker_watch
+        self.proc = None
+        if proc is not None:
+            self.watch(proc)
+
+    def watch(self, proc) -> None:
+        """Read this process's counts and status at every scrape (once: a second call is a no-op)."""
+        if self.proc is None:
+            self.proc = proc
+            self.registry.register(_ProcessCollector(proc))
 
     # --- observations (called by the handlers) ---------------------------------------------
 
@@ -220,6 +226,7 @@ def health(proc, stuck_after_s: float, now: float | None = None) -> tuple[bool, 
 async def start_metrics(proc) -> MetricsServer | None:
     """Serve the process's Metrics as settings.metrics says; None when port is 0."""
     m = proc.settings.metrics
+    proc.metrics.watch(proc)
     if m.port == 0:
         return None
     return await proc.metrics.serve(m.host, m.port, lambda: health(proc, m.stuck_after_s))

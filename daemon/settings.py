@@ -16,24 +16,13 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from actprm.client.settings import RewardSettings
 from actprm.model.data.synthetic import DEFAULT_KINDS
-from actprm.model.config import ModelSettings
-from actprm.model.training.trainer import TrainerConfig
-from actprm.streams.config import (
-    ConsolidateSettings,
-    ControlSettings,
-    JudgeSettings,
-    KafkaSettings,
-    RoundSettings,
-    ScorerSettings,
-    Section,
-    SelectionSettings,
-    UpdateSettings,
-)
+from actprm.client.settings import Section
+from actprm.streams.config import ProcessSettings
 
 # The TOML file of the load_settings call under way: passed to the settings sources without
 # writing ACTPRM_CONFIG into the caller's environment (a library call changes no global state).
@@ -73,25 +62,13 @@ class GatewaySettings(RewardSettings):
     max_items: int = Field(1024, ge=1, description="samples per request at most")
 
 
-class Settings(BaseSettings):
+class Settings(ProcessSettings, BaseSettings):
+    """The stream side's settings (streams/config.py's ProcessSettings: state, Kafka, selection,
+    scorer, judge, rounds, updates, control, the model's sections) and the daemon's own."""
+
     model_config = SettingsConfigDict(env_prefix="ACTPRM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
 
-    state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
-    checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
     stop_timeout_s: float = Field(30.0, gt=0, description="a stop (SIGTERM, Ctrl-C) that has not finished after this long exits at once; 5 s while the broker is unreachable")
-    # The stream side's sections (streams/config.py): each part reads its own.
-    kafka: KafkaSettings = KafkaSettings()
-    selection: SelectionSettings = SelectionSettings()
-    scorer: ScorerSettings = ScorerSettings()
-    judge: JudgeSettings = JudgeSettings()
-    round: RoundSettings = RoundSettings()
-    update: UpdateSettings = UpdateSettings()
-    consolidate: ConsolidateSettings = ConsolidateSettings()
-    control: ControlSettings = ControlSettings()
-    control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
-    # The model's (model/config.py, model/training/trainer.py), then the daemon's own.
-    model: ModelSettings = ModelSettings()
-    trainer: TrainerConfig = TrainerConfig()
     builtin: BuiltinStreamSettings = BuiltinStreamSettings()
     metrics: MetricsSettings = MetricsSettings()
     gateway: GatewaySettings = GatewaySettings()
@@ -104,11 +81,6 @@ class Settings(BaseSettings):
         if toml:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.checkpoint_dir or self.state_dir / "checkpoints"
-
 
 def load_settings(config_file: Path | None = None, **overrides) -> Settings:
     """Settings from defaults, a TOML file, the environment and explicit overrides (flags)."""

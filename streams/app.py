@@ -1,27 +1,30 @@
-"""The faust app: agents that wire topics to the roles' handlers, nothing more.
+"""The faust app: agents that wire topics to the roles' handlers, nothing more; and the worker
+that runs it.
 
 Every topic is read as raw bytes so a malformed message becomes a dead letter with its
 reason instead of a crashed agent. Micro-batches always use ``take_events(n, within=t)``.
 daemon/run.py makes the app (`make_app`), the roles' Sender over its producer
-(`kafka_sender`), the roles, then wires them here (`wire_agents`).
+(`kafka_sender`), the process (streams/process.py's `build_process`), then wires them here
+(`wire_agents`) and runs a `BoundedStopWorker`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 
 import faust
 import structlog
 from aiokafka.errors import KafkaError
 
 from actprm.client.settings import aiokafka_options
+from actprm.client.topics import Topics, read_epoch
 from actprm.streams.config import ProcessSettings
 from actprm.streams.control import run_control_consumer
-from actprm.client.topics import read_epoch
 from actprm.streams.kafka.epoch import BrokerLink, WriteGate, guard_epoch, restart_this_process
-from actprm.streams.process import Process
 from actprm.streams.kafka.sender import Event, Sender
-from actprm.client.topics import Topics
+from actprm.streams.process import Process
 
 log = structlog.get_logger("actprm")
 
@@ -209,3 +212,39 @@ def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str
     async def obey_control_commands():
         # Its own consumer without a group: every process must see every command, also while paused.
         await run_control_consumer(proc, bootstrap, **aiokafka_options(k))
+
+
+class BoundedStopWorker(faust.Worker):
+    """faust's worker, with a stop that cannot hang.
+
+    With the broker gone, faust's consumers and producer wait up to a minute each for it while
+    stopping (mode's shutdown_timeout), so Ctrl-C or a SIGTERM seemed to do nothing. Once a stop
+    begins, a timer gives it `stop_timeout()` seconds, then calls `on_timeout` (which exits)."""
+
+    def __init__(self, app: faust.App, *, stop_timeout, on_timeout, **kwargs):
+        super().__init__(app, **kwargs)
+        self._stop_timeout, self._on_timeout = stop_timeout, on_timeout
+        self.stop_timer: threading.Timer | None = None
+
+    async def on_stop(self) -> None:
+        self.stop_timer = threading.Timer(self._stop_timeout(), self._on_timeout)
+        self.stop_timer.daemon = True
+        self.stop_timer.start()
+        await super().on_stop()
+
+
+def supervise_embedded_broker(app: faust.App, broker) -> None:
+    """When the embedded broker dies (the OOM killer is the likely one: it keeps everything in
+    RAM), start over as a whole process on the same port: a fresh broker, and no client left
+    that remembers the old one's topics (see streams/kafka/epoch.py for why that matters)."""
+
+    @app.timer(1.0)
+    async def embedded_broker_alive():
+        if broker.running:
+            return
+        code, port = broker.exit_code, broker.port
+        os.environ["ACTPRM_KAFKA__EMBEDDED_PORT"] = str(port)
+        broker.stop()  # removes its temporary directory; exec would skip every finally block
+        restart_this_process("the embedded broker stopped; restarting the daemon with a new one on the same port "
+                             "(everything the broker held is lost: it keeps data in memory only)",
+                             exit_code=code, port=port)

@@ -8,9 +8,9 @@ flags, the environment and a TOML file; `ProcessSettings` is what the stream sid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from actprm.client.settings import KafkaSettings, Section
 from actprm.model.config import ModelSettings
@@ -93,21 +93,28 @@ SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-class ProcessSettings(Protocol):
-    """What the stream side of a daemon process reads (daemon/settings.py's Settings is one)."""
+class ProcessSettings(BaseModel):
+    """What the stream side of a daemon process reads. daemon/settings.py's Settings adds the
+    daemon's own sections and reads it all from flags, the environment and a TOML file; tests
+    of the roles build this one directly."""
 
-    state_dir: Path
-    kafka: KafkaSettings
-    model: ModelSettings
-    selection: SelectionSettings
-    scorer: ScorerSettings
-    judge: JudgeSettings
-    round: RoundSettings
-    update: UpdateSettings
-    consolidate: ConsolidateSettings
-    trainer: TrainerConfig
-    control: ControlSettings
-    control_secret: SecretStr | None
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
+    checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
+    kafka: KafkaSettings = KafkaSettings()
+    selection: SelectionSettings = SelectionSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    judge: JudgeSettings = JudgeSettings()
+    round: RoundSettings = RoundSettings()
+    update: UpdateSettings = UpdateSettings()
+    consolidate: ConsolidateSettings = ConsolidateSettings()
+    control: ControlSettings = ControlSettings()
+    control_secret: SecretStr | None = Field(None, description="HMAC key for control commands")
+    # The model's (model/config.py, model/training/trainer.py)
+    model: ModelSettings = ModelSettings()
+    trainer: TrainerConfig = TrainerConfig()
 
     @property
-    def checkpoints(self) -> Path: ...
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.state_dir / "checkpoints"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from actprm.streams.state.ledger import SCORED, Ledger
 from actprm.streams.state.series import FlagSeries
 from actprm.client.messages import AnnotationRequest, Reward, Trajectory
 from actprm.streams.kafka.sender import Event, Observer, Sender
+from actprm.streams.roles.rounds import RoundKeeper
 from actprm.streams.roles.swap import ServedModel, Serving
 from actprm.client.topics import Topics
 
@@ -118,12 +119,12 @@ def kept_reward_for_retry(ledger: Ledger, trajectory_id: str, at: tuple[int | No
 class ScorerRole:
     def __init__(self, scorer: ScorerSettings, selection: SelectionSettings, seed: int, serving: Serving,
                  ledger: Ledger, sender: Sender, topics: Topics, journal: Journal, *, memo: FeatureMemo | None = None,
-                 round_id: Callable[[], int] = lambda: 0, epoch: str | None = None, metrics: Observer | None = None,
+                 rounds: RoundKeeper | None = None, epoch: str | None = None, metrics: Observer | None = None,
                  needs_gold: bool = False):
         self.settings, self.selection, self.seed = scorer, selection, seed  # live: `ctl set` changes them
         self.serving, self.ledger, self.sender, self.topics, self.journal = serving, ledger, sender, topics, journal
         self.memo = memo  # hidden states of selected trajectories, for a trainer in this process (heads mode)
-        self.round_id = round_id  # the round keeper's current round when it runs in this process
+        self.rounds = rounds  # the round keeper, when it runs in this process: requests carry its round
         self.epoch = epoch  # the broker data's life this process started in (streams/kafka/epoch.py)
         self.metrics = metrics
         self.needs_gold = needs_gold  # the judge labels from gold only (judge.kind = "oracle")
@@ -169,7 +170,7 @@ class ScorerRole:
 
     async def _score_chunk(self, batch: list[Trajectory]) -> ScoredBatch:
         served = self.serving.current  # this chunk is scored by exactly this version
-        round_id = self.round_id()
+        round_id = self.rounds.state.round_id if self.rounds is not None else 0  # elsewhere: the keeper restamps
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.pool, score_batch, served, self.selector, self.ledger, batch,
                                             round_id, self.epoch, self.memo, self.needs_gold)

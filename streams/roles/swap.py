@@ -57,6 +57,17 @@ def load_for_swap(current: ServedModel, store: CheckpointStore, version: int) ->
     return ServedModel(manifest.version, prm)
 
 
+def first_served(store: CheckpointStore, base: EnsemblePRM, wait_s: float = 600) -> ServedModel:
+    """The version a scorer starts with: the newest stored, waiting (blocking, before the worker
+    starts) for its trainer, maybe in another process, to publish version 0."""
+    deadline = time.monotonic() + wait_s
+    while store.latest() is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no model version appeared in {store.root} within {wait_s / 60:g} minutes")
+        time.sleep(1.0)
+    return load_for_swap(ServedModel(-1, base), store, store.latest())
+
+
 class VersionFollower:
     """Decides when to load a newer version and remembers versions that failed to load."""
 

@@ -70,7 +70,7 @@ def test_two_instances_do_not_share_a_registry():
 def rt(tmp_path):
     settings = Settings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 4, "max_length": 256},
                         metrics={"port": 0, "stuck_after_s": 600})
-    runtime, _ = memory_process(settings)
+    runtime, _ = memory_process(settings, metrics=Metrics())
     yield runtime
     runtime.close()
 

@@ -13,7 +13,7 @@ import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from actprm.streams.tools.ctl_client import send_command
-from actprm.daemon.settings import KafkaSettings
+from actprm.client.settings import KafkaSettings
 from actprm.model.training.checkpoints import WEIGHTS, CheckpointStore
 from actprm.streams.app import _credentials, aiokafka_options
 from actprm.streams.control import sign

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actprm.client.messages import Label, ModelVersion
-from actprm.daemon.settings import Settings
+from actprm.streams.config import ProcessSettings
 from actprm.model.training.trainer import trainable_state
 from actprm.streams.state.ledger import META
 from actprm.streams.tools.produce import synthetic_trajectories
@@ -20,10 +20,9 @@ from support.roles import event, memory_process, sent_to
 
 @pytest.fixture
 def proc(tmp_path):
-    settings = Settings(state_dir=tmp_path / "state", model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
-                        selection={"strategy": "full"}, update={"batch_size": 8, "steps": 2, "mini_batch": 8},
-                        builtin={"markers": True},
-                        consolidate={"every_labels": 0, "epochs": 3, "mini_batch": 8, "val_fraction": 0.25})
+    settings = ProcessSettings(state_dir=tmp_path / "state", model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
+                               selection={"strategy": "full"}, update={"batch_size": 8, "steps": 2, "mini_batch": 8},
+                               consolidate={"every_labels": 0, "epochs": 3, "mini_batch": 8, "val_fraction": 0.25})
     process, sent = memory_process(settings)
     process.sent = sent
     yield process

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from actprm.daemon.settings import Settings
+from actprm.streams.config import ProcessSettings
 from actprm.client.messages import AnnotationRequest, DeadLetter, Label, ModelVersion, Reward, Trajectory
 from actprm.client.messages import encode
 from actprm.streams.kafka.sender import Event
@@ -20,9 +20,9 @@ from actprm.streams.tools.produce import synthetic_trajectories
 from support.roles import event, memory_process, sent_to
 
 
-def settings(tmp_path, **kw) -> Settings:
+def settings(tmp_path, **kw) -> ProcessSettings:
     # max_length: every step of the built-in stream fits, so every trajectory has scores to select on
-    return Settings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
+    return ProcessSettings(state_dir=tmp_path, model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
                     selection={"strategy": "full"}, update={"batch_size": 4, "steps": 2, "mini_batch": 4}, **kw)
 
 

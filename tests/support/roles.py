@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from actprm.daemon.run import build_process
-from actprm.daemon.settings import Settings
+from actprm.streams.process import build_process
+from actprm.streams.config import ProcessSettings
 from actprm.client import messages
 from actprm.streams.process import ROLES, Process
-from actprm.streams.kafka.sender import Event, Sender
+from actprm.streams.kafka.sender import Event, Observer, Sender
 from actprm.client.topics import Topics
 
 
@@ -26,11 +26,11 @@ def memory_sender(dead_letters: str) -> tuple[Sender, list[tuple[str, bytes | No
     return Sender(produce, dead_letters), sent
 
 
-def memory_process(settings: Settings, roles: tuple[str, ...] = ROLES,
-                   topics: Topics | None = None) -> tuple[Process, list[tuple[str, bytes | None, bytes]]]:
+def memory_process(settings: ProcessSettings, roles: tuple[str, ...] = ROLES, topics: Topics | None = None,
+                   metrics: Observer | None = None) -> tuple[Process, list[tuple[str, bytes | None, bytes]]]:
     topics = topics or Topics("t")
     sender, sent = memory_sender(topics.dead_letters)
-    return build_process(settings, roles, topics, sender), sent
+    return build_process(settings, roles, topics, sender, metrics=metrics), sent
 
 
 def event(topic: str, msg: messages.Message, offset: int = 0) -> Event:
