@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -31,6 +30,7 @@ from typing import Any
 
 from actprm.model.eval.calibration import Window, auto_window, calibration_over_time
 from actprm.model.eval.metrics import predicted_first_errors, processbench_scores
+from actprm.model.training.manifest import MANIFEST, version_dir_number
 from actprm.streams.state.journal import journal_files
 
 JOURNALS = ("labels", "scoring", "updates", "heldout", "status")
@@ -41,7 +41,6 @@ WHAT_NEEDS = {  # what each journal file feeds, for the "missing" notes
     "heldout": "held-out F1 per version (written only when the daemon runs with a held-out set)",
     "status": "budget against time, judge failures, labels dropped, the latest status",
 }
-_VERSION_DIR = re.compile(r"^v(\d{6,})$")
 MAX_TABLE_ROWS = 50  # the newest versions in the table; the plots show all of them
 WORSE_BY = 0.05  # a version whose online F1 is this much below its parent's is flagged
 MIN_TESTED = 10  # ... when both were tested on at least this many labels
@@ -78,9 +77,9 @@ def read_manifests(root: Path) -> tuple[list[dict], list[str]]:
         return [], []
     found, bad = [], []
     for child in root.iterdir():
-        if not _VERSION_DIR.match(child.name):
+        if version_dir_number(child.name) is None:
             continue
-        path = child / "manifest.json"
+        path = child / MANIFEST
         try:
             m = json.loads(path.read_text())
         except FileNotFoundError:

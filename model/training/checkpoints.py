@@ -19,49 +19,31 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "weights.safetensors"
-MANIFEST = "manifest.json"
-PRUNED = "PRUNED"  # an older layout's marker of a pruned version (its directory is now compacted)
-POINTER = "LATEST"  # {"version": N}: the newest version
-INDEX = "index"  # the compacted manifests of pruned versions
-INDEX_SEGMENT = 1000  # versions per index file: a lookup reads at most this many lines
+from actprm.model.training.manifest import (
+    INDEX,
+    INDEX_SEGMENT,
+    MANIFEST,
+    POINTER,
+    PRUNED,
+    WEIGHTS,
+    CheckpointError,
+    Manifest,
+    read_segment,
+    version_dir_number,
+)
+
 _COMPACT_DROP = ("settings", "prm")  # only a loadable version needs these
-_VERSION_DIR = re.compile(r"^v(\d{6,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message is one line."""
-
-
-class Manifest(BaseModel):
-    version: int
-    parent: int | None = None
-    kind: Literal["init", "update", "rollback", "consolidate"] = "update"
-    created: float = Field(default_factory=time.time)
-    mode: Literal["heads", "lora", "full"] = "heads"
-    backbone: dict = Field(default_factory=dict, description="backbone reference: spec, layers, hidden size")
-    prm: dict = Field(default_factory=dict, description="PRMConfig the heads were built with")
-    settings: dict = Field(default_factory=dict, description="trainer settings in force")
-    metrics: dict[str, float | None] = Field(default_factory=dict)
-    consumed_label_ids: list[str] = Field(default_factory=list, description="label ids trained on in this update")
-    rolled_back_from: int | None = None
-    consolidated: dict | None = Field(None, description="a consolidation: epochs, labels, its and the served version's validation F1")
-    sha256: str = ""
-    n_consumed: int | None = Field(None, description="a compacted manifest: how many label ids it consumed")
 
 
 def _sha256(path: Path) -> str:
@@ -96,9 +78,9 @@ class CheckpointStore:
             return []
         found = []
         for child in self.root.iterdir():
-            m = _VERSION_DIR.match(child.name)
-            if m and (child / MANIFEST).is_file() and not (with_weights and (child / PRUNED).exists()):
-                found.append(int(m.group(1)))
+            v = version_dir_number(child.name)
+            if v is not None and (child / MANIFEST).is_file() and not (with_weights and (child / PRUNED).exists()):
+                found.append(v)
         return sorted(found)
 
     def _index_rows(self, since: int = 0):
@@ -108,7 +90,7 @@ class CheckpointStore:
         for seg in sorted(folder.glob("*.jsonl")):
             if not seg.stem.isdigit() or (int(seg.stem) + 1) * INDEX_SEGMENT <= since:
                 continue
-            yield from _read_segment(seg)
+            yield from read_segment(seg)
 
     def versions(self, with_weights: bool = False, since: int = 0) -> list[int]:
         """Published versions from `since` on (a pruned one stays in the index); `with_weights`:
@@ -125,7 +107,7 @@ class CheckpointStore:
         if (self._dir(version) / MANIFEST).is_file():
             return True
         seg = self._segment(version)
-        return seg.is_file() and any(row["version"] == version for row in _read_segment(seg))
+        return seg.is_file() and any(row["version"] == version for row in read_segment(seg))
 
     def latest(self) -> int | None:
         """The newest version: the pointer, then a step past any version written after it (a
@@ -165,7 +147,7 @@ class CheckpointStore:
             return Manifest.model_validate_json(path.read_text())
         except FileNotFoundError:
             seg = self._segment(version)
-            for row in _read_segment(seg) if seg.is_file() else ():
+            for row in read_segment(seg) if seg.is_file() else ():
                 if row["version"] == version:
                     return Manifest.model_validate(row)
             raise CheckpointError(f"no version {version} in {self.root}") from None
@@ -287,33 +269,12 @@ class CheckpointStore:
         return len(stale)
 
 
-def _read_segment(path: Path) -> list[dict]:
-    """The rows of one index file; a torn last line (a crash mid-append) is skipped."""
-    rows = []
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return rows
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("version"), int):
-            rows.append(row)
-    return rows
-
-
 def resolve_checkpoint(path: str | Path) -> tuple[CheckpointStore, int | None]:
     """A store root (latest version) or one version directory inside it."""
     p = Path(path)
-    m = _VERSION_DIR.match(p.name)
-    if m and (p / MANIFEST).is_file():
-        return CheckpointStore(p.parent), int(m.group(1))
+    v = version_dir_number(p.name)
+    if v is not None and (p / MANIFEST).is_file():
+        return CheckpointStore(p.parent), v
     if not p.is_dir():
         raise CheckpointError(f"no checkpoint directory at {p}")
     return CheckpointStore(p), None
-
-
-def manifest_json(manifest: Manifest) -> str:
-    return json.dumps(manifest.model_dump(), indent=2)
