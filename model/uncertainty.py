@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 
 def predicted_first_error(mu: Iterable[float], threshold: float = 0.5) -> int:
@@ -29,7 +29,8 @@ def uncertainty_window(mu: Sequence[float], threshold: float = 0.5) -> int:
 
 
 def is_aleatoric(mu: Sequence[float], delta_pred: float) -> bool:
-    """Some step up to E(s) is predicted with confidence max(mu, 1 - mu) below delta_pred."""
+    """Some step up to E(s) is predicted with confidence max(mu, 1 - mu) below delta_pred (the
+    one home of "confident": a trajectory is confident when this is False)."""
     end = uncertainty_window(mu)
     return any(max(m, 1.0 - m) < delta_pred for m in mu[: end + 1])
 
@@ -58,8 +59,8 @@ class Selector(Protocol):
 
 @dataclass
 class ActPRMSelector:
-    delta_pred: float = 0.95  # published; library default elsewhere 0.9
-    delta_std: float = 0.005  # published; library default elsewhere 0.01
+    delta_pred: float = 0.95  # the published thresholds (ActPRM)
+    delta_std: float = 0.005
     name: str = "actprm"
 
     def select(self, scores: Sequence[Scored]) -> list[bool]:
@@ -112,7 +113,8 @@ class AllSelector:
         return [bool(s.mu) for s in scores]
 
 
-STRATEGIES = ("actprm", "random", "confidence", "disagreement", "full")
+Strategy = Literal["actprm", "random", "confidence", "disagreement", "full"]  # selection.strategy's values
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def make_selector(

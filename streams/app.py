@@ -67,18 +67,14 @@ async def _handle(proc: Process, role: str, handler, events: list[Event]) -> Non
 
 
 def _credentials(k):
-    if k.security_protocol == "PLAINTEXT":
+    """The security settings as faust takes them, from the one reading of them (aiokafka_options)."""
+    opts = aiokafka_options(k)
+    if not opts:
         return None
-    ssl_context = None
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        import ssl
-
-        ssl_context = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-    if k.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password.get_secret_value() if k.sasl_password else None,
-            mechanism=k.sasl_mechanism or "PLAIN", ssl_context=ssl_context)
-    return faust.SSLCredentials(ssl_context)
+    if "sasl_mechanism" in opts:
+        return faust.SASLCredentials(username=opts["sasl_plain_username"], password=opts["sasl_plain_password"],
+                                     mechanism=opts["sasl_mechanism"], ssl_context=opts.get("ssl_context"))
+    return faust.SSLCredentials(opts["ssl_context"])
 
 
 def _with_fetch_wait(fetch_max_wait_ms: int) -> None:
@@ -165,10 +161,6 @@ def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str
         @app.timer(s.scorer.version_poll_s)
         async def poll_checkpoint_store():
             await _guarded(proc, "poll_checkpoint_store", scorer.serving.follow)
-
-        @app.task
-        async def watch_loop_lag():
-            await scorer.serving.watch_loop_lag()
 
     if proc.keeper is not None:
         @app.agent(_raw_topic(app, t.candidates, 1))

@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from actprm.client.settings import KafkaSettings, Section
 from actprm.model.config import ModelSettings
+from actprm.model.uncertainty import Strategy
 from actprm.model.training.consolidate import ConsolidateConfig
 from actprm.model.training.trainer import FitConfig, TrainerConfig
 
 
 class SelectionSettings(Section):
-    strategy: Literal["actprm", "random", "confidence", "disagreement", "full"] = "actprm"
+    strategy: Strategy = "actprm"
     delta_pred: float = Field(0.95, gt=0.5, le=1.0, description="aleatoric threshold (published 0.95)")
     delta_std: float = Field(0.005, ge=0.0, description="epistemic threshold (published 0.005)")
     random_rate: float = Field(0.5, ge=0.0, le=1.0, description="selection rate of the random strategy")

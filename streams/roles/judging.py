@@ -29,7 +29,7 @@ from actprm.client.messages import AnnotationRequest, Label
 from actprm.client.topics import Topics
 from actprm.model.judges.base import Judge, JudgeError, JudgeRequest, Judgement
 from actprm.model.judges.clients import make_judge
-from actprm.model.uncertainty import predicted_first_error
+from actprm.model.uncertainty import is_aleatoric, predicted_first_error
 from actprm.streams.config import JudgeSettings, SelectionSettings
 from actprm.streams.state.ledger import JUDGED, Ledger
 from actprm.streams.kafka.sender import Event, LastError, Observer, Sender
@@ -244,9 +244,8 @@ class JudgeRole:
                     attempts=verdict.attempts, answer=label.answer)
         if self.metrics is not None:
             self.metrics.observe_judge(verdict.latency_s, ok=True)
-            # Agreement of the scorer's prediction with the judge; "confident" as the aleatoric rule means it.
-            d = self.selection.delta_pred
-            confident = bool(request.mu) and all(m >= d or m <= 1 - d for m in request.mu)
+            # Agreement of the scorer's prediction with the judge; "confident" as the selection rule means it.
+            confident = bool(request.mu) and not is_aleatoric(request.mu, self.selection.delta_pred)
             self.metrics.observe_agreement(predicted_first_error(request.mu), label.first_error, confident)
         await self.sender.send(self.topics.labels, label.id, messages.encode(label))
         self.counts["judged"] += 1
