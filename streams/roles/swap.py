@@ -91,6 +91,20 @@ class VersionFollower:
             return None
 
 
+class LoopLag:
+    """The event loop's worst lag (heartbeats and fetches wait that long) while it is watched."""
+
+    def __init__(self, tick_s: float = 0.005):
+        self.tick_s, self.worst_ms = tick_s, 0.0
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.tick_s)
+            self.worst_ms = max(self.worst_ms, (loop.time() - before - self.tick_s) * 1000)
+
+
 class Serving:
     """The served version of one scorer process, and its swaps."""
 
@@ -103,7 +117,6 @@ class Serving:
         self.counts: Counter = Counter()
         self.stall_ms_max: float | None = None  # the event loop's worst lag during any swap (a running max: bounded)
         self.errors = errors
-        self._lag_ms: float | None = None  # not None while a swap runs: the lag monitor records into it
 
     async def follow(self, announced: int | None = None) -> None:
         """Load a newer version in the background, then switch to it between two chunks.
@@ -118,13 +131,15 @@ class Serving:
             if version is None:
                 return
             start = time.perf_counter()
-            self._lag_ms = 0.0
+            lag = LoopLag()
+            watching = loop.create_task(lag.watch())  # only while this swap runs
             try:
                 new = await loop.run_in_executor(self.pool, self.follower.try_load, self.current, version)
                 if new is not None:
                     self.current = new  # the switch itself: one reference
             finally:
-                stall, self._lag_ms = self._lag_ms, None
+                watching.cancel()
+            stall = lag.worst_ms
         if new is None:
             reason = self.follower.failed.get(version)
             self.counts["swap_failures"] += 1
@@ -161,16 +176,6 @@ class Serving:
                     log.exception("version announcement not followed", offset=record.offset)
         finally:
             await reader.stop()
-
-    async def watch_loop_lag(self, tick_s: float = 0.005) -> None:
-        """How long the event loop was unable to run (heartbeats, fetches) during a swap."""
-        loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(tick_s)
-            lag_ms = (loop.time() - before - tick_s) * 1000
-            if self._lag_ms is not None:
-                self._lag_ms = max(self._lag_ms, lag_ms)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
