@@ -238,14 +238,7 @@ def _exact_kinds(rng: random.Random, n: int, kinds: dict[str, float]) -> list[st
     return out
 
 
-def word_problems(
-    n: int,
-    seed: int = 0,
-    kinds: dict[str, float] | None = None,
-    error_rate: float = 0.5,
-    min_steps: int = 3,
-    max_steps: int = 8,
-) -> list[Record]:
+def word_problems(n: int, seed: int = 0, **options) -> list[Record]:
     """Word problems with one step per operation ("She buys 5 more: 12 + 5 = 17.") and a final
     "The answer is X." step. In round(n * error_rate) records one operation step k goes wrong,
     the kinds in the shares of `kinds` (default DEFAULT_KINDS), and every later step continues
@@ -255,8 +248,9 @@ def word_problems(
     - wrong_operation: the equation does the opposite of the words ("picks up 7 more: 40 - 7");
     - arithmetic: the result is off ("27 + 18 = 46").
     extra: {"kind": one of KINDS or "correct", "answer", "stated_answer", "ops"}.
+    options: kinds, error_rate, min_steps, max_steps, as `iter_word_problems` takes them.
     """
-    return list(iter_word_problems(n, seed, kinds, error_rate, min_steps, max_steps))
+    return list(iter_word_problems(n, seed, **options))
 
 
 def iter_word_problems(

@@ -89,13 +89,10 @@ class OpenAIJudge:
         self.model = model
         self.prompt_version = PROMPT_VERSION
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.retry_after_max_s = retry_after_max_s
-        self.temperature = temperature
-        self.max_tokens = max_tokens
+        self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
+        # The retry policy: attempts after the first, exponential backoff, and how long a server's Retry-After may ask for.
+        self.max_retries, self.retry_after_max_s = max_retries, retry_after_max_s
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self._semaphore = asyncio.Semaphore(concurrency)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(

@@ -71,6 +71,14 @@ def _check_step_index(name: str, value: int | None, n_steps: int) -> None:
         raise ValueError(f"{name}={value} must be -1 (all correct) or a step index below {n_steps}")
 
 
+def _gold_within_steps(self):
+    _check_step_index("gold_first_error", self.gold_first_error, len(self.steps))
+    return self
+
+
+gold_in_range = model_validator(mode="after")(_gold_within_steps)  # of Trajectory and AnnotationRequest
+
+
 class Trajectory(Message):
     """One policy rollout split into steps, sent by the RL run to be scored.
 
@@ -110,10 +118,7 @@ class Trajectory(Message):
             raise ValueError(str(err)) from None
         return data
 
-    @model_validator(mode="after")
-    def _gold_in_range(self) -> Self:
-        _check_step_index("gold_first_error", self.gold_first_error, len(self.steps))
-        return self
+    _gold_in_range = gold_in_range
 
 
 class Reward(Message):
@@ -156,10 +161,7 @@ class AnnotationRequest(Message):
     # candidates topic so that the round keeper refunds its charge, once.
     judge_gave_up: str | None = None
 
-    @model_validator(mode="after")
-    def _gold_in_range(self) -> Self:
-        _check_step_index("gold_first_error", self.gold_first_error, len(self.steps))
-        return self
+    _gold_in_range = gold_in_range
 
 
 class Label(Message):
@@ -185,10 +187,10 @@ class Label(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.n_steps != len(self.steps):
-            raise ValueError(f"n_steps={self.n_steps} but {len(self.steps)} steps were sent")
-        _check_step_index("first_error", self.first_error, self.n_steps)
-        return self
+        if self.n_steps == len(self.steps):
+            _check_step_index("first_error", self.first_error, self.n_steps)
+            return self
+        raise ValueError(f"n_steps={self.n_steps} but {len(self.steps)} steps were sent")
 
 
 class ModelVersion(Message):

@@ -14,18 +14,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
 from actprm.client import messages
-from actprm.client.messages import (
-    AnnotationRequest,
-    BrokerEpoch,
-    ControlAck,
-    ControlCommand,
-    DeadLetter,
-    Label,
-    Message,
-    ModelVersion,
-    Reward,
-    Trajectory,
-)
 
 # Kafka's own rule for topic names (249 minus room for our longest suffix).
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -47,6 +35,10 @@ def unreachable(bootstrap: str, err: Exception) -> KafkaUnreachable:
                             "and the kafka.security_protocol / SASL settings")
 
 
+def _topic(kind: str, what: str) -> property:
+    return property(lambda self: f"{self.prefix}.{kind}", doc=what)
+
+
 @dataclass(frozen=True)
 class Topics:
     """Every topic the service uses, named f"{prefix}.<kind>"; a prefix per run or test keeps them apart."""
@@ -57,64 +49,34 @@ class Topics:
         if not _PREFIX.fullmatch(self.prefix):
             raise ValueError(f"topic prefix {self.prefix!r} must be 1-200 of [A-Za-z0-9._-]")
 
-    @property
-    def trajectories(self) -> str:
-        return f"{self.prefix}.trajectories"
-
-    @property
-    def rewards(self) -> str:
-        return f"{self.prefix}.rewards"
-
-    @property
-    def candidates(self) -> str:
-        # Scorers propose here; the one round keeper admits within budget to `annotations`.
-        return f"{self.prefix}.candidates"
-
-    @property
-    def annotations(self) -> str:
-        return f"{self.prefix}.annotations"
-
-    @property
-    def labels(self) -> str:
-        return f"{self.prefix}.labels"
-
-    @property
-    def versions(self) -> str:
-        return f"{self.prefix}.versions"
-
-    @property
-    def control(self) -> str:
-        return f"{self.prefix}.control"
-
-    @property
-    def acks(self) -> str:
-        return f"{self.prefix}.acks"
-
-    @property
-    def dead_letters(self) -> str:
-        return f"{self.prefix}.dead_letters"
-
-    @property
-    def epoch(self) -> str:
-        return f"{self.prefix}.epoch"
+    trajectories = _topic("trajectories", "rollouts to score (the RL run or `actprm produce` writes)")
+    rewards = _topic("rewards", "per-step scores, one per trajectory id")
+    candidates = _topic("candidates", "scorers propose here; the one round keeper admits within budget to `annotations`")
+    annotations = _topic("annotations", "requests for the judge")
+    labels = _topic("labels", "the judge's verdicts, for the trainer")
+    versions = _topic("versions", "announcements of published weight versions")
+    control = _topic("control", "signed operator commands (one partition)")
+    acks = _topic("acks", "the daemons' answers to control commands")
+    dead_letters = _topic("dead_letters", "malformed or failed messages, each with its reason")
+    epoch = _topic("epoch", "the broker data's life: a new one when the broker lost its data")
 
     def all(self) -> tuple[str, ...]:
         return tuple(schemas_by_topic(self))
 
 
-def schemas_by_topic(topics: Topics) -> dict[str, type[Message]]:
+def schemas_by_topic(topics: Topics) -> dict[str, type[messages.Message]]:
     """The one schema each topic carries."""
     return {
-        topics.trajectories: Trajectory,
-        topics.rewards: Reward,
-        topics.candidates: AnnotationRequest,
-        topics.annotations: AnnotationRequest,
-        topics.labels: Label,
-        topics.versions: ModelVersion,
-        topics.control: ControlCommand,
-        topics.acks: ControlAck,
-        topics.dead_letters: DeadLetter,
-        topics.epoch: BrokerEpoch,
+        topics.trajectories: messages.Trajectory,
+        topics.rewards: messages.Reward,
+        topics.candidates: messages.AnnotationRequest,
+        topics.annotations: messages.AnnotationRequest,
+        topics.labels: messages.Label,
+        topics.versions: messages.ModelVersion,
+        topics.control: messages.ControlCommand,
+        topics.acks: messages.ControlAck,
+        topics.dead_letters: messages.DeadLetter,
+        topics.epoch: messages.BrokerEpoch,
     }
 
 
@@ -188,7 +150,7 @@ async def read_epoch(bootstrap: str, topic: str, wait_ms: int = 1500, **kafka_op
         batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
         for record in batch.get(tp, []):
             try:
-                return messages.decode(BrokerEpoch, record.value).epoch
+                return messages.decode(messages.BrokerEpoch, record.value).epoch
             except messages.MessageError:
                 return None
         return None
