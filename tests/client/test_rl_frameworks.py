@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from support.daemon import ACTPRM, Daemon, wait_until
+from support.daemon import Daemon
+from support.wait import wait_until
 from support.paths import ROOT
+from support.gateway import Gateway
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -78,39 +77,6 @@ class Framework:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Gateway:
-    """`actprm serve` (the main venv, daemon side) in its own process."""
-
-    def __init__(self, bootstrap: str, prefix: str, log: Path, **env: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [ACTPRM, "serve", "--port", str(self.port)], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": prefix,
-                 "ACTPRM_KAFKA__PARTITIONS": "2", "ACTPRM_LOG_FORMAT": "json", **env})
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        def up() -> bool:
-            assert self.proc.poll() is None, f"gateway exited: {self.log.read_text()[-2000:]}"
-            try:
-                return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(up, timeout, what="the gateway to answer /healthz")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
 
 
 def start_daemon(bootstrap: str, prefix: str, state_dir: Path) -> Daemon:

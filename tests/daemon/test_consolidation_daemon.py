@@ -13,7 +13,8 @@ from actprm.client.messages import ControlCommand
 from actprm.model.training.consolidate import Figures, beats
 from actprm.streams.state import journal
 from actprm.streams.tools.ctl_client import asend_command
-from support.daemon import Daemon, consumed_ids, manifests, wait_until
+from support.daemon import Daemon, consumed_ids, manifests
+from support.wait import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

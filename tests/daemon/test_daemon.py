@@ -16,7 +16,8 @@ from actprm.streams.tools.produce import synthetic_trajectories
 from actprm.client.messages import Trajectory
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids, manifests, publish, read_topic, wait_until
+from support.daemon import Daemon, consumed_ids, manifests, publish, read_topic
+from support.wait import wait_until
 from support.faulty_judge import FaultyJudge
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

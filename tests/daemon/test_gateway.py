@@ -4,11 +4,7 @@ real broker and a real scorer daemon on `tiny`, stopped and restarted."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +14,9 @@ from actprm.client.messages import Reward
 from actprm.client.openrlhf import QueryError, openrlhf_answer, query_items, split_query
 from actprm.client.outcome import Outcome
 from actprm.client.topics import Topics
-from support.daemon import ACTPRM, Daemon, read_topic, wait_until
+from support.daemon import Daemon, read_topic
+from support.wait import wait_until
+from support.gateway import Gateway
 
 PROMPT = "<|im_start|>user\nWhat is 2+3*4?<|im_end|>\n<|im_start|>assistant\n"
 RESPONSE = "3*4 = 12.\n\n2 + 12 = 14.\n\nThe answer is \\boxed{14}."
@@ -71,49 +69,6 @@ def test_bench_gateway_times_each_wave_alone_and_through_the_gateway():
     assert level["ratio_p50"] == pytest.approx(level["p50_ms"] / level["scorer_batch_ms"], rel=0.01)
     assert [sum(b) for b in level["scorer_batches"]] == [2, 2]  # every wave's samples scored, in its window
     assert level["waves_split"] == sum(len(b) > 1 for b in level["scorer_batches"])  # 2 per wave fit one batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Gateway:
-    """`actprm serve` in its own process."""
-
-    def __init__(self, bootstrap: str, prefix: str, state_dir: Path, **env: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = state_dir / "gateway.log"
-        full_env = {**os.environ, "ACTPRM_KAFKA__BOOTSTRAP": bootstrap, "ACTPRM_KAFKA__TOPIC_PREFIX": prefix,
-                    "ACTPRM_KAFKA__PARTITIONS": "2", "ACTPRM_LOG_FORMAT": "json", **env}
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([ACTPRM, "serve", "--port", str(self.port)], env=full_env,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited: {self.log.read_text()[-2000:]}")
-            try:
-                return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(up, timeout, what="the gateway to answer /healthz")
-
-    def post(self, path: str, body=None, *, content: bytes | None = None, token: str | None = TOKEN,
-             timeout: float = 120) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if content is not None:
-            return httpx.post(self.url + path, content=content, headers={**headers, "Content-Type": "application/json"},
-                              timeout=timeout)
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
 
 
 @pytest.mark.broker

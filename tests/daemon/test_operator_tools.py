@@ -16,7 +16,8 @@ import pytest
 from actprm.client.topics import Topics
 from actprm.daemon.cli.connect import kafka_target
 from actprm.streams.tools.produce import produce_trajectories, synthetic_trajectories
-from support.daemon import ACTPRM, Daemon, read_topic, wait_until
+from support.daemon import ACTPRM, Daemon, read_topic
+from support.wait import wait_until
 from support.network import free_port
 from test_cli import _one_line_error, actprm
 

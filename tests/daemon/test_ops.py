@@ -18,7 +18,8 @@ import pytest
 from actprm.streams.tools.produce import synthetic_trajectories
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import ACTPRM, Daemon, read_topic, wait_until
+from support.daemon import ACTPRM, Daemon, read_topic
+from support.wait import wait_until
 from support.network import free_port
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -16,7 +16,8 @@ import pytest
 
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids, wait_until
+from support.daemon import Daemon, consumed_ids
+from support.wait import wait_until
 from support.crash_trials import run_crash_trials
 from support.fault_summary import format_summary
 from support.faulty_judge import tagged_stream

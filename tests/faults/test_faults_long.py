@@ -17,7 +17,8 @@ from actprm.model.training.checkpoints import CheckpointStore
 from actprm.streams.kafka.broker import EmbeddedBroker
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids, wait_until
+from support.daemon import Daemon, consumed_ids
+from support.wait import wait_until
 from support.crash_trials import run_crash_trials
 from support.fault_summary import SUMMARY_FILE, SummaryRow, format_summary
 from support.faulty_judge import FaultyJudge, tagged_stream

@@ -18,7 +18,8 @@ from actprm.model.training.checkpoints import WEIGHTS, CheckpointStore
 from actprm.streams.app import _credentials, aiokafka_options
 from actprm.streams.control import sign
 from actprm.client.messages import ControlCommand
-from support.daemon import Daemon, wait_until
+from support.daemon import Daemon
+from support.wait import wait_until
 from support.network import free_port
 from support.processes import listen_addresses, listening_sockets
 from support.paths import ROOT

@@ -23,7 +23,8 @@ import pytest
 from actprm.streams.tools.produce import synthetic_trajectories
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import ACTPRM, Daemon, consumed_ids, read_topic, wait_until
+from support.daemon import ACTPRM, Daemon, consumed_ids, read_topic
+from support.wait import wait_until
 from support.network import free_port
 from support.trainer_faults import fault_hook_env
 

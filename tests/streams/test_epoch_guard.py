@@ -14,6 +14,7 @@ from actprm.streams.kafka.broker import EmbeddedBroker
 from actprm.client.topics import read_epoch
 from actprm.streams.kafka.epoch import BrokerLink, WriteGate, claim_epoch, guard_epoch
 from support.network import TcpRelay
+from support.wait import wait_until_async
 
 pytestmark = pytest.mark.broker
 
@@ -26,17 +27,6 @@ def in_a_loop(scenario):
     def test():
         asyncio.run(scenario())
     return test
-
-
-async def _wait_for(predicate, timeout: float, what: str, guard: asyncio.Task | None = None) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if guard is not None and guard.done():
-            guard.result()  # the guard died: its error is the test's failure
-            raise AssertionError(f"the guard returned while waiting for {what}")
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @in_a_loop
@@ -78,7 +68,7 @@ async def test_a_restart_holds_sends_at_once_and_an_empty_broker_is_reported_los
             assert not gate.held
             await broker.astop()
             # The periodic check is a minute away: only the dropped link can have held the gate.
-            await _wait_for(lambda: gate.held, 2, "the gate to close after the broker stopped", guard)
+            await wait_until_async(lambda: gate.held, 2, "the gate to close after the broker stopped", guard)
             await broker.astart()  # same port, empty
             assert await asyncio.wait_for(lost, 30) is None
             assert gate.held, "nothing may be sent to a broker that lost our data"
@@ -118,7 +108,7 @@ async def test_a_dropped_link_to_a_broker_that_kept_its_data_holds_sends_only_un
             await asyncio.sleep(0.5)
             assert gate.history == []
             link.cut()  # every connection through it ends; the broker is untouched
-            await _wait_for(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release", guard)
+            await wait_until_async(lambda: gate.history == ["hold", "release"], 10, "a hold, then a release", guard)
             assert not gate.held and lost == []
         finally:
             guard.cancel()

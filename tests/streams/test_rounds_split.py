@@ -14,7 +14,8 @@ from actprm.model.training.checkpoints import CheckpointStore
 from actprm.client.messages import ControlCommand
 from actprm.streams.tools.produce import produce_trajectories, synthetic_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids, read_topic, wait_until
+from support.daemon import Daemon, consumed_ids, read_topic
+from support.wait import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

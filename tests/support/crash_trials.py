@@ -18,7 +18,8 @@ from pathlib import Path
 from actprm.model.training.checkpoints import CheckpointStore
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids, manifests, read_topic, wait_until
+from support.daemon import Daemon, consumed_ids, manifests, read_topic
+from support.wait import wait_until
 from support.fault_summary import SummaryRow
 from support.faulty_judge import FaultyJudge, tagged_stream
 from support.processes import sigkill

@@ -144,11 +144,3 @@ async def publish(bootstrap: str, topic: str, items: list) -> None:
             await producer.send_and_wait(topic, key=m.id.encode(), value=messages.encode(m))
     finally:
         await producer.stop()
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
