@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from actprm.daemon.report.page import (ReportError, build_report, by_field, by_kind, online_by_version, read_state,
-                                  refused_updates, round_rows, version_rows, write_report)
+from actprm.daemon.report.figures import by_field, by_kind, online_by_version, refused_updates, round_rows, version_rows
+
+from actprm.daemon.report.page import build_report, write_report
+
+from actprm.daemon.report.read import ReportError, read_state
 from support.browser import CHROMIUM, visit
 from support.daemon import ACTPRM
 

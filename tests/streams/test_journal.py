@@ -66,7 +66,7 @@ def test_an_unchanged_status_is_journalled_only_as_a_heartbeat(tmp_path):
 
 
 def test_the_report_reads_the_rotated_set(tmp_path):
-    from actprm.daemon.report.page import read_state
+    from actprm.daemon.report.read import read_state
 
     j = Journal(tmp_path, max_bytes=200, keep=100)
     for i in range(50):
