@@ -187,24 +187,22 @@ class EnsemblePRM(nn.Module):
         results: list[StepScores] = []
         for start in range(0, N, batch_size):
             rows = range(start, min(N, start + batch_size))
-            at_steps, _ = pad_features([features[i] for i in rows])  # (B, S, H)
+            at_steps = pad_features([features[i] for i in rows])  # (B, S, H)
             probs = torch.sigmoid(self.head_logits(at_steps)).cpu()  # (E, B, S) float32
             results += summarise(probs, [features[i].shape[0] for i in rows], [n_steps[i] for i in rows],
                                  [truncated[i] for i in rows], [n_tokens[i] for i in rows], threshold)
         return results
 
 
-def pad_features(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (S_i, H) tensors into a zero-padded (B, S, H) tensor and a (B, S) step mask."""
+def pad_features(features: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (S_i, H) tensors into a zero-padded (B, S, H) tensor (the callers know each S_i)."""
     B = len(features)
     S = max([1] + [f.shape[0] for f in features])
     H = features[0].shape[-1] if features else 1
     out = torch.zeros((B, S, H), dtype=features[0].dtype if features else torch.float32)  # (B, S, H)
-    mask = torch.zeros((B, S), dtype=torch.bool)  # (B, S)
     for b, f in enumerate(features):
         out[b, : f.shape[0]] = f
-        mask[b, : f.shape[0]] = True
-    return out, mask
+    return out
 
 
 def summarise(

@@ -85,6 +85,27 @@ class UpdateResult:
     n_replayed: int = 0  # distinct earlier labels replayed in this update
 
 
+@dataclass
+class TrainerSnapshot:
+    """What an update changes, copied: the trainable weights, the optimizer's state_dict (each
+    parameter's moments and step, each group's lr) and the trainer's step (Trainer.snapshot)."""
+
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    optimizer: dict = field(repr=False)
+    step: int
+
+
+def _copied(tree, device: str | None):
+    """A copy of a state_dict-like tree with every tensor cloned (to `device`, or where it is)."""
+    if torch.is_tensor(tree):
+        return tree.detach().to(device or tree.device, copy=True)
+    if isinstance(tree, dict):
+        return {k: _copied(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied(v, device) for v in tree)
+    return tree
+
+
 def plan_minibatches(n_new: int, n_replay: int, config: FitConfig, gen: torch.Generator) -> list[tuple[list[int], list[int]]]:
     """(new indices, replay indices) for each optimizer step of one update.
 
@@ -166,6 +187,50 @@ class Trainer:
         self.step = 0
         self._gen = torch.Generator().manual_seed(self.config.seed)
 
+    def snapshot(self) -> TrainerSnapshot:
+        """The state an update starts from, for `restore` when the update is refused. Heads and
+        LoRA are copied where they live; a full fine-tune's copy is kept in host memory (a second
+        copy of a model and its moments on the GPU is what it cannot afford)."""
+        device = "cpu" if self.config.mode == "full" else None
+        weights = {n: p.detach().to(device or p.device, copy=True) for n, p in self.prm.named_parameters() if p.requires_grad}
+        return TrainerSnapshot(weights, _copied(self.optimizer.state_dict(), device), self.step)
+
+    @torch.no_grad()
+    def restore(self, snap: TrainerSnapshot) -> None:
+        """Back to `snap` exactly: weights, the optimizer's moments and steps, its lr, the step.
+        Copied into the tensors in place (no new device memory, so it also serves after a CUDA
+        out-of-memory error); the snapshot stays intact and can be restored again."""
+        for n, p in self.prm.named_parameters():
+            if n in snap.weights:
+                p.copy_(snap.weights[n])
+        # state_dict numbers the parameters in the order of the groups' lists.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            saved, live = snap.optimizer["state"].get(i), self.optimizer.state.get(p)
+            if saved is None:
+                self.optimizer.state.pop(p, None)  # it had no moments before the update
+            elif live is not None and live.keys() == saved.keys():
+                for k, v in saved.items():
+                    if torch.is_tensor(v):
+                        live[k].copy_(v)
+                    else:
+                        live[k] = v
+            else:  # moments on the device, the step where the optimizer keeps it (a CPU scalar)
+                self.optimizer.state[p] = {k: v.to(p.device if v.dim() else v.device, copy=True) if torch.is_tensor(v)
+                                           else v for k, v in saved.items()}
+        for group, saved in zip(self.optimizer.param_groups, snap.optimizer["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = snap.step
+        self._set_training(False)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from other weights (a stored version: a rollback, another writer). The
+        optimizer's moments belong to the weights they were computed on, so they are reset; the
+        step (the lr schedule's position) is kept."""
+        load_trainable_state(self.prm, state)
+        self.optimizer.state.clear()
+
     def _set_training(self, on: bool) -> None:
         # In heads mode a scorer may share this frozen backbone from another thread, so only
         # the parts that train change mode.
@@ -184,7 +249,7 @@ class Trainer:
             feats = [s.features for s in samples]
 
             def logits_of(rows: slice) -> torch.Tensor:
-                at_steps, _ = pad_features(feats[rows])  # (b, S, H)
+                at_steps = pad_features(feats[rows])  # (b, S, H)
                 return prm.head_logits(at_steps)  # (E, b, S)
 
             return self._step([s.first_error for s in samples], [int(f.shape[0]) for f in feats], logits_of, len(feats))
@@ -199,24 +264,25 @@ class Trainer:
     def fit(self, new: Sequence[LabelledSample], replay: Sequence[LabelledSample], config: FitConfig) -> UpdateResult:
         """One incremental update: config.steps optimizer steps, each on new labels plus a
         replayed share of earlier ones (plan_minibatches). All or nothing: if any step is
-        refused (not finite), the weights go back to where the update started."""
+        refused (not finite) or raises, the trainer goes back to where the update started
+        (restore: weights, optimizer moments and step)."""
         if not new:
             return UpdateResult(False, "no new label", step=self.step)
         if self.config.mode == "heads":
             self.attach_features(list(new))
-        # Kept in host memory: a full fine-tune on a GPU must not need a second copy there.
-        saved = {n: p.detach().to("cpu", copy=True) for n, p in self.prm.named_parameters() if p.requires_grad}
+        undo = self.snapshot()
         results, replayed = [], set()
-        for new_idx, replay_idx in plan_minibatches(len(new), len(replay), config, self._gen):
-            result = self.update([new[i] for i in new_idx] + [replay[j] for j in replay_idx])
-            if not result.applied and result.reason != "no labelled step in the batch":
-                with torch.no_grad():
-                    for n, p in self.prm.named_parameters():
-                        if n in saved:
-                            p.copy_(saved[n])
-                return replace(result, n_samples=len(new), steps=0)
-            results.append(result)
-            replayed.update(replay_idx)
+        try:
+            for new_idx, replay_idx in plan_minibatches(len(new), len(replay), config, self._gen):
+                result = self.update([new[i] for i in new_idx] + [replay[j] for j in replay_idx])
+                if not result.applied and result.reason != "no labelled step in the batch":
+                    self.restore(undo)
+                    return replace(result, n_samples=len(new), steps=0, step=self.step)
+                results.append(result)
+                replayed.update(replay_idx)
+        except BaseException:
+            self.restore(undo)
+            raise
         applied = [r for r in results if r.applied]
         if not applied:
             return replace(results[-1], n_samples=len(new), steps=0)
@@ -238,33 +304,6 @@ class Trainer:
             at_steps = prm.hidden_at_steps(prm.collate(encoded)).float().cpu()  # (b, S, H)
             for b, (s, e) in enumerate(zip(rows, encoded)):
                 s.features = at_steps[b, : e.n_scored].clone()  # (S_i, H)
-
-    def update_features(
-        self, features: Sequence[torch.Tensor], first_errors: Sequence[int], n_steps: Sequence[int] | None = None
-    ) -> UpdateResult:
-        """The same update as `update`, on cached backbone hidden states at the steps (one
-        (S_i, H) tensor per trajectory, from EnsemblePRM.hidden_at_steps). Heads mode only:
-        the features stand for a backbone that does not change.
-
-        n_steps: steps of each original trajectory (default S_i); a trajectory truncated
-        before its first error still labels the steps it kept, as in `update`."""
-        if self.config.mode != "heads":
-            raise ValueError(f"update_features trains heads on a frozen backbone; this trainer's mode is {self.config.mode!r}")
-        if len(features) != len(first_errors):
-            raise ValueError(f"{len(features)} feature tensors for {len(first_errors)} labels")
-        n_scored = [int(f.shape[0]) for f in features]
-        n_steps = list(n_steps) if n_steps is not None else n_scored
-        for i, (k, n) in enumerate(zip(first_errors, n_steps)):
-            if not -1 <= k < n:
-                raise ValueError(f"label {i}: first error {k} is out of range for {n} steps")
-        prm = self.prm
-
-        def logits_of(rows: slice) -> torch.Tensor:
-            at_steps, _ = pad_features(list(features[rows]))  # (b, S, H)
-            return prm.head_logits(at_steps)  # (E, b, S)
-
-        # Heads alone are cheap: one micro-batch (accumulation would give the same update).
-        return self._step(list(first_errors), n_scored, logits_of, max(1, len(features)))
 
     def _step(self, first_errors: list[int], n_scored: list[int], logits_of, micro: int) -> UpdateResult:
         """One optimizer step: bootstrap-masked BCE per head on the labelled steps, averaged

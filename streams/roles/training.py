@@ -18,11 +18,13 @@ trained twice.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import islice
 
 import structlog
 import torch
@@ -31,7 +33,7 @@ from actprm.model.backbone import memory_summary
 from actprm.model.training.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.training.consolidate import ConsolidateConfig
 from actprm.model.training.replay import FeatureMemo, ReplayStore
-from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, load_trainable_state, trainable_state
+from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, trainable_state
 from actprm.model.eval.metrics import processbench_scores
 from actprm.model.eval.prequential import OnlineWindow, score_label
 from actprm.client import messages
@@ -73,6 +75,12 @@ class UpdateLoop:
         self.canary = [Label.model_validate(v) for _, v in ledger.items(CANARY)]
         self._canary_f1: dict[int, float] = KeepFirstAndLast(8)  # version -> canary F1 (v0 and the newest 8: bounded)
         self.version = self._reconcile()
+        # The pending labels in order of arrival (label id -> the ledger's value): the ledger is
+        # the durable copy, written first; this copy is read once here, so pending() and ready()
+        # never read or decode the ledger. Labels arrive on the event loop and leave on the
+        # training thread, hence the lock.
+        self._pending: dict[str, dict] = dict(sorted(ledger.items(PENDING), key=lambda kv: kv[1]["received"]))
+        self._pending_lock = threading.Lock()
         self.rejected = 0
         # label id -> True for a label kept out of training: a consolidation's validation slice
         # (streams/roles/consolidation.py), so the served version is never scored there on labels it learnt
@@ -93,30 +101,57 @@ class UpdateLoop:
         return latest
 
     def _follow(self, version: int) -> None:
+        """Continue from a stored version other than the weights in memory (at start, after an
+        operator's rollback or another writer's version). Trainer.load resets the optimizer's
+        moments, which belong to the weights left behind, and keeps the step (the lr schedule).
+        A refused update is undone with Trainer.restore instead, never from disk."""
         _, tensors = self.store.load(version)
-        load_trainable_state(self.trainer.prm, tensors)
+        self.trainer.load(tensors)
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""
-        if self.ledger.has(TRAINED, label.id) or self.ledger.has(PENDING, label.id) or self.ledger.has(CANARY, label.id):
+        if label.id in self._pending or self.ledger.has(TRAINED, label.id) or self.ledger.has(CANARY, label.id):
             return False
         if len(self.canary) < self.canary_size:
             self.ledger.put(CANARY, label.id, label.model_dump(mode="json"))
             self.canary.append(label)
             return True
-        self.ledger.put(PENDING, label.id, {"label": label.model_dump(mode="json"), "received": time.time()})
+        item = {"label": label.model_dump(mode="json"), "received": time.time()}
+        self.ledger.put(PENDING, label.id, item)  # the durable copy first
+        with self._pending_lock:
+            self._pending[label.id] = item
         return True
 
-    def pending(self) -> list[tuple[str, dict]]:
-        return sorted(self.ledger.items(PENDING), key=lambda kv: kv[1]["received"])
+    def pending(self, limit: int | None = None) -> list[tuple[str, dict]]:
+        """The pending labels, oldest first (the first `limit`), as (label id, ledger value)."""
+        with self._pending_lock:
+            return list(islice(self._pending.items(), limit))
+
+    @property
+    def n_pending(self) -> int:
+        return len(self._pending)
+
+    def retire(self, label_ids: Sequence[str]) -> None:
+        """Labels leave the pending set untrained (trained by no version: ledger.mark_trained).
+        Inside an open ledger transaction, mark them there and forget() them once it has landed."""
+        mark_trained(self.ledger, label_ids, None)
+        self.forget(label_ids)
+
+    def forget(self, label_ids: Sequence[str]) -> None:
+        """Drop labels from the in-memory pending set, after the ledger has marked them trained."""
+        with self._pending_lock:
+            for label_id in label_ids:
+                self._pending.pop(label_id, None)
 
     def ready(self, now: float | None = None) -> bool:
-        pending = self.pending()
-        if len(pending) >= self.batch_size:
+        with self._pending_lock:
+            n = len(self._pending)
+            oldest = next(iter(self._pending.values()), None)
+        if n >= self.batch_size:
             return True
-        if len(pending) < self.min_batch:
+        if n < self.min_batch or oldest is None:
             return False
-        return (now or time.time()) - pending[0][1]["received"] >= self.max_wait_s
+        return (now or time.time()) - oldest["received"] >= self.max_wait_s
 
     def update(self) -> UpdateOutcome:
         """One incremental update on the oldest pending labels (blocking: run it off the loop)."""
@@ -124,13 +159,14 @@ class UpdateLoop:
         if latest is not None and latest != self.version:
             self._follow(latest)  # e.g. an operator rolled back: continue from that version
             self.version = latest
-        chosen = self.pending()[: self.batch_size]
+        chosen = self.pending(self.batch_size)
         ids = [label_id for label_id, _ in chosen]
         labels = [Label.model_validate(item["label"]) for _, item in chosen]
         samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error, self._known_features(l)) for l in labels]
         before = self.canary_f1(self.version)
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
         held = [s for s in samples if self.holdout is not None and self.holdout(s.id)]
+        undo = self.trainer.snapshot()  # every refusal below goes back to it: weights, optimizer moments, step
         try:
             trainable = [s for s in samples if not any(s is h for h in held)]
             result, kept, poisoned = self._train(trainable) if trainable else (UpdateResult(True, "ok"), [], [])
@@ -140,7 +176,7 @@ class UpdateLoop:
         except torch.cuda.OutOfMemoryError:
             # The device's state, not the labels' fault: they stay pending and the update is
             # tried again after the trainer role's backoff, while the served version goes on.
-            self._follow(self.version)
+            self.trainer.restore(undo)
             error = (f"CUDA out of memory during the update ({memory_summary(self.trainer.prm.device)}); "
                      f"v{self.version} keeps serving and the labels stay pending; lower trainer.micro_batch_size, "
                      f"set trainer.gradient_checkpointing or run the trainer on another GPU")
@@ -148,19 +184,19 @@ class UpdateLoop:
         except (RuntimeError, ValueError) as err:  # e.g. an overflow inside the optimizer step
             result = UpdateResult(False, f"update failed: {str(err).splitlines()[0]}")
             refused = result.reason
-            self._follow(self.version)
+            self.trainer.restore(undo)
         if refused is None and not all(torch.isfinite(t).all() for t in trainable_state(self.trainer.prm, self.trainer.config.mode).values()):
             refused = "the update made weights non-finite"
-            self._follow(self.version)
+            self.trainer.restore(undo)
         after = self.canary_f1(None) if refused is None else None
         if before is not None and after is not None and before - after > self.canary_tolerance:
             refused = f"canary F1 fell from {before:.3f} to {after:.3f} (tolerance {self.canary_tolerance:g})"
-            self._follow(self.version)  # back to the weights that are serving
+            self.trainer.restore(undo)  # back to the weights that are serving
         if refused is not None:
             # A refused batch leaves the served weights as they were; its labels are retired so
             # they are not retried forever (their ids stay in the ledger as trained by no version).
             self.rejected += 1
-            mark_trained(self.ledger, ids + poisoned, None)
+            self.retire(ids + poisoned)
             return UpdateOutcome(result, None, list(dict.fromkeys(ids + poisoned)), rejected=refused)
         prm = self.trainer.prm
         cfg = self.trainer.config
@@ -175,13 +211,14 @@ class UpdateLoop:
         except CheckpointError as err:
             # Serving goes on with the last version; the labels stay pending for the next try
             # (all but poisoned ones, which would only be refused again).
-            self._follow(self.version)
-            mark_trained(self.ledger, poisoned, None)
+            self.trainer.restore(undo)
+            self.retire(poisoned)
             return UpdateOutcome(result, None, ids, error=str(err))
         with self.ledger.transaction():
             mark_trained(self.ledger, ids, manifest.version)
             mark_trained(self.ledger, poisoned, None)
             self.ledger.put(META, "trained_through", manifest.version)
+        self.forget(ids + poisoned)
         self.version = manifest.version
         if after is not None:
             self._canary_f1[manifest.version] = after
@@ -288,10 +325,11 @@ class TrainerRole:
         """Retire labels of earlier rounds that wait for training (as a rejected batch's are), and
         drop such labels from now on. On the training thread: no update reads them meanwhile."""
         def retire() -> int:
-            stale = [label_id for label_id, item in self.ledger.items(PENDING) if item["label"]["round_id"] < round_id]
+            stale = [label_id for label_id, item in self.updates.pending() if item["label"]["round_id"] < round_id]
             with self.ledger.transaction():
                 mark_trained(self.ledger, stale, None)
                 self.ledger.put(META, LABELS_FROM_ROUND, round_id)
+            self.updates.forget(stale)
             return len(stale)
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, retire)

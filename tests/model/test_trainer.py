@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from actprm.model.training.trainer import LabelledSample, Trainer, TrainerConfig, lr_factor
+from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig, lr_factor
 from support.model import (
     assert_optimizer_states_equal,
     changed_keys,
@@ -113,6 +115,55 @@ def test_nan_batch_changes_no_weight_and_no_optimizer_state():
     assert all(p.grad is None for p in prm.parameters())
     r = trainer.update(SAMPLES)
     assert r.applied and all(torch.isfinite(p).all() for p in prm.parameters())
+
+
+@pytest.mark.parametrize("mode", ["heads", "full"])
+@pytest.mark.parametrize("failure", ["non-finite", "exception"])
+def test_a_refused_fit_restores_weights_optimizer_moments_and_step_exactly(mode, failure):
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode=mode, warmup_steps=3))
+    samples = [dataclasses.replace(s) for s in SAMPLES]  # fit keeps hidden states on them: not on the shared ones
+    assert trainer.fit(samples[:2], [], FitConfig(steps=2, mini_batch=2)).applied  # moments a refusal could lose
+    weights, opt, step = clone_state(prm), optimizer_state_snapshot(trainer.optimizer), trainer.step
+    assert step == 2 and all({"exp_avg", "exp_avg_sq", "step"} <= st.keys() for st in opt["state"].values())
+    calls = {"n": 0}
+    real = prm.head_logits
+
+    def fail_on_third(*a, **k):  # two steps are taken (moments, step and lr move), the third fails
+        calls["n"] += 1
+        if calls["n"] == 3 and failure == "exception":
+            raise RuntimeError("injected")
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    prm.head_logits = fail_on_third
+    try:
+        if failure == "exception":
+            with pytest.raises(RuntimeError, match="injected"):
+                trainer.fit(samples, [], FitConfig(steps=4, mini_batch=4))
+        else:
+            r = trainer.fit(samples, [], FitConfig(steps=4, mini_batch=4))
+            assert not r.applied and "non-finite" in r.reason and r.step == step
+    finally:
+        del prm.head_logits
+    assert calls["n"] == 3
+    assert changed_keys(weights, clone_state(prm)) == set()
+    assert_optimizer_states_equal(opt, optimizer_state_snapshot(trainer.optimizer))  # exp_avg, exp_avg_sq, step, lr
+    assert trainer.step == step
+    assert all(p.grad is None for p in prm.parameters())
+
+
+def test_a_snapshot_can_be_restored_twice():
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode="heads", warmup_steps=0))
+    assert trainer.update(SAMPLES[:2]).applied
+    snap = trainer.snapshot()
+    weights, opt = clone_state(prm), optimizer_state_snapshot(trainer.optimizer)
+    for _ in range(2):
+        assert trainer.update(SAMPLES).applied
+        trainer.restore(snap)
+        assert changed_keys(weights, clone_state(prm)) == set() and trainer.step == 1
+        assert_optimizer_states_equal(opt, optimizer_state_snapshot(trainer.optimizer))
 
 
 def test_first_error_out_of_range_is_rejected():

@@ -26,7 +26,8 @@ from actprm.streams.roles.rounds import Admission, RoundKeeper, in_round
 from actprm.streams.roles.scoring import mark_scored, score_batch
 from actprm.streams.roles.swap import ServedModel, VersionFollower, load_for_swap
 from actprm.streams.roles.training import UpdateLoop
-from support.model import synthetic_samples, tiny_prm, torch_one_thread  # noqa: F401  (autouse fixture)
+from support.model import (assert_optimizer_states_equal, optimizer_state_snapshot, synthetic_samples, tiny_prm,
+                           torch_one_thread)  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture
@@ -248,6 +249,67 @@ def test_an_unwritable_checkpoint_dir_fails_the_update_loudly_and_keeps_the_labe
     out = loop.update()
     assert out.manifest is None and out.error
     assert len(loop.pending()) == 4 and loop.store.latest() == 0
+
+
+@pytest.mark.parametrize("refusal", ["non-finite", "checkpoint write"])
+def test_a_refused_update_leaves_weights_optimizer_moments_and_step_as_they_were(tmp_path, ledger, refusal):
+    loop = _loop(tmp_path, ledger, batch_size=2)
+    samples = synthetic_samples(4, seed=11)
+    for s in samples[:2]:
+        loop.receive(_label(s))
+    assert loop.update().manifest.version == 1  # moments a refusal could lose
+    trainer = loop.trainer
+    weights = {k: v.clone() for k, v in trainable_state(trainer.prm, "heads").items()}
+    opt, step = optimizer_state_snapshot(trainer.optimizer), trainer.step
+    for s in samples[2:]:
+        loop.receive(_label(s))
+    if refusal == "checkpoint write":  # the update trains, then its version cannot be written
+        lock = loop.store.root / ".lock"
+        lock.unlink(missing_ok=True)
+        lock.mkdir()
+    else:  # the update trains, then its weights are found non-finite
+        real = trainer.fit
+
+        def fit_then_poison(*a, **k):
+            result = real(*a, **k)
+            with torch.no_grad():
+                trainer.prm.heads.b3.fill_(float("nan"))
+            return result
+
+        trainer.fit = fit_then_poison
+    out = loop.update()
+    assert out.manifest is None and (out.error if refusal == "checkpoint write" else "non-finite" in out.rejected)
+    after = trainable_state(trainer.prm, "heads")
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert_optimizer_states_equal(opt, optimizer_state_snapshot(trainer.optimizer))  # exp_avg, exp_avg_sq, step, lr
+    assert trainer.step == step and loop.version == 1
+
+
+def test_pending_labels_are_held_in_memory_in_arrival_order_and_the_ledger_keeps_them_across_a_restart(tmp_path):
+    ledger = Ledger(tmp_path / "ledger")
+    loop = _loop(tmp_path, ledger, batch_size=3, min_batch=2, max_wait_s=30)
+    samples = synthetic_samples(5, seed=12)
+    for s in samples[:2]:
+        assert loop.receive(_label(s))
+    assert not loop.ready() and loop.n_pending == 2
+    received = loop.pending()[0][1]["received"]
+    assert loop.ready(now=received + 30)  # min_batch waiting max_wait_s
+    for s in samples[2:]:
+        assert loop.receive(_label(s))
+    assert not loop.receive(_label(samples[1]))  # pending: a redelivery is dropped
+    ids = [s.id for s in samples]
+    assert [i for i, _ in loop.pending()] == ids and [i for i, _ in loop.pending(3)] == ids[:3] and loop.ready()
+    assert [i for i, _ in ledger.items(PENDING)] == sorted(ids)  # the durable copy, written first
+    out = loop.update()
+    assert out.label_ids == ids[:3] and [i for i, _ in loop.pending()] == ids[3:]
+    assert sorted(i for i, _ in ledger.items(PENDING)) == ids[3:]
+    ledger.close()
+    ledger = Ledger(tmp_path / "ledger")
+    restarted = _loop(tmp_path, ledger, batch_size=3)
+    assert [i for i, _ in restarted.pending()] == ids[3:] and restarted.pending() == loop.pending()
+    restarted.retire([ids[3]])
+    assert [i for i, _ in restarted.pending()] == ids[4:] and not ledger.has(PENDING, ids[3])
+    ledger.close()
 
 
 # --- scoring and swaps -------------------------------------------------------------------
