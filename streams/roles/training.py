@@ -21,7 +21,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -42,6 +42,7 @@ from actprm.streams.state.journal import Journal
 from actprm.streams.state.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
 from actprm.client.messages import Label, ModelVersion
 from actprm.streams.roles.rounds import RoundKeeper
+from actprm.streams.roles.swap import Serving
 from actprm.streams.kafka.sender import Event, LastError, Sender
 from actprm.streams.state.series import KeepFirstAndLast
 from actprm.client.topics import Topics
@@ -279,12 +280,12 @@ class TrainerRole:
     """The single writer of versions: takes labels, updates when enough are pending, publishes."""
 
     def __init__(self, updates: UpdateLoop, rounds: RoundKeeper, sender: Sender, topics: Topics, journal: Journal,
-                 errors: LastError, online_window: int, after_publish: Callable[[], Awaitable[None]] | None = None,
+                 errors: LastError, online_window: int, serving: Serving | None = None,
                  consolidate: ConsolidateConfig | None = None):
         self.updates, self.rounds, self.sender, self.topics, self.journal = updates, rounds, sender, topics, journal
         self.errors = errors
         self.ledger, self.store = updates.ledger, updates.store
-        self.after_publish = after_publish  # a scorer in this process switches at once
+        self.serving = serving  # a scorer's in this process: it switches at once, without waiting for the announcement
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-train")  # updates, rollbacks, retiring labels
         # candidates trained on all labels kept, beside this loop (streams/roles/consolidation.py)
         self.consolidator = Consolidator(updates, consolidate, self.pool) if consolidate is not None else None
@@ -419,8 +420,8 @@ class TrainerRole:
                                 metrics={k: float(v) for k, v in m.metrics.items() if v is not None},
                                 created_at=m.created, status="rolled_back" if m.kind == "rollback" else "published")
         await self.sender.send(self.topics.versions, str(m.version), messages.encode(announce))
-        if self.after_publish is not None:
-            await self.after_publish()
+        if self.serving is not None:
+            await self.serving.follow(m.version)
 
     def close(self) -> None:
         if self.consolidator is not None:
