@@ -188,7 +188,7 @@ class Demo(faust.Service):
             settled = pipeline_settled(proc)
             if proc.trainer is not None and settled:
                 await proc.trainer.maybe_update(force=True)
-                settled = not proc.trainer.updates.pending() and not proc.trainer.updating
+                settled = not proc.trainer.updates.n_pending and not proc.trainer.updating
                 consolidator = proc.trainer.consolidator
                 settled = settled and (consolidator is None or consolidator.running_since is None)
             waited = time.monotonic() - self._drain_started

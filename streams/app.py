@@ -174,9 +174,11 @@ def wire_agents(app: faust.App, proc: Process, bootstrap: str, broker_epoch: str
             async for batch in stream.take_events(64, within=0.2):
                 await _handle(proc, "trainer", proc.trainer.on_labels, _events(batch))
 
-        @app.timer(0.5)
-        async def update():
-            await _guarded(proc, "update", proc.trainer.maybe_update)
+        @app.task
+        async def update_when_due():
+            # Woken by arriving labels (TrainerRole.on_labels) and by control commands; at start it
+            # takes up labels the last run left pending.
+            await proc.trainer.run_updates()
 
     if proc.judge is not None:
         @app.agent(_raw_topic(app, t.annotations))

@@ -185,11 +185,14 @@ async def _pause(proc: Process, paused: bool, scope: str) -> str | None:
         proc.paused_consume = paused
         if rounds is not None:
             rounds.pause(annotate=paused, train=paused)
+            proc.trainer.wake()  # resumed: labels kept meanwhile may be due
         return ("consumption paused; offsets stay uncommitted, so nothing is lost" if paused
                 else "consumption resumed")
     if rounds is None:
         return None
     rounds.pause(**{scope: paused})
+    if proc.trainer is not None:
+        proc.trainer.wake()
     if scope == "annotate":
         return ("annotation paused: rewards keep flowing, no new judge requests" if paused
                 else "annotation resumed")
@@ -229,6 +232,7 @@ async def _set(proc: Process, args: dict) -> str:
         proc.scorer.rebuild_selector()
     elif key.startswith("update.") and proc.trainer is not None:
         setattr(proc.trainer.updates, key.split(".")[1], value)
+        proc.trainer.wake()  # e.g. a smaller batch_size may make an update due now
     elif key == "round.budget" and proc.keeper is not None:
         proc.keeper.set_budget(value)
     return f"{key} = {value!r}"

@@ -125,7 +125,7 @@ class Process:
                     "paused_annotate": st.paused_annotate, "paused_train": st.paused_train}
         if self.trainer:
             t = self.trainer
-            out |= {"pending_labels": len(t.updates.pending()), "trained_version": t.updates.version,
+            out |= {"pending_labels": t.updates.n_pending, "trained_version": t.updates.version,
                     "labels_received": c["labels_received"], "labels_duplicate": c["labels_duplicate"],
                     "labels_stale_round": c["labels_stale_round"], "labels_trained": c["labels_trained"],
                     "labels_replayed": c["labels_replayed"],

@@ -295,6 +295,7 @@ class TrainerRole:
         self.updating = False
         self._retry_at = 0.0  # after a failed write, the next try waits (backoff)
         self._failures_in_row = 0
+        self._wake = asyncio.Event()  # set by what may make an update due (see run_updates)
 
     # --- labels ----------------------------------------------------------------------------
 
@@ -307,6 +308,7 @@ class TrainerRole:
                 self._test_label(msg)
             else:
                 self.counts["labels_duplicate"] += 1
+        self.wake()
 
     def accepts(self, label: Label) -> bool:
         """False for a label of a round closed by `reset-round` without --keep-pending (drop it)."""
@@ -337,16 +339,47 @@ class TrainerRole:
 
     # --- updates ---------------------------------------------------------------------------
 
+    def wake(self) -> None:
+        """Something may have made an update due: labels arrived, training resumed, update.* was set."""
+        self._wake.set()
+
+    async def run_updates(self) -> None:
+        """The trainer's update loop (an app task): it sleeps until woken or until the oldest pending
+        label's wait (update.max_wait_s) or a failed write's backoff runs out; it never polls."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._seconds_to_due())
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.maybe_update()
+            except Exception as err:  # noqa: BLE001  (the loop must go on; the error is reported)
+                self.errors.note(f"update: {type(err).__name__}: {err}"[:300])
+                log.exception("update failed")
+
+    def _seconds_to_due(self) -> float | None:
+        """How long until an update is due with no new event; None: only an event can make one due."""
+        u = self.updates
+        if self.updating or self.rounds.state.paused_train or u.n_pending < u.min_batch:
+            return None  # an update under way wakes the loop when it ends
+        backoff = max(0.0, self._retry_at - time.monotonic())
+        if u.n_pending >= u.batch_size:
+            return backoff
+        oldest = u.pending(1)[0][1]["received"]
+        return max(backoff, oldest + u.max_wait_s - time.time())
+
     async def maybe_update(self, force: bool = False) -> None:
         if self.updating or self.rounds.state.paused_train or time.monotonic() < self._retry_at:
             return
-        if not (self.updates.ready() or (force and self.updates.pending())):
+        if not (self.updates.ready() or (force and self.updates.n_pending)):
             return
         self.updating = True
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(self.pool, self.updates.update)
         finally:
             self.updating = False
+            self.wake()  # the update loop looks again: more labels may be due
         r, published = outcome.result, outcome.manifest
         self.journal.append("updates", {
             "version": published.version if published else None,
