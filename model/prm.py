@@ -139,16 +139,18 @@ class EnsemblePRM(nn.Module):
 
     @torch.inference_mode()
     def score(self, trajectories: list[tuple[str, list[str]]], threshold: float = 0.5, *,
-              keep_features: bool = False) -> list[StepScores]:
+              keep_features: bool = False, batch_size: int | None = None, max_tokens: int | None = None) -> list[StepScores]:
         """Score (problem, steps) pairs in batches; results keep the input order.
 
-        keep_features: also return each trajectory's hidden states at its steps (float32, CPU)."""
+        keep_features: also return each trajectory's hidden states at its steps (float32, CPU).
+        batch_size, max_tokens: this call's batch limits (a scorer's live settings); by default
+        the config's score_batch_size and score_max_tokens."""
         self.eval()
         encoded = [self.encode(problem, steps) for problem, steps in trajectories]
         # Batching similar lengths together wastes less compute on padding.
         # Sorted by length, cut by count and by a padded-token budget (plan_batches).
-        plan = plan_batches([len(e.input_ids) for e in encoded], self.config.score_batch_size,
-                            self.config.score_max_tokens)
+        plan = plan_batches([len(e.input_ids) for e in encoded], batch_size or self.config.score_batch_size,
+                            max_tokens or self.config.score_max_tokens)
         results: list[StepScores | None] = [None] * len(encoded)
         for idx in plan:
             batch = self.collate([encoded[i] for i in idx])

@@ -57,11 +57,14 @@ def scored_before(ledger: Ledger, trajectory_id: str, epoch: str | None) -> bool
 
 
 def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: list[Trajectory], round_id: int = 0,
-                epoch: str | None = None, memo: FeatureMemo | None = None, needs_gold: bool = False) -> ScoredBatch:
+                epoch: str | None = None, memo: FeatureMemo | None = None, needs_gold: bool = False,
+                batch_size: int | None = None, max_tokens: int | None = None) -> ScoredBatch:
     """Score trajectories not scored before; the caller marks them scored once rewards are sent.
 
     memo: keep the hidden states of the selected ones there, for a trainer in this process.
-    needs_gold: the judge labels from gold only, so a trajectory without gold is not selected."""
+    needs_gold: the judge labels from gold only, so a trajectory without gold is not selected.
+    batch_size, max_tokens: the limits of one forward pass, scorer.max_batch and
+    scorer.max_batch_tokens as they are now (`ctl set` changes them), not as they were at start."""
     fresh, duplicates, seen = [], [], set()
     for t in batch:
         if scored_before(ledger, t.id, epoch) or t.id in seen:
@@ -72,7 +75,8 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
     if not fresh:
         return ScoredBatch([], [], duplicates, served.version)
     start = time.perf_counter()
-    scores = served.prm.score([(t.problem, t.steps) for t in fresh], keep_features=memo is not None)
+    scores = served.prm.score([(t.problem, t.steps) for t in fresh], keep_features=memo is not None,
+                              batch_size=batch_size, max_tokens=max_tokens)
     uncertain = selector.select(scores)
     selected = [u and (not needs_gold or t.gold_first_error is not None) for t, u in zip(fresh, uncertain)]
     if memo is not None:
@@ -173,7 +177,8 @@ class ScorerRole:
         round_id = self.rounds.state.round_id if self.rounds is not None else 0  # elsewhere: the keeper restamps
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.pool, score_batch, served, self.selector, self.ledger, batch,
-                                            round_id, self.epoch, self.memo, self.needs_gold)
+                                            round_id, self.epoch, self.memo, self.needs_gold, self.settings.max_batch,
+                                            self.settings.max_batch_tokens)
         self.counts["scored"] += len(result.rewards)
         self.selected_flags.extend(int(r.selected) for r in result.rewards)
         if result.rewards:
