@@ -111,17 +111,30 @@ class UpdateLoop:
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""
-        if label.id in self._pending or self.ledger.has(TRAINED, label.id) or self.ledger.has(CANARY, label.id):
-            return False
-        if len(self.canary) < self.canary_size:
-            self.ledger.put(CANARY, label.id, label.model_dump(mode="json"))
-            self.canary.append(label)
-            return True
-        item = {"label": label.model_dump(mode="json"), "received": time.time()}
-        self.ledger.put(PENDING, label.id, item)  # the durable copy first
+        return self.receive_many([label])[0]
+
+    def receive_many(self, labels: Sequence[Label]) -> list[bool]:
+        """Keep labels for the next updates in one ledger write; False for each id seen before.
+        They join the in-memory pending set only once that write has landed: an update on the
+        training thread never takes a label the ledger does not hold yet."""
+        kept, seen, items = [], set(), {}
+        with self.ledger.transaction():
+            for label in labels:
+                new = (label.id not in seen and label.id not in self._pending and not self.ledger.has(TRAINED, label.id)
+                       and not self.ledger.has(CANARY, label.id))
+                seen.add(label.id)
+                kept.append(new)
+                if not new:
+                    continue
+                if len(self.canary) < self.canary_size:
+                    self.ledger.put(CANARY, label.id, label.model_dump(mode="json"))
+                    self.canary.append(label)
+                    continue
+                items[label.id] = {"label": label.model_dump(mode="json"), "received": time.time()}
+                self.ledger.put(PENDING, label.id, items[label.id])  # the durable copy first
         with self._pending_lock:
-            self._pending[label.id] = item
-        return True
+            self._pending.update(items)
+        return kept
 
     def pending(self, limit: int | None = None) -> list[tuple[str, dict]]:
         """The pending labels, oldest first (the first `limit`), as (label id, ledger value)."""
@@ -300,12 +313,13 @@ class TrainerRole:
     # --- labels ----------------------------------------------------------------------------
 
     async def on_labels(self, events: Sequence[Event]) -> None:
-        for _, msg in await self.sender.decoded(Label, events):
-            if not self.accepts(msg):
-                self.counts["labels_stale_round"] += 1  # its round was reset without --keep-pending
-            elif self.updates.receive(msg):
+        labels = [msg for _, msg in await self.sender.decoded(Label, events)]
+        current = [label for label in labels if self.accepts(label)]
+        self.counts["labels_stale_round"] += len(labels) - len(current)  # their round was reset without --keep-pending
+        for label, new in zip(current, self.updates.receive_many(current)):  # one ledger write for the take
+            if new:
                 self.counts["labels_received"] += 1
-                self._test_label(msg)
+                self._test_label(label)
             else:
                 self.counts["labels_duplicate"] += 1
         self.wake()
