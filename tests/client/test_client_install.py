@@ -20,7 +20,6 @@ CACHE = Path(os.environ.get("ACTPRM_CACHE", Path.home() / ".cache" / "actprm")) 
 SCRIPT = r"""
 import asyncio, json, sys
 from actprm.client import RewardClient, load_client_settings
-from support.paths import ROOT
 
 async def main():
     settings = load_client_settings(gateway={"timeout_s": 1, "on_failure": "fallback"})
