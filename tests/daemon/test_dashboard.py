@@ -12,6 +12,7 @@ import re
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
 from support.paths import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -84,13 +85,13 @@ def _queried() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> set[str]:
     """Sample names on a real daemon process's /metrics page after one of each observation."""
-    from actprm.daemon.metrics import start_metrics
+    from actprm.daemon.metrics import Metrics, start_metrics
     from actprm.daemon.settings import Settings
     from support.roles import memory_process
 
     settings = Settings(state_dir=tmp_path_factory.mktemp("dash"), model={"backbone": "tiny", "n_heads": 4, "max_length": 256},
                         metrics={"port": 0})
-    rt, _ = memory_process(settings)
+    rt, _ = memory_process(settings, metrics=Metrics())
     try:
         assert asyncio.run(start_metrics(rt)) is None  # port 0: no server, the Metrics is attached
         m = rt.metrics
