@@ -125,14 +125,14 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
-    broker, bootstrap, metrics = None, settings.kafka.bootstrap, Metrics()
+    broker, bootstrap, watch = None, settings.kafka.bootstrap, None
     if not bootstrap:
         from actprm.streams.kafka.broker import BrokerWatch, EmbeddedBroker
 
         broker = EmbeddedBroker(port=settings.kafka.embedded_port)
         broker.start()
         bootstrap = broker.bootstrap
-        metrics.broker_watch = BrokerWatch(lambda: broker.pid)  # ctl status, metrics, the status line
+        watch = BrokerWatch(lambda: broker.pid)  # its memory: ctl status, metrics, the status line
         log.warning("no Kafka configured: started the embedded broker (memory only, lost on exit)", bootstrap=bootstrap)
     try:
         topics, kafka = Topics(settings.kafka.topic_prefix), aiokafka_options(settings.kafka)
@@ -141,7 +141,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         PROCESS_CONTEXT.update(role=",".join(options.roles))
         epoch = asyncio.run(claim_epoch(bootstrap, topics.epoch, **kafka))
         app = make_app(settings, options.roles, bootstrap, epoch)
-        proc = build_process(settings, options.roles, topics, kafka_sender(app, topics, WriteGate()), epoch, metrics)
+        proc = build_process(settings, options.roles, topics, kafka_sender(app, topics, WriteGate()), epoch,
+                             Metrics(broker_watch=watch))
         PROCESS_CONTEXT.update(proc.log_context())
         if "scorer" in options.roles and settings.judge.kind == "oracle":
             log.warning("the judge is the gold-label one (judge.kind=oracle): samples without gold (those of RL clients "

@@ -193,7 +193,8 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
             replay = ReplayStore(s.state_dir / "replay", u.replay_size, cache_key(template)[0] if heads_only else None)
             updates = UpdateLoop(Trainer(template, s.trainer), store, ledger, u.batch_size, u.max_wait_s, u.min_batch,
                                  canary_size=u.canary_size, canary_tolerance=u.canary_tolerance,
-                                 keep_versions=u.keep_versions, fit=u, replay=replay, memo=memo)
+                                 keep_versions=u.keep_versions, fit=u, replay=replay, memo=memo,
+                                 validation=s.consolidate)
             trainer = TrainerRole(updates, rounds, sender, topics, journal, errors, u.online_window,
                                   serving=scorer.serving if scorer else None, consolidate=s.consolidate)
     if "judge" in roles:

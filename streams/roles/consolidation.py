@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.training.checkpoints import CheckpointError, Manifest
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, id_hash, train_candidate, validation_figures,
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, train_candidate, validation_figures,
                                       validation_ids)
 from actprm.model.training.trainer import LabelledSample, load_trainable_state, trainable_state
 from actprm.streams.state.ledger import META
@@ -57,9 +57,9 @@ class Consolidator:
     def __init__(self, updates, config: ConsolidateConfig, train_pool: ThreadPoolExecutor):
         # config: the `consolidate` settings section (read live: `ctl set` changes it in place)
         self.updates, self.config = updates, config
-        # The validation slice is kept out of the online updates too: the served version is
-        # then compared with the candidate on labels neither has trained on.
-        updates.holdout = lambda label_id: id_hash(label_id) < self.config.val_fraction
+        # Its validation slice is kept out of the online updates by the update loop itself
+        # (UpdateLoop.held_out, given these settings): the served version is then compared with
+        # the candidate on labels neither has trained on.
         self.train_pool = train_pool  # the update loop's own thread
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-consolidate")
         self.running_since: float | None = None

@@ -21,7 +21,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -31,7 +31,7 @@ import torch
 
 from actprm.model.backbone import memory_summary
 from actprm.model.training.checkpoints import CheckpointError, CheckpointStore, Manifest
-from actprm.model.training.consolidate import ConsolidateConfig
+from actprm.model.training.consolidate import ConsolidateConfig, id_hash
 from actprm.model.training.replay import FeatureMemo, ReplayStore
 from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, trainable_state
 from actprm.model.eval.metrics import processbench_scores
@@ -64,7 +64,8 @@ class UpdateOutcome:
 class UpdateLoop:
     def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float,
                  min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05, keep_versions: int = 0,
-                 fit: FitConfig | None = None, replay: ReplayStore | None = None, memo: FeatureMemo | None = None):
+                 fit: FitConfig | None = None, replay: ReplayStore | None = None, memo: FeatureMemo | None = None,
+                 validation: ConsolidateConfig | None = None):
         self.trainer, self.store, self.ledger = trainer, store, ledger
         self.fit = fit or FitConfig(steps=1, replay_share=0.0)  # without a FitConfig: the one-step update
         self.replay, self.memo = replay, memo
@@ -83,9 +84,10 @@ class UpdateLoop:
         self._pending: dict[str, dict] = dict(sorted(ledger.items(PENDING), key=lambda kv: kv[1]["received"]))
         self._pending_lock = threading.Lock()
         self.rejected = 0
-        # label id -> True for a label kept out of training: a consolidation's validation slice
-        # (streams/roles/consolidation.py), so the served version is never scored there on labels it learnt
-        self.holdout: Callable[[str], bool] | None = None
+        # The consolidation settings (read live) when consolidations run: their validation slice
+        # is kept out of the online updates too (held_out), so the served version is never
+        # compared with a candidate on labels it learnt (streams/roles/consolidation.py).
+        self.validation = validation
 
     def _reconcile(self) -> int:
         """Mark labels trained by versions the ledger has not recorded (a crash after save)."""
@@ -108,6 +110,10 @@ class UpdateLoop:
         A refused update is undone with Trainer.restore instead, never from disk."""
         _, tensors = self.store.load(version)
         self.trainer.load(tensors)
+
+    def held_out(self, label_id: str) -> bool:
+        """Is this label in the consolidations' validation slice (never trained online)?"""
+        return self.validation is not None and id_hash(label_id) < self.validation.val_fraction
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""
@@ -179,7 +185,7 @@ class UpdateLoop:
         samples = [LabelledSample(l.id, l.problem, l.steps, l.first_error, self._known_features(l)) for l in labels]
         before = self.canary_f1(self.version)
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
-        held = [s for s in samples if self.holdout is not None and self.holdout(s.id)]
+        held = [s for s in samples if self.held_out(s.id)]
         undo = self.trainer.snapshot()  # every refusal below goes back to it: weights, optimizer moments, step
         try:
             trainable = [s for s in samples if not any(s is h for h in held)]
@@ -254,8 +260,7 @@ class UpdateLoop:
 
         Returns the last step's result, the samples trained on, and the ids refused alone."""
         replay = self.replay.samples() if self.replay is not None else []
-        if self.holdout is not None:
-            replay = [s for s in replay if not self.holdout(s.id)]
+        replay = [s for s in replay if not self.held_out(s.id)]
         result = self.trainer.fit(samples, replay, self.fit)
         if result.applied:
             return result, list(samples), []
