@@ -78,7 +78,7 @@ def build_process(settings: Settings, roles: tuple[str, ...], topics: Topics, se
     appear (its trainer may be another process) and serves the newest."""
     s = settings
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(s.state_dir / "ledger")
+    ledger = Ledger(s.state_dir / "ledger", retention_s=s.ledger_retention_s or None)  # 0: keep every key
     store = CheckpointStore(s.checkpoints)
     store.clean_partial()
     journal = Journal(s.state_dir)
@@ -435,7 +435,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
             if proc.metrics is not None:
                 from actprm.streams.broker import BrokerWatch
 
-                proc.metrics.broker_watch = BrokerWatch(lambda: broker.pid)  # ctl status, metrics, the status line
+                limit = settings.broker_memory_limit_mb
+                proc.metrics.broker_watch = BrokerWatch(lambda: broker.pid, int(limit * (1 << 20)) if limit else None)  # ctl status, metrics, the status line
 
         if options.synthetic:
             from actprm.model.synthetic import parse_kinds

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
     checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
     stop_timeout_s: float = Field(30.0, gt=0, description="a stop (SIGTERM, Ctrl-C) that has not finished after this long exits at once; 5 s while the broker is unreachable")
+    # Dedupe keys guard against redeliveries, which cannot be older than the topics' retention
+    # (Kafka's default: 7 days); longer costs disk (about 330 B a trajectory), shorter risks a
+    # redelivery scored and charged twice (streams/ledger.py).
+    ledger_retention_s: float = Field(7 * 24 * 3600.0, ge=0, description="how long the ledger keeps a dedupe key (scored, admitted, judged, trained), in BUCKETS=7 whole buckets; keep it at least the topics' retention; 0 keeps every key forever")
+    # Named so that its variable is ACTPRM_BROKER_MEMORY_LIMIT_MB, which `actprm broker` reads too.
+    broker_memory_limit_mb: float | None = Field(None, gt=0, description="the embedded broker (no retention: it keeps every message in memory) is warned about in status, metrics and the log at 80% of this; default half the host's memory")
     # The stream side's sections (streams/config.py): each part reads its own.
     kafka: KafkaSettings = KafkaSettings()
     selection: SelectionSettings = SelectionSettings()
