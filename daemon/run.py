@@ -20,7 +20,7 @@ import faust
 import structlog
 
 from actprm.daemon.logs import PROCESS_CONTEXT
-from actprm.daemon.memory import bound_arenas, trim
+from actprm.daemon.memory import bound_arenas, fix_mmap_threshold, trim
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.model.backbone import default_hidden_layer, load_backbone
@@ -405,6 +405,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        fix_mmap_threshold()  # activations of every size would fragment the heaps (daemon/memory.py)
     broker = None
     bootstrap = settings.kafka.bootstrap
     if not bootstrap:
