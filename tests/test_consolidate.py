@@ -150,7 +150,8 @@ def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
     H = tiny.hidden_size
     val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
     cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
-                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1"), seed=1)
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=0,
+                                             min_val_labels=0), seed=1)  # early stopping alone: no floor, slice trusted
     assert cand.stopped == "early stopping" and cand.epochs == cand.best_epoch + 3 < 40, cand.history
     best = cand.history[cand.best_epoch]
     assert (cand.figures.f1, cand.figures.loss) == (best["val_f1"], best["val_loss"])
@@ -164,7 +165,8 @@ def test_train_candidate_takes_min_steps_before_it_stops_early(tiny):
     H = tiny.hidden_size
     val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
     cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
-                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=30),
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=30,
+                                             min_val_labels=0),
                            seed=1)
     assert cand.stopped == "early stopping" and cand.steps >= 30 and cand.epochs >= 10, cand.history
     assert cand.epochs >= cand.best_epoch + 3 and cand.val_trusted
