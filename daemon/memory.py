@@ -4,7 +4,7 @@ glibc gives each thread that allocates its own arena (up to 8 x cores), and a fr
 inside an arena is kept for reuse, not returned to the system: a daemon whose threads (the
 event loop, torch's, RocksDB's, the journal's, the swap and training pools) churn through
 tensors and JSON keeps growing in RSS with no leak at all. Two arenas bound the first
-(MALLOC_ARENA_MAX=2, set at start); a periodic malloc_trim(0) returns the free pages of every
+(MALLOC_ARENA_MAX=2, set at start); a malloc_trim(0) every TRIM_EVERY_S returns the free pages of every
 arena. Elsewhere than glibc these are no-ops.
 
 What trimming cannot return is a heap fragmented by blocks of many sizes: glibc serves a block
@@ -27,6 +27,9 @@ M_ARENA_MAX = -8  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 ARENAS = 2
 MMAP_THRESHOLD = 4 << 20  # blocks from this size up get their own mapping, returned when freed
+# malloc_trim(0) takes ~1 ms on the daemon's heaps (measured): often enough that what a few seconds
+# of scoring and training free is not kept resident until the next minute.
+TRIM_EVERY_S = 10.0
 
 _libc = None
 

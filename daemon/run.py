@@ -20,7 +20,7 @@ import faust
 import structlog
 
 from actprm.daemon.logs import PROCESS_CONTEXT
-from actprm.daemon.memory import bound_arenas, fix_mmap_threshold, trim
+from actprm.daemon.memory import TRIM_EVERY_S, bound_arenas, fix_mmap_threshold, trim
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.model.backbone import default_hidden_layer, load_backbone
@@ -260,7 +260,7 @@ class StatusService(faust.Service):
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
             self.proc.journal.append_if_changed("status", self.proc.status())  # idle: a line every few minutes
-            if time.monotonic() - self._trimmed >= 60:  # freed native memory back to the system (daemon/memory.py)
+            if time.monotonic() - self._trimmed >= TRIM_EVERY_S:  # freed native memory back to the system (daemon/memory.py)
                 self._trimmed = time.monotonic()
                 trim()
 

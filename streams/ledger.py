@@ -44,10 +44,13 @@ _LEGACY_DROP_AT = "ledger_legacy_drop_at"  # META: when unbucketed keys of an ol
 # bloom-filter blocks (about 1.5 bytes a key) follow the data, which the retention bounds
 # (rate x retention keys). Not in the block cache: a compacted file's filter outgrows a cache
 # shard and would be read again on every lookup (measured: 750 us a get instead of 1 us).
-WRITE_BUFFER_BYTES = 16 << 20  # per memtable; at most MAX_WRITE_BUFFERS of them
+# 8 MB memtables and an 8 MB cache (were 16 and 32): the daemon's RSS goal is +5% (~35 MB) after
+# the warm-up, and memtables filling and a cache warming over the first half hour took most of it. A
+# new id (the common lookup) is answered by the bloom filter; the cache only serves hits.
+WRITE_BUFFER_BYTES = 8 << 20  # per memtable; at most MAX_WRITE_BUFFERS of them
 MAX_WRITE_BUFFERS = 2
 ARENA_BLOCK_BYTES = 4 << 20
-BLOCK_CACHE_BYTES = 32 << 20
+BLOCK_CACHE_BYTES = 8 << 20
 MAX_OPEN_FILES = 256
 
 
