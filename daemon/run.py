@@ -22,7 +22,7 @@ from actprm.client.settings import aiokafka_options
 from actprm.client.topics import Topics, ensure_topics
 from actprm.daemon.demo import Demo, produce_builtin_stream
 from actprm.daemon.logs import PROCESS_CONTEXT
-from actprm.daemon.memory import bound_arenas, trim
+from actprm.daemon.memory import TRIM_EVERY_S, bound_arenas, fix_mmap_threshold, trim
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.streams.app import BoundedStopWorker, kafka_sender, make_app, supervise_embedded_broker, wire_agents
@@ -112,7 +112,7 @@ class StatusService(faust.Service):
             await self.sleep(self.options.status_interval_s)
             print(self.line(), file=sys.stderr, flush=True)
             self.proc.journal.append_if_changed("status", self.proc.status())  # idle: a line every few minutes
-            if time.monotonic() - self._trimmed >= 60:  # freed native memory back to the system (daemon/memory.py)
+            if time.monotonic() - self._trimmed >= TRIM_EVERY_S:  # freed native memory back to the system (daemon/memory.py)
                 self._trimmed = time.monotonic()
                 trim()
 
@@ -125,6 +125,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        fix_mmap_threshold()  # activations of every size would fragment the heaps (daemon/memory.py)
     broker, bootstrap, watch = None, settings.kafka.bootstrap, None
     if not bootstrap:
         from actprm.streams.kafka.broker import BrokerWatch, EmbeddedBroker
@@ -132,7 +134,8 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         broker = EmbeddedBroker(port=settings.kafka.embedded_port)
         broker.start()
         bootstrap = broker.bootstrap
-        watch = BrokerWatch(lambda: broker.pid)  # its memory: ctl status, metrics, the status line
+        limit = settings.broker_memory_limit_mb
+        watch = BrokerWatch(lambda: broker.pid, int(limit * (1 << 20)) if limit else None)  # ctl status, metrics, status line
         log.warning("no Kafka configured: started the embedded broker (memory only, lost on exit)", bootstrap=bootstrap)
     try:
         topics, kafka = Topics(settings.kafka.topic_prefix), aiokafka_options(settings.kafka)

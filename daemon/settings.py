@@ -69,6 +69,8 @@ class Settings(ProcessSettings, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ACTPRM_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
 
     stop_timeout_s: float = Field(30.0, gt=0, description="a stop (SIGTERM, Ctrl-C) that has not finished after this long exits at once; 5 s while the broker is unreachable")
+    # Named so that its variable is ACTPRM_BROKER_MEMORY_LIMIT_MB, which `actprm broker` reads too.
+    broker_memory_limit_mb: float | None = Field(None, gt=0, description="the embedded broker (no retention: it keeps every message in memory) is warned about in status, metrics and the log at 80% of this; default half the host's memory")
     builtin: BuiltinStreamSettings = BuiltinStreamSettings()
     metrics: MetricsSettings = MetricsSettings()
     gateway: GatewaySettings = GatewaySettings()

@@ -103,6 +103,10 @@ class ProcessSettings(BaseModel):
 
     state_dir: Path = Field(Path(".actprm"), description="durable local state: ledgers (rocksdict) and, by default, checkpoints")
     checkpoint_dir: Path | None = Field(None, description="weights versions; may be a shared directory (default STATE_DIR/checkpoints)")
+    # Dedupe keys guard against redeliveries, which cannot be older than the topics' retention
+    # (Kafka's default: 7 days); longer costs disk (about 330 B a trajectory), shorter risks a
+    # redelivery scored and charged twice (streams/state/ledger.py).
+    ledger_retention_s: float = Field(7 * 24 * 3600.0, ge=0, description="how long the ledger keeps a dedupe key (scored, admitted, judged, trained), in BUCKETS=7 whole buckets; keep it at least the topics' retention; 0 keeps every key forever")
     kafka: KafkaSettings = KafkaSettings()
     selection: SelectionSettings = SelectionSettings()
     scorer: ScorerSettings = ScorerSettings()

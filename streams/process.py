@@ -157,7 +157,7 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
     appear (its trainer may be another process) and serves the newest."""
     s = settings
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(s.state_dir / "ledger")
+    ledger = Ledger(s.state_dir / "ledger", retention_s=s.ledger_retention_s or None)  # 0: keep every key
     store = CheckpointStore(s.checkpoints)
     store.clean_partial()
     journal = Journal(s.state_dir)

@@ -212,7 +212,20 @@ def summarise(samples: list[dict], warmup_s: float, rate: float, project_rate: f
             "status_latency_s": {"first_half_p50": _median(status[:half]), "second_half_p50": _median(status[half:])},
             # the goal: within +5% over the run after the warm-up
             "daemon_rss_change_pct": round(100 * (rss[-1] - rss[0]) / rss[0], 1) if rss[0] else None,
+            "daemon_rss_window": rss_window(kept),
             "growth": growth, "project_rate": project_rate, "week_trajectories": int(week)}
+
+
+def rss_window(kept: list[dict], edge_s: float = 60.0) -> dict:
+    """The daemon's RSS over the run after the warm-up, its first and last `edge_s` each taken as
+    a median: a single sample lands anywhere in the saw-tooth of a minute's allocations and
+    trims (tens of MB), so two single samples say more about when they fell than about growth."""
+    t0, t1 = kept[0]["t_s"], kept[-1]["t_s"]
+    first = _median([s["daemon_rss_mb"] for s in kept if s["t_s"] <= t0 + edge_s])
+    last = _median([s["daemon_rss_mb"] for s in kept if s["t_s"] >= t1 - edge_s])
+    return {"minutes": round((t1 - t0) / 60, 1), "first_median_mb": first, "last_median_mb": last,
+            "max_mb": max(s["daemon_rss_mb"] for s in kept),
+            "change_pct": round(100 * (last - first) / first, 1) if first else None}
 
 
 def _median(xs: list[float]) -> float | None:

@@ -88,10 +88,13 @@ def simulate(
     cache_dir: Annotated[Optional[Path], typer.Option(help="feature cache (default $ACTPRM_CACHE/features)")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
     consolidate: Annotated[bool, typer.Option(help="also consolidate a PRM on each run's admitted labels, as the daemon does (the consolidated column)")] = True,
-    consolidate_start: Annotated[str, typer.Option(help="consolidation starts from 'fresh' heads (their initial weights) or the run's 'served' PRM")] = "fresh",
+    consolidate_start: Annotated[Optional[str], typer.Option(help="consolidation starts from 'fresh' heads (their initial weights) or the run's 'served' PRM (default: consolidate.start)")] = None,
     consolidate_epochs: Annotated[Optional[int], typer.Option(help="most epochs of a consolidation (default: consolidate.epochs)")] = None,
     consolidate_lr: Annotated[Optional[float], typer.Option(help="a consolidation's learning rate (default: the trainer's)")] = None,
     consolidate_mini_batch: Annotated[Optional[int], typer.Option(help="labels per consolidation step (default: consolidate.mini_batch)")] = None,
+    consolidate_patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation figure before a consolidation stops (default: consolidate.patience)")] = None,
+    consolidate_min_steps: Annotated[Optional[int], typer.Option(help="optimizer steps before early stopping may end a consolidation (default: consolidate.min_steps)")] = None,
+    consolidate_min_val_labels: Annotated[Optional[int], typer.Option(help="a smaller validation slice neither stops nor chooses the epoch (default: consolidate.min_val_labels)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON instead of the table")] = False,
 ) -> None:
     """Replay a labelled pool as a stream (score, select, label, update) for each strategy and
@@ -119,8 +122,10 @@ def simulate(
                        trainer=TrainerConfig(**trainer_kw),
                        fit=FitConfig(**{k: v for k, v in {"steps": steps, "mini_batch": mini_batch, "replay_share": replay_share,
                                                           "replay_size": replay_size}.items() if v is not None}),
-                       consolidate=ConsolidateConfig(start=consolidate_start, **{k: v for k, v in {
-                           "epochs": consolidate_epochs, "lr": consolidate_lr, "mini_batch": consolidate_mini_batch}.items()
+                       consolidate=ConsolidateConfig(**{k: v for k, v in {
+                           "start": consolidate_start, "epochs": consolidate_epochs, "lr": consolidate_lr,
+                           "mini_batch": consolidate_mini_batch, "patience": consolidate_patience,
+                           "min_steps": consolidate_min_steps, "min_val_labels": consolidate_min_val_labels}.items()
                            if v is not None}) if consolidate else None)
     config.check()
     pool_records, pool_skipped = _load(pool, format, pool_limit, "pool")

@@ -338,7 +338,8 @@ def consolidated_run(engine, pool: Sequence[Record], test: Sequence[Record], val
     return {"consolidated_f1": got["f1"], "consolidated_threshold": got["threshold"], "consolidated_val_f1": got["val_f1"],
             "consolidated_f1_at_0.5": got["f1_at_0.5"], "consolidated_test_flagged_share": got["test_flagged_share"],
             "consolidated_epochs": cand.epochs, "consolidated_best_epoch": cand.best_epoch,
-            "consolidated_stopped": cand.stopped, "consolidated_train_labels": len(cand.train_ids),
+            "consolidated_stopped": cand.stopped, "consolidated_steps": cand.steps,
+            "consolidated_val_trusted": cand.val_trusted, "consolidated_train_labels": len(cand.train_ids),
             "consolidated_val_labels": len(cand.val_ids),
             "consolidated_seconds": cand.seconds,
             **({"consolidated_by_kind": got["by_kind"]} if "by_kind" in got else {})}

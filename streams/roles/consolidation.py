@@ -120,6 +120,7 @@ class Consolidator:
         figures = validation_figures(cand.prm, val)
         record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": self.config.start,
                   "epochs": cand.epochs, "best_epoch": cand.best_epoch, "steps": cand.steps, "stopped": cand.stopped,
+                  "val_trusted": cand.val_trusted,
                   "labels": len(cand.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,

@@ -44,9 +44,13 @@ _LEGACY_DROP_AT = "ledger_legacy_drop_at"  # META: when unbucketed keys of an ol
 # bloom-filter blocks (about 1.5 bytes a key) follow the data, which the retention bounds
 # (rate x retention keys). Not in the block cache: a compacted file's filter outgrows a cache
 # shard and would be read again on every lookup (measured: 750 us a get instead of 1 us).
-WRITE_BUFFER_BYTES = 16 << 20  # per memtable; at most MAX_WRITE_BUFFERS of them
+# 8 MB memtables and an 8 MB cache (were 16 and 32): the daemon's RSS goal is +5% (~35 MB) after
+# the warm-up, and memtables filling and a cache warming over the first half hour took most of it. A
+# new id (the common lookup) is answered by the bloom filter; the cache only serves hits.
+WRITE_BUFFER_BYTES = 8 << 20  # per memtable; at most MAX_WRITE_BUFFERS of them
 MAX_WRITE_BUFFERS = 2
-BLOCK_CACHE_BYTES = 32 << 20
+ARENA_BLOCK_BYTES = 4 << 20
+BLOCK_CACHE_BYTES = 8 << 20
 MAX_OPEN_FILES = 256
 
 
@@ -56,6 +60,10 @@ def bounded_options() -> Options:
     opt.set_write_buffer_size(WRITE_BUFFER_BYTES)
     opt.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
     opt.set_db_write_buffer_size(MAX_WRITE_BUFFERS * WRITE_BUFFER_BYTES)
+    # A memtable's memory comes in arena blocks (default: an eighth of it, 2 MB); at the daemon's
+    # mmap threshold (daemon/memory.py) each block is a mapping of its own, given back to the
+    # system when the memtable is flushed instead of left as holes in the heap.
+    opt.set_arena_block_size(ARENA_BLOCK_BYTES)
     opt.set_max_open_files(MAX_OPEN_FILES)
     # Disk: a scored key keeps its reward (~300 B of JSON); zstd where most data settles holds it
     # in ~77 B against ~123 B with the default (measured on 100k rewards), lz4 above it for speed.

@@ -46,3 +46,44 @@ def test_the_daemon_settings_compose_the_sections_each_layer_owns():
     probe = ("import sys, actprm.streams, actprm.streams.process, actprm.streams.control, actprm.streams.app, actprm.streams.client; "
              "print([m for m in sys.modules if m.startswith('actprm.daemon')])")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_ledger_retention_and_broker_memory_limit_are_settings(tmp_path, monkeypatch):
+    """Both read like every other setting (TOML, environment, flags); the broker's limit keeps the
+    variable `actprm broker` reads, ACTPRM_BROKER_MEMORY_LIMIT_MB, and a judge-only process's
+    ledger gets the retention (0: every key kept)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from actprm.client.topics import Topics
+    from actprm.streams.process import build_process
+    from actprm.streams.kafka.sender import Sender
+
+    monkeypatch.delenv("ACTPRM_CONFIG", raising=False)
+    monkeypatch.delenv("ACTPRM_BROKER_MEMORY_LIMIT_MB", raising=False)
+    defaults = load_settings()
+    assert (defaults.ledger_retention_s, defaults.broker_memory_limit_mb) == (7 * 24 * 3600.0, None)
+    config = tmp_path / "actprm.toml"
+    config.write_text("ledger_retention_s = 86400\nbroker_memory_limit_mb = 2048\n")
+    assert (load_settings(config).ledger_retention_s, load_settings(config).broker_memory_limit_mb) == (86400, 2048)
+    monkeypatch.setenv("ACTPRM_BROKER_MEMORY_LIMIT_MB", "512")
+    monkeypatch.setenv("ACTPRM_LEDGER_RETENTION_S", "3600")
+    s = load_settings(config, state_dir=tmp_path / "state")  # the environment beats the file
+    assert (s.ledger_retention_s, s.broker_memory_limit_mb) == (3600, 512)
+    with pytest.raises(ValidationError):
+        load_settings(broker_memory_limit_mb=0)
+
+    async def produce(topic, key, value):
+        raise AssertionError("nothing is sent while the process is built")
+
+    proc = build_process(s, ("judge",), Topics("t"), Sender(produce, "t.dead"))
+    try:
+        assert proc.ledger.retention_s == 3600 and proc.ledger.bucket_s == 3600 / 7
+    finally:
+        proc.ledger.close()
+    forever = build_process(load_settings(state_dir=tmp_path / "state2", ledger_retention_s=0), ("judge",), Topics("t"),
+                            Sender(produce, "t.dead"))
+    try:
+        assert forever.ledger.retention_s is None
+    finally:
+        forever.ledger.close()

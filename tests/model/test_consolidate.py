@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actprm.model.backbone import load_backbone
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, train_candidate,
-                                      validation_figures, validation_ids)
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, stopping,
+                                      train_candidate, validation_figures, validation_ids)
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.training.trainer import LabelledSample, TrainerConfig
 
@@ -72,6 +72,27 @@ def test_early_stopping_on_the_loss_ignores_a_flat_f1():
         early_stopping([], patience=1)
 
 
+def test_early_stopping_waits_for_min_steps_and_still_keeps_the_best_epoch():
+    # loss best at epoch 1 (0.40), three worse after it: patience 3 would stop now, but at 45
+    # steps of a 60-step floor it goes on; at 60 steps it stops; the kept epoch is 1 either way
+    history = [F(0.2, 0.69), F(0.5, 0.40), F(0.5, 0.45), F(0.5, 0.46), F(0.5, 0.47)]
+    assert stopping(history, patience=3, steps=45, min_steps=60) == (1, False)
+    assert stopping(history, patience=3, steps=60, min_steps=60) == (1, True)
+    assert stopping(history, patience=3, steps=45) == (1, True)  # no floor: early_stopping's answer
+    # patience not yet spent: the floor changes nothing
+    assert stopping(history[:3], patience=3, steps=500, min_steps=60) == (1, False)
+
+
+def test_a_slice_too_small_to_trust_neither_stops_nor_chooses_the_epoch():
+    # the same history on an untrusted slice: the last epoch is kept, and training stops only
+    # at the step floor (never, without one: it runs all its epochs)
+    history = [F(0.2, 0.69), F(0.5, 0.40), F(0.5, 0.45), F(0.5, 0.46), F(0.5, 0.47)]
+    assert stopping(history, patience=3, steps=45, min_steps=60, trusted=False) == (4, False)
+    assert stopping(history, patience=3, steps=60, min_steps=60, trusted=False) == (4, True)
+    assert stopping(history, patience=3, steps=10**6, trusted=False) == (4, False)
+    assert stopping(history[:1], patience=1, trusted=False) == (0, False)
+
+
 def test_a_candidate_is_published_only_when_better_than_the_served_version():
     assert beats(F(0.8, 0.5), F(0.7, 0.2))
     assert beats(F(0.7, 0.4), F(0.7, 0.5))  # same F1, lower loss
@@ -129,10 +150,40 @@ def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
     H = tiny.hidden_size
     val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
     cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
-                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1"), seed=1)
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=0,
+                                             min_val_labels=0), seed=1)  # early stopping alone: no floor, slice trusted
     assert cand.stopped == "early stopping" and cand.epochs == cand.best_epoch + 3 < 40, cand.history
     best = cand.history[cand.best_epoch]
     assert (cand.figures.f1, cand.figures.loss) == (best["val_f1"], best["val_loss"])
+    assert validation_figures(cand.prm, val) == cand.figures
+
+
+def test_train_candidate_takes_min_steps_before_it_stops_early(tiny):
+    # The same opposite slice: early stopping would end it 3 epochs after the best; a floor of
+    # 30 steps (10 epochs of 3) keeps it training, and the best epoch's weights are still kept.
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
+                           ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=30,
+                                             min_val_labels=0),
+                           seed=1)
+    assert cand.stopped == "early stopping" and cand.steps >= 30 and cand.epochs >= 10, cand.history
+    assert cand.epochs >= cand.best_epoch + 3 and cand.val_trusted
+    assert validation_figures(cand.prm, val) == cand.figures == Figures(cand.history[cand.best_epoch]["val_f1"],
+                                                                        cand.history[cand.best_epoch]["val_loss"])
+
+
+def test_train_candidate_on_an_untrusted_slice_trains_min_steps_and_keeps_the_last_epoch(tiny):
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    val = _samples(16, H, 1)
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
+                           ConsolidateConfig(epochs=40, patience=1, mini_batch=16, lr=1e-2, min_steps=12,
+                                             min_val_labels=17), seed=1)
+    # 16 labels < 17: not trusted; 12 steps are 4 epochs of 3, and the 4th is kept
+    assert not cand.val_trusted and cand.stopped == "min steps", cand.history
+    assert (cand.steps, cand.epochs, cand.best_epoch) == (12, 4, 4)
     assert validation_figures(cand.prm, val) == cand.figures
 
 
