@@ -142,14 +142,21 @@ def test_train_candidate_learns_and_leaves_the_served_prm_alone(tiny):
     assert all(torch.equal(cand.prm.heads.state_dict()[k], before[k]) for k in before if k.startswith("anchor_"))
 
 
+def _opposite_slice(tiny):
+    """A served PRM, 48 training labels, and a validation slice that says the opposite of them
+    at the first error: once training has learnt the labels, each epoch makes it worse there."""
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
+    return served, _samples(48, H, 0), val
+
+
 def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
     # The validation slice says the opposite of the training labels at the first error: once
     # training has learnt that, each epoch makes it worse; training stops `patience` epochs
     # after the best one and keeps that epoch's weights.
-    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
-    H = tiny.hidden_size
-    val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
-    cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
+    served, train, val = _opposite_slice(tiny)
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val,
                            ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=0,
                                              min_val_labels=0), seed=1)  # early stopping alone: no floor, slice trusted
     assert cand.stopped == "early stopping" and cand.epochs == cand.best_epoch + 3 < 40, cand.history
@@ -161,10 +168,8 @@ def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
 def test_train_candidate_takes_min_steps_before_it_stops_early(tiny):
     # The same opposite slice: early stopping would end it 3 epochs after the best; a floor of
     # 30 steps (10 epochs of 3) keeps it training, and the best epoch's weights are still kept.
-    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
-    H = tiny.hidden_size
-    val = [LabelledSample(s.id, s.problem, s.steps, -1 if s.first_error >= 0 else 0, s.features) for s in _samples(16, H, 1)]
-    cand = train_candidate(served, TrainerConfig(lr=1e-2), _samples(48, H, 0), val,
+    served, train, val = _opposite_slice(tiny)
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val,
                            ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=30,
                                              min_val_labels=0),
                            seed=1)
