@@ -36,10 +36,10 @@ ALWAYS_COUNTED = ("consumed", "scored", "selected", "annotation_requests", "judg
 
 
 class _ProcessCollector:
-    """Reads proc.counters and proc.status() at scrape time."""
+    """Reads proc.counters and proc.status() at scrape time, beside its Metrics' own figures."""
 
-    def __init__(self, proc):
-        self.proc = proc
+    def __init__(self, proc, metrics: Metrics):
+        self.proc, self.metrics = proc, metrics
 
     def collect(self) -> Iterable:
         proc = self.proc
@@ -68,7 +68,7 @@ class _ProcessCollector:
         for role, since in proc.busy_since.items():
             busy.add_metric([role], 0.0 if since is None else now - since)
         yield busy
-        watch = getattr(proc.metrics, "broker_watch", None)
+        watch = self.metrics.broker_watch
         if watch is not None:
             rss = watch.rss()
             if rss is not None:
@@ -76,7 +76,7 @@ class _ProcessCollector:
                                         "it grows with every message)", value=rss)
             yield GaugeMetricFamily("actprm_broker_memory_limit_bytes", "the embedded broker's memory limit "
                                     "(ACTPRM_BROKER_MEMORY_LIMIT_MB); status warns at 80% of it", value=watch.limit_bytes)
-        accuracy = proc.metrics.confident_accuracy()
+        accuracy = self.metrics.confident_accuracy()
         if accuracy is not None:
             yield GaugeMetricFamily("actprm_confident_accuracy",
                                     "share of confident predictions whose first error matched the judge", value=accuracy)
@@ -130,7 +130,7 @@ class Metrics:
         """Read this process's counts and status at every scrape (once: a second call is a no-op)."""
         if self.proc is None:
             self.proc = proc
-            self.registry.register(_ProcessCollector(proc))
+            self.registry.register(_ProcessCollector(proc, self))
 
     # --- observations (called by the handlers) ---------------------------------------------
 

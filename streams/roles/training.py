@@ -1,7 +1,8 @@
 """The trainer: collect judged labels, run an incremental update, publish the next version.
 
-`TrainerRole` is what the labels agent and the update timer call; `UpdateLoop` is the update
-itself (blocking torch work, run on the trainer's own thread).
+`TrainerRole` is what the labels agent calls; its update loop (`run_updates`, an app task that
+arriving labels wake) starts each update. `UpdateLoop` is the update itself (blocking torch
+work, run on the trainer's own thread).
 
 An update is `Trainer.fit` on the oldest pending labels plus a replay sample of labels trained
 before (the ReplayStore, durable and bounded). In heads mode each label's hidden states come
