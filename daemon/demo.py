@@ -49,13 +49,6 @@ class HeldOut:
         return processbench_scores([s.first_error for s in got], [r.label for r in self.records])
 
 
-def share(flags, part: slice) -> float | None:
-    if isinstance(flags, FlagSeries):  # the scorer's, bounded at any age
-        return flags.share(part)
-    chunk = flags[part]
-    return round(sum(chunk) / len(chunk), 4) if len(chunk) else None
-
-
 def pipeline_settled(proc: Process) -> bool:
     """Has every selected trajectory gone through the stages this process runs?"""
     c = proc.counters()
@@ -144,7 +137,7 @@ class Demo(faust.Service):
         consolidated = trainer.consolidator.published if trainer is not None and trainer.consolidator else []
         point = {"labels": trainer.counts["labels_received"] if trainer else 0, "scored": len(flags),
                  "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),
-                 "selected_share": share(flags, slice(-32, None)), "version": self.f1_version,
+                 "selected_share": flags.share(slice(-32, None)), "version": self.f1_version,
                  "consolidated": self.f1_version in consolidated}
         if not self.curve or (point["labels"], point["scored"]) != (self.curve[-1]["labels"], self.curve[-1]["scored"]):
             self.curve.append(point)
@@ -160,8 +153,8 @@ class Demo(faust.Service):
         out = {"heldout_f1_v0": (self.f1_by_version.get(0) or {}).get("f1"),
                "heldout_f1_final": final["f1"] if final else None,
                "online_f1": trainer.online.summary()["online_f1"],
-               "selected_share_first": share(flags, slice(0, q)) if q else None,
-               "selected_share_last": share(flags, slice(len(flags) - q, None)) if q else None,
+               "selected_share_first": flags.share(slice(0, q)) if q else None,
+               "selected_share_last": flags.share(slice(len(flags) - q, None)) if q else None,
                "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],
                "curve": None}
         try:
