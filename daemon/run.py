@@ -22,7 +22,7 @@ from actprm.client.settings import aiokafka_options
 from actprm.client.topics import Topics, ensure_topics
 from actprm.daemon.demo import Demo, produce_builtin_stream
 from actprm.daemon.logs import PROCESS_CONTEXT
-from actprm.daemon.memory import TRIM_EVERY_S, bound_arenas, fix_mmap_threshold, trim
+from actprm.daemon.memory import TRIM_EVERY_S, bound_arenas, fix_mmap_threshold, loaded_allocator, trim
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.streams.app import BoundedStopWorker, kafka_sender, make_app, supervise_embedded_broker, wire_agents
@@ -123,10 +123,12 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         from actprm.daemon.cli.judge import qualify
 
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
-    if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
+    allocator = loaded_allocator()
+    if allocator == "glibc" and "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if allocator == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         fix_mmap_threshold()  # activations of every size would fragment the heaps (daemon/memory.py)
+    log.info("memory allocator", allocator=allocator, setting=settings.allocator)
     broker, bootstrap, watch = None, settings.kafka.bootstrap, None
     if not bootstrap:
         from actprm.streams.kafka.broker import BrokerWatch, EmbeddedBroker

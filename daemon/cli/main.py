@@ -83,6 +83,10 @@ def run(
                          judge__kind=judge, state_dir=state_dir)
     if mode is not None:
         settings.trainer = settings.trainer.model_copy(update={"mode": mode})
+    if _ENTRY:  # a process of its own (not a test's CliRunner): it can start again on another allocator
+        from actprm.daemon.memory import preload_allocator
+
+        preload_allocator(settings.allocator)
     if synthetic is None:
         # With nothing else to read, the embedded default brings its own stream.
         synthetic = (max_trajectories or 200) if not settings.kafka.bootstrap else 0
@@ -351,7 +355,7 @@ def config_show(config: ConfigOpt = None) -> None:
 KNOWN_ERRORS = (("actprm.model.backbone", "BackboneError"), ("actprm.model.training.checkpoints", "CheckpointError"),
                 ("actprm.model.data.records", "DataError"), ("actprm.model.judges.base", "JudgeError"),
                 ("aiokafka.errors", "KafkaError"), ("actprm.streams.kafka.broker", "BrokerError"),
-                ("actprm.client.topics", "KafkaUnreachable"))
+                ("actprm.client.topics", "KafkaUnreachable"), ("actprm.daemon.memory", "AllocatorError"))
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -359,8 +363,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, FileNotFoundError, ValueError, *(e for e in loaded if e is not None))
 
 
+_ENTRY = False  # True when main() runs: this process is the `actprm` command itself
+
+
 def main() -> None:
     from pydantic import ValidationError
+
+    global _ENTRY
+    _ENTRY = True
 
     try:
         app()

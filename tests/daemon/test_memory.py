@@ -1,8 +1,10 @@
-"""daemon/memory.py on this machine's glibc: the fixed mmap threshold keeps large blocks out of
-the heaps, where a dynamic one would let them in after the first large free."""
+"""daemon/memory.py: on glibc, the fixed mmap threshold keeps large blocks out of the heaps, where
+a dynamic one would let them in after the first large free; and a process starts again on
+jemalloc when the setting asks for it and the system has it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,3 +46,43 @@ def test_a_fixed_mmap_threshold_maps_large_blocks_even_after_a_larger_one_was_fr
 
     assert mapped("dynamic") == 0  # from the heap: where blocks of many sizes fragment it
     assert mapped("fixed") == 1  # its own mapping, returned to the system when freed
+
+
+# --- jemalloc ------------------------------------------------------------------------------------
+
+JE = "libjemalloc.so.2"
+
+
+def test_auto_takes_jemalloc_when_installed_and_glibc_preloads_nothing():
+    assert memory.choose_allocator("auto", JE) == JE
+    assert memory.choose_allocator("auto", None) is None
+    assert memory.choose_allocator("glibc", JE) is None
+    assert memory.choose_allocator("jemalloc", JE) == JE
+
+
+def test_jemalloc_by_name_must_be_installed():
+    with pytest.raises(memory.AllocatorError, match="apt install libjemalloc2"):
+        memory.choose_allocator("jemalloc", None)
+    with pytest.raises(ValueError, match="allocator must be"):
+        memory.choose_allocator("tcmalloc", JE)
+
+
+RESTART = textwrap.dedent("""
+    import sys
+    from actprm.daemon import memory
+    memory.preload_allocator(sys.argv[1])
+    print(memory.loaded_allocator())
+""")
+
+
+def _run_on(setting: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory.PRELOADED_ENV)}
+    out = subprocess.run([sys.executable, "-c", RESTART, setting], capture_output=True, text=True, check=True, env=env)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(memory.jemalloc_library() is None, reason="jemalloc is not installed here (apt install libjemalloc2)")
+def test_the_process_starts_again_on_jemalloc_unless_glibc_is_asked_for():
+    assert _run_on("auto") == "jemalloc"
+    assert _run_on("jemalloc") == "jemalloc"
+    assert _run_on("glibc") == "glibc"

@@ -87,3 +87,13 @@ def test_ledger_retention_and_broker_memory_limit_are_settings(tmp_path, monkeyp
         assert forever.ledger.retention_s is None
     finally:
         forever.ledger.close()
+
+
+def test_the_allocator_is_a_setting(monkeypatch):
+    monkeypatch.delenv("ACTPRM_CONFIG", raising=False)
+    monkeypatch.delenv("ACTPRM_ALLOCATOR", raising=False)
+    assert load_settings().allocator == "auto"
+    monkeypatch.setenv("ACTPRM_ALLOCATOR", "glibc")
+    assert load_settings().allocator == "glibc"
+    with pytest.raises(ValidationError):
+        load_settings(allocator="tcmalloc")
