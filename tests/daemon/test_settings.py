@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from pydantic import ValidationError
+
 from actprm.daemon.settings import Settings, load_settings
 
 
@@ -52,8 +55,6 @@ def test_ledger_retention_and_broker_memory_limit_are_settings(tmp_path, monkeyp
     """Both read like every other setting (TOML, environment, flags); the broker's limit keeps the
     variable `actprm broker` reads, ACTPRM_BROKER_MEMORY_LIMIT_MB, and a judge-only process's
     ledger gets the retention (0: every key kept)."""
-    import pytest
-    from pydantic import ValidationError
 
     from actprm.client.topics import Topics
     from actprm.streams.process import build_process
