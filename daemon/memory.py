@@ -77,6 +77,7 @@ def trim() -> bool:
 # --- jemalloc ----------------------------------------------------------------------------------
 
 PRELOADED_ENV = "ACTPRM_ALLOCATOR_PRELOADED"  # set on the restart, so a failed preload is not retried
+BEFORE_ENV = "ACTPRM_LD_PRELOAD_BEFORE"  # the operator's LD_PRELOAD, given back to the processes it starts
 # jemalloc returns freed pages from a background thread of its own; without it only on later allocations.
 JEMALLOC_CONF = "background_thread:true"
 
@@ -119,8 +120,20 @@ def preload_allocator(setting: str) -> None:
     library = choose_allocator(setting, jemalloc_library())
     if library is None:
         return
-    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [library, os.environ.get("LD_PRELOAD")])),
-               MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF), **{PRELOADED_ENV: "jemalloc"})
+    before = os.environ.get("LD_PRELOAD", "")
+    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [library, before])),
+               MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF), **{PRELOADED_ENV: "jemalloc", BEFORE_ENV: before})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def children_as_before() -> None:
+    """The processes this one starts (the embedded broker, a judge's server) get the LD_PRELOAD
+    the operator gave, not the one this process started again with."""
+    if PRELOADED_ENV in os.environ and BEFORE_ENV in os.environ:
+        before = os.environ.pop(BEFORE_ENV)
+        if before:
+            os.environ["LD_PRELOAD"] = before
+        else:
+            os.environ.pop("LD_PRELOAD", None)

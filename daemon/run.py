@@ -22,7 +22,8 @@ from actprm.client.settings import aiokafka_options
 from actprm.client.topics import Topics, ensure_topics
 from actprm.daemon.demo import Demo, produce_builtin_stream
 from actprm.daemon.logs import PROCESS_CONTEXT
-from actprm.daemon.memory import TRIM_EVERY_S, bound_arenas, fix_mmap_threshold, loaded_allocator, trim
+from actprm.daemon.memory import (TRIM_EVERY_S, bound_arenas, children_as_before, fix_mmap_threshold, loaded_allocator,
+                                  trim)
 from actprm.daemon.metrics import Metrics
 from actprm.daemon.settings import Settings
 from actprm.streams.app import BoundedStopWorker, kafka_sender, make_app, supervise_embedded_broker, wire_agents
@@ -124,6 +125,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
 
         qualify(settings)  # judge.qualify_n > 0: the judge's F1 on gold records first; below judge.min_f1 it stops here
     allocator = loaded_allocator()
+    children_as_before()
     if allocator == "glibc" and "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own setting wins
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
     if allocator == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:

@@ -4,6 +4,7 @@ jemalloc when the setting asks for it and the system has it."""
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -68,21 +69,26 @@ def test_jemalloc_by_name_must_be_installed():
 
 
 RESTART = textwrap.dedent("""
-    import sys
+    import os, sys
     from actprm.daemon import memory
     memory.preload_allocator(sys.argv[1])
-    print(memory.loaded_allocator())
+    memory.children_as_before()
+    print(memory.loaded_allocator(), os.environ.get("LD_PRELOAD", "-"))
 """)
 
 
-def _run_on(setting: str) -> str:
+def _run_on(setting: str, preload: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory.PRELOADED_ENV)}
+    if preload:
+        env["LD_PRELOAD"] = preload
     out = subprocess.run([sys.executable, "-c", RESTART, setting], capture_output=True, text=True, check=True, env=env)
     return out.stdout.strip()
 
 
 @pytest.mark.skipif(memory.jemalloc_library() is None, reason="jemalloc is not installed here (apt install libjemalloc2)")
 def test_the_process_starts_again_on_jemalloc_unless_glibc_is_asked_for():
-    assert _run_on("auto") == "jemalloc"
-    assert _run_on("jemalloc") == "jemalloc"
-    assert _run_on("glibc") == "glibc"
+    assert _run_on("auto") == "jemalloc -"  # and what it starts gets no LD_PRELOAD of its own
+    assert _run_on("jemalloc") == "jemalloc -"
+    assert _run_on("glibc") == "glibc -"
+    libc = ctypes.util.find_library("c")  # an operator's own preload (any library) is kept, and given back
+    assert _run_on("auto", preload=libc) == f"jemalloc {libc}"
