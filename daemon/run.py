@@ -130,7 +130,6 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         bound_arenas()  # before the threads start: each would take its own arena (daemon/memory.py)
     if allocator == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         fix_mmap_threshold()  # activations of every size would fragment the heaps (daemon/memory.py)
-    log.info("memory allocator", allocator=allocator, setting=settings.allocator)
     broker, bootstrap, watch = None, settings.kafka.bootstrap, None
     if not bootstrap:
         from actprm.streams.kafka.broker import BrokerWatch, EmbeddedBroker
@@ -151,6 +150,7 @@ def run_daemon(settings: Settings, options: RunOptions) -> dict:
         proc = build_process(settings, options.roles, topics, kafka_sender(app, topics, WriteGate()), epoch,
                              Metrics(broker_watch=watch))
         PROCESS_CONTEXT.update(proc.log_context())
+        log.info("memory allocator", allocator=allocator, setting=settings.allocator)  # once the broker answered: a bad address stays one line
         if "scorer" in options.roles and settings.judge.kind == "oracle":
             log.warning("the judge is the gold-label one (judge.kind=oracle): samples without gold (those of RL clients "
                         "and `actprm serve`) are scored but never selected for the judge, nor charged; they are counted as "
