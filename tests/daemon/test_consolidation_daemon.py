@@ -30,6 +30,16 @@ ENV = {
     # and a fresh candidate gets too few steps from 24 labels to match that (measured: loss 0.5
     # against 0.0001, every fresh candidate refused).
     "ACTPRM_CONSOLIDATE__START": "served",
+    # The slice chooses the epoch from the first candidate on (its epoch 0 is the served weights).
+    # Under the default guard (30 labels) the slices of the first ~180 labels are not trusted, the
+    # last of 30 epochs at lr 0.01 is kept and refused, and whether a trusted one comes before the
+    # stream ends is a race (measured: 1 run in 3 published nothing within 180 s).
+    "ACTPRM_CONSOLIDATE__MIN_VAL_LABELS": "0",
+    "ACTPRM_CONSOLIDATE__MIN_STEPS": "0",
+    # Online updates at 0.01 get the markers to a validation loss of ~1e-4; fresh Adam moments at
+    # that rate only throw a candidate off it, so its best epoch was its start, equal to the
+    # served version and refused as not better (measured: 5 of 8 candidates in a failed run).
+    "ACTPRM_CONSOLIDATE__LR": "0.001",
 }
 N = 240
 
