@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,6 +148,25 @@ def test_missing_version_and_bad_manifest_are_checkpoint_errors(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@contextmanager
+def _writer_inside_save(script: str, store_dir: Path):
+    """A process running `script` on the store, yielded once it is inside save() (its temporary
+    directory exists); killed on the way out if it is still running."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(store_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(store_dir.glob(".tmp-*")):
+            assert proc.poll() is None, f"writer exited early: {proc.communicate()}"
+            assert time.monotonic() < deadline, "writer never started writing"
+            time.sleep(0.001)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 _KILLED_WRITER = textwrap.dedent(
     """
     import sys, torch
@@ -164,24 +184,10 @@ def test_killed_write_leaves_the_previous_version_intact(tmp_path):
     previous = _tensors(0)
     store.save(previous, {"kind": "init", "parent": None})
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        # Wait until the writer is inside save(): its temporary directory exists. Then kill it
-        # with no chance to clean up (SIGKILL runs no finally blocks).
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".tmp-*")):
-            assert proc.poll() is None, f"writer exited early: {proc.communicate()}"
-            assert time.monotonic() < deadline, "writer never started writing"
-            time.sleep(0.001)
+    with _writer_inside_save(_KILLED_WRITER, tmp_path) as proc:
+        # Killed with no chance to clean up (SIGKILL runs no finally blocks).
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = proc.stdout.read()
     assert proc.returncode == -signal.SIGKILL
     assert "finished" not in out, "the write completed before the kill; the test proved nothing"
@@ -215,20 +221,9 @@ _LIVE_WRITER = textwrap.dedent(
 def test_clean_partial_leaves_a_live_writer_alone(tmp_path):
     store = CheckpointStore(tmp_path)
     store.save(_tensors(0), {"kind": "init", "parent": None})
-    proc = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".tmp-*")):
-            assert proc.poll() is None, f"writer exited early: {proc.communicate()}"
-            assert time.monotonic() < deadline, "writer never started writing"
-            time.sleep(0.001)
+    with _writer_inside_save(_LIVE_WRITER, tmp_path) as proc:
         removed = store.clean_partial()  # the writer is alive and inside save()
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert removed == 0
     assert out.strip() == "finished 1", (out, err)
     assert store.versions() == [0, 1]
