@@ -30,6 +30,7 @@ from actprm.streams.state.ledger import Ledger
 from actprm.streams.kafka.sender import Event
 from actprm.streams.tools.produce import synthetic_trajectories
 from support.network import free_port
+from support.processes import stop
 from support.roles import memory_sender, sent_to
 
 pytestmark = pytest.mark.slow
@@ -83,11 +84,7 @@ def served(tmp_path_factory):
             time.sleep(0.3)
         yield f"{base}/v1", str(directory)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
+from support.processes import stop
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -113,9 +115,4 @@ def visit(path: Path, script: str, screenshot: Path | None = None, timeout: floa
             port = int(port_file.read_text().split()[0])
             return asyncio.run(asyncio.wait_for(_visit(port, path.resolve().as_uri(), script, screenshot), timeout))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop(proc)

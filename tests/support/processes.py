@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -59,3 +60,13 @@ def sigkill(proc) -> bool:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     return True
+
+
+def stop(proc, timeout: float = 10) -> None:
+    """SIGTERM a Popen and wait for it; SIGKILL it if it has not exited within `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
