@@ -2,7 +2,9 @@
 
 Shapes used below: B trajectories, T tokens, S steps (padded), H backbone hidden size,
 E heads, D head width. Every head is an MLP H -> D -> D -> 1 with ReLU; the E heads' weights
-are stacked so all of them run as three batched matmuls over the same hidden states.
+are stacked so all of them run as three batched matmuls over the same hidden states. The
+hidden states are standardised per dimension first, with a shift and scale fixed once from
+the first labelled steps (see EnsembleHeads).
 
 Device and precision: the heads live on the backbone's device and always in float32, so
 mu and sigma (means and spreads of 32 probabilities near 0 or 1) keep their digits on a
@@ -34,7 +36,18 @@ class PRMConfig:
 
 
 class EnsembleHeads(nn.Module):
-    """E independent MLPs with stacked weights, plus a frozen copy of their initialisation."""
+    """E independent MLPs with stacked weights, plus a frozen copy of their initialisation and
+    the standardisation of their input.
+
+    Why standardise: a pretrained LM's hidden states carry a few near-constant dimensions far
+    larger than the rest (SmolLM2-135M: one of 576 holds a third of the squared norm), and
+    heads on the raw states learn slowly. Measured on the built-in stream (all 576 training
+    labels, 25 epochs): test F1 0.655 raw, 0.803 standardised; stats from 16 trajectories did
+    as well as from all (0.813). The shift and scale are buffers, not parameters: set once
+    (`set_input_scaling`, before the first update), saved with the weights, never trained,
+    so the anchors keep meaning the same function. Until set (input_rows == 0) they are the
+    identity, which is also what versions saved before them load as.
+    """
 
     def __init__(self, n_heads: int, hidden_size: int, width: int, seed: int = 0):
         super().__init__()
@@ -50,9 +63,28 @@ class EnsembleHeads(nn.Module):
         # the anchor is saved with the weights so it survives restarts.
         for name, p in list(self.named_parameters()):
             self.register_buffer(f"anchor_{name}", p.detach().clone())
+        self.register_buffer("input_shift", torch.zeros(H))  # (H,)
+        self.register_buffer("input_scale", torch.ones(H))  # (H,) 1 / sd
+        self.register_buffer("input_rows", torch.zeros((), dtype=torch.long))  # hidden states the stats came from
+
+    @torch.no_grad()
+    def set_input_scaling(self, h: torch.Tensor) -> None:
+        """Fix the standardisation from (N, H) hidden states: mean 0 and sd 1 per dimension.
+        A dimension (nearly) constant in the sample is scaled as if its sd were 1% of the
+        mean sd, so a later state that differs there is not blown up."""
+        N, H = h.shape
+        if N < 2:
+            raise ValueError("input standardisation needs at least 2 hidden states")
+        h = h.to(device=self.input_shift.device, dtype=torch.float32)
+        sd = h.std(dim=0)  # (H,)
+        floor = max(1e-6, 0.01 * float(sd.mean()))
+        self.input_shift.copy_(h.mean(dim=0))
+        self.input_scale.copy_(1.0 / sd.clamp(min=floor))
+        self.input_rows.fill_(N)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         N, H = h.shape
+        h = (h - self.input_shift) * self.input_scale  # (N, H) standardised
         x = torch.relu(torch.einsum("nh,ehd->end", h, self.w1) + self.b1)  # (E, N, D)
         x = torch.relu(torch.bmm(x, self.w2) + self.b2)  # (E, N, D)
         return (torch.bmm(x, self.w3) + self.b3).squeeze(-1)  # (E, N)

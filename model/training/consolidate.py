@@ -208,6 +208,7 @@ def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: S
     trainer = Trainer(prm, cfg)
     if mode == "heads":
         trainer.attach_features([s for s in list(train) + list(val) if s.features is None])
+    trainer.standardise_inputs(train)  # only when no update has set it (a consolidation at version 0)
     start = validation_figures(prm, val)
     trusted = len(val) >= config.min_val_labels
     history, best_state, stopped, steps = [start], trainable_state(prm, mode), "epochs", 0

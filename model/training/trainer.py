@@ -45,6 +45,7 @@ class TrainerConfig(BaseModel):
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (mode=lora)")
     lora_targets: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), description="modules that get LoRA adapters")
     seed: int = Field(0, description="seeds the bootstrap masks")
+    standardise_inputs: bool = Field(True, description="fix the heads' per-dimension input standardisation from the first update's hidden states (EnsembleHeads); False keeps the raw states")
     gradient_checkpointing: bool = Field(False, description="lora/full: recompute the backbone's activations in the backward pass (less GPU memory, ~30% more time)")
 
 
@@ -164,9 +165,17 @@ def trainable_state(prm: EnsemblePRM, mode: Mode) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
+INPUT_SCALING = ("input_shift", "input_scale", "input_rows")  # EnsembleHeads' standardisation buffers
+
+
 def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> None:
     heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
     body = {k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")}
+    if not any(k in heads for k in INPUT_SCALING):
+        # Saved before heads standardised their input: those heads read the raw states.
+        H = prm.heads.input_shift.shape[0]
+        heads |= {"input_shift": torch.zeros(H), "input_scale": torch.ones(H),
+                  "input_rows": torch.zeros((), dtype=torch.long)}
     prm.heads.load_state_dict(heads, strict=True)
     if body:
         missing = set(body) - set(prm.body.state_dict())
@@ -193,6 +202,7 @@ class Trainer:
         copy of a model and its moments on the GPU is what it cannot afford)."""
         device = "cpu" if self.config.mode == "full" else None
         weights = {n: p.detach().to(device or p.device, copy=True) for n, p in self.prm.named_parameters() if p.requires_grad}
+        weights |= {n: b.detach().clone() for n, b in self._input_scaling()}  # the first update sets them
         return TrainerSnapshot(weights, _copied(self.optimizer.state_dict(), device), self.step)
 
     @torch.no_grad()
@@ -200,7 +210,7 @@ class Trainer:
         """Back to `snap` exactly: weights, the optimizer's moments and steps, its lr, the step.
         Copied into the tensors in place (no new device memory, so it also serves after a CUDA
         out-of-memory error); the snapshot stays intact and can be restored again."""
-        for n, p in self.prm.named_parameters():
+        for n, p in [*self.prm.named_parameters(), *self._input_scaling()]:
             if n in snap.weights:
                 p.copy_(snap.weights[n])
         # state_dict numbers the parameters in the order of the groups' lists.
@@ -223,6 +233,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step = snap.step
         self._set_training(False)
+
+    def _input_scaling(self) -> list[tuple[str, torch.Tensor]]:
+        return [(f"heads.{n}", getattr(self.prm.heads, n)) for n in INPUT_SCALING]
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from other weights (a stored version: a rollback, another writer). The
@@ -273,6 +286,7 @@ class Trainer:
         undo = self.snapshot()
         results, replayed = [], set()
         try:
+            self.standardise_inputs(new)
             for new_idx, replay_idx in plan_minibatches(len(new), len(replay), config, self._gen):
                 result = self.update([new[i] for i in new_idx] + [replay[j] for j in replay_idx])
                 if not result.applied and result.reason != "no labelled step in the batch":
@@ -292,18 +306,41 @@ class Trainer:
                             lr=last.lr, n_samples=len(new), n_labelled_steps=sum(len(s.steps) for s in new),
                             step=self.step, steps=len(applied), n_replayed=len(replayed))
 
+    def standardise_inputs(self, samples: Sequence[LabelledSample]) -> bool:
+        """Before the heads' first update: fix their input standardisation from these samples'
+        hidden states (heads mode: the kept ones; else one backbone pass, not kept). Once set
+        it stays: every later version, and each consolidation's candidate, keeps it.
+        Returns whether it was set now."""
+        heads = self.prm.heads
+        if not self.config.standardise_inputs or int(heads.input_rows) > 0:
+            return False
+        if all(s.features is not None for s in samples):
+            rows = [s.features for s in samples]
+        else:
+            rows = self._hidden_states(samples)
+        at_steps = torch.cat([r.float().cpu() for r in rows]) if rows else torch.zeros((0, 1))  # (N, H)
+        if at_steps.shape[0] < 2:
+            return False  # too little to estimate a spread: the next update tries again
+        heads.set_input_scaling(at_steps)
+        return True
+
+    @torch.inference_mode()
+    def _hidden_states(self, samples: Sequence[LabelledSample]) -> list[torch.Tensor]:
+        """(S_i, H) hidden states at each sample's steps, in batches, no gradient."""
+        prm, size, out = self.prm, max(1, self.config.micro_batch_size), []
+        for start in range(0, len(samples), size):
+            encoded = [prm.encode(s.problem, s.steps) for s in samples[start:start + size]]
+            at_steps = prm.hidden_at_steps(prm.collate(encoded)).float().cpu()  # (b, S, H)
+            out += [at_steps[b, : e.n_scored].clone() for b, e in enumerate(encoded)]  # (S_i, H)
+        return out
+
     @torch.inference_mode()
     def attach_features(self, samples: list[LabelledSample]) -> None:
         """Fill in the hidden states of samples that lack them: one backbone pass each, in
         batches, no gradient (heads mode: they never change)."""
         missing = [s for s in samples if s.features is None]
-        prm, size = self.prm, max(1, self.config.micro_batch_size)
-        for start in range(0, len(missing), size):
-            rows = missing[start:start + size]
-            encoded = [prm.encode(s.problem, s.steps) for s in rows]
-            at_steps = prm.hidden_at_steps(prm.collate(encoded)).float().cpu()  # (b, S, H)
-            for b, (s, e) in enumerate(zip(rows, encoded)):
-                s.features = at_steps[b, : e.n_scored].clone()  # (S_i, H)
+        for s, at_steps in zip(missing, self._hidden_states(missing)):
+            s.features = at_steps  # (S_i, H)
 
     def _step(self, first_errors: list[int], n_scored: list[int], logits_of, micro: int) -> UpdateResult:
         """One optimizer step: bootstrap-masked BCE per head on the labelled steps, averaged

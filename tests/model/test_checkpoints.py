@@ -305,6 +305,7 @@ def test_load_prm_scores_identically_to_the_saved_prm(tmp_path, mode):
     initial_scores = prm.score(PROBE)
 
     trainer = Trainer(prm, cfg)
+    assert trainer.standardise_inputs(SAMPLES)  # as the first fit does: its stats travel too
     result = trainer.update(SAMPLES)
     assert result.applied
     m = _save_update(store, prm, cfg, result, [s.id for s in SAMPLES])
@@ -325,6 +326,20 @@ def test_load_prm_scores_identically_to_the_saved_prm(tmp_path, mode):
     # Version 0 reloads the untrained heads; a version directory path works too.
     old, _ = load_prm(tmp_path / "v000000")
     assert [s.mu for s in old.score(PROBE)] == [s.mu for s in initial_scores]
+
+
+def test_a_version_saved_before_input_standardisation_loads_with_raw_inputs(tmp_path):
+    prm = tiny_prm(4)
+    cfg = TrainerConfig(mode="heads", lr=1e-2, warmup_steps=0)
+    store = CheckpointStore(tmp_path)
+    publish_initial(store, prm, cfg)
+    assert Trainer(prm, cfg).update(SAMPLES).applied  # update, not fit: the heads still read raw states
+    old = {k: v for k, v in trainable_state(prm, "heads").items() if not k.startswith("heads.input_")}
+    store.save(old, {"kind": "update", "mode": "heads", "backbone": prm.backbone.reference(),
+                     "prm": asdict(prm.config), "settings": cfg.model_dump(mode="json"), "consumed_label_ids": ["l1"]})
+    loaded, manifest = load_prm(store)
+    assert manifest.version == 1 and int(loaded.heads.input_rows) == 0
+    assert [s.mu for s in loaded.score(PROBE)] == [s.mu for s in prm.score(PROBE)]
 
 
 def _synthetic_store(root: Path, n_versions: int, keep: int = 50) -> CheckpointStore:

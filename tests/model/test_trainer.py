@@ -153,6 +153,43 @@ def test_a_refused_fit_restores_weights_optimizer_moments_and_step_exactly(mode,
     assert all(p.grad is None for p in prm.parameters())
 
 
+# --- input standardisation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["heads", "full"])
+def test_the_first_fit_fixes_the_input_standardisation_once(mode):
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode=mode, warmup_steps=0))
+    samples = [dataclasses.replace(s) for s in SAMPLES]
+    hidden = trainer._hidden_states(samples[:2])  # what the first update reads: (3, H) and (2, H)
+    assert trainer.fit(samples[:2], [], FitConfig(steps=1)).applied
+    rows = torch.cat(hidden)  # (5, H)
+    assert int(prm.heads.input_rows) == 5
+    torch.testing.assert_close(prm.heads.input_shift, rows.mean(0))
+    shift, scale = prm.heads.input_shift.clone(), prm.heads.input_scale.clone()
+    # Later updates train the heads on the same input: the stats never move again.
+    assert trainer.fit(samples[2:], [], FitConfig(steps=2)).applied
+    assert torch.equal(prm.heads.input_shift, shift) and torch.equal(prm.heads.input_scale, scale)
+
+
+def test_a_refused_first_fit_leaves_the_input_raw():
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode="heads", warmup_steps=0))
+    real = prm.head_logits
+    prm.head_logits = lambda *a, **k: real(*a, **k) * float("nan")
+    try:
+        assert not trainer.fit([dataclasses.replace(s) for s in SAMPLES], [], FitConfig(steps=1)).applied
+    finally:
+        del prm.head_logits
+    assert int(prm.heads.input_rows) == 0 and not prm.heads.input_shift.any() and bool((prm.heads.input_scale == 1).all())
+
+
+def test_standardise_inputs_off_keeps_the_raw_states():
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode="heads", warmup_steps=0, standardise_inputs=False))
+    assert trainer.fit([dataclasses.replace(s) for s in SAMPLES], [], FitConfig(steps=1)).applied
+    assert int(prm.heads.input_rows) == 0
+
+
 def test_a_snapshot_can_be_restored_twice():
     prm = tiny_prm(4)
     trainer = Trainer(prm, TrainerConfig(mode="heads", warmup_steps=0))
