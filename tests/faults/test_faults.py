@@ -43,7 +43,9 @@ def test_the_embedded_broker_dying_restarts_the_daemon_on_the_same_port_and_the_
     keeps everything in RAM). The daemon starts over as a whole process (same pid, exec) with a
     new broker on the same port, so producers keep their address; what the old broker held is
     gone, everything sent afterwards is rewarded and trained, and no label is trained twice."""
-    daemon = Daemon("", topic_prefix, tmp_path).start()
+    # Every trajectory labelled: heads that grow sure of the first stream would not ask about
+    # the second, and this test is about the broker, not about selection.
+    daemon = Daemon("", topic_prefix, tmp_path, env={"ACTPRM_SELECTION__STRATEGY": "full"}).start()
     try:
         wait_until(lambda: "started the embedded broker" in daemon.stderr(), 60, what="the embedded broker")
         line = next(x for x in daemon.stderr().splitlines() if "started the embedded broker" in x)

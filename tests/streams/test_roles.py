@@ -158,7 +158,7 @@ def test_a_label_of_a_round_reset_without_keep_pending_is_dropped(proc):
 def test_a_version_that_fails_to_load_keeps_the_old_one_serving(proc):
     store = proc.trainer.store
     manifest, tensors = store.load(0)
-    store.save({k: v[:1] for k, v in tensors.items()}, manifest.model_dump() | {"kind": "update", "parent": 0})  # wrong shapes
+    store.save({k: v[:1] if v.dim() else v for k, v in tensors.items()}, manifest.model_dump() | {"kind": "update", "parent": 0})  # wrong shapes
     run(proc.scorer.serving.follow())
     st = proc.status()
     assert st["served_version"] == 0 and st["swap_failures"] == 1
