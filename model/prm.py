@@ -63,9 +63,8 @@ class EnsembleHeads(nn.Module):
         # the anchor is saved with the weights so it survives restarts.
         for name, p in list(self.named_parameters()):
             self.register_buffer(f"anchor_{name}", p.detach().clone())
-        self.register_buffer("input_shift", torch.zeros(H))  # (H,)
-        self.register_buffer("input_scale", torch.ones(H))  # (H,) 1 / sd
-        self.register_buffer("input_rows", torch.zeros((), dtype=torch.long))  # hidden states the stats came from
+        for name, value in raw_input_scaling(H).items():
+            self.register_buffer(name, value)
 
     @torch.no_grad()
     def set_input_scaling(self, h: torch.Tensor) -> None:
@@ -95,6 +94,13 @@ class EnsembleHeads(nn.Module):
             sq = sq + ((p - getattr(self, f"anchor_{name}")) ** 2).sum()
             count += p.numel()
         return sq / count
+
+
+def raw_input_scaling(H: int) -> dict[str, torch.Tensor]:
+    """EnsembleHeads' standardisation buffers before they are set: the identity."""
+    return {"input_shift": torch.zeros(H),  # (H,)
+            "input_scale": torch.ones(H),  # (H,) 1 / sd
+            "input_rows": torch.zeros((), dtype=torch.long)}  # hidden states the stats came from
 
 
 def _uniform(shape, fan_in: int, g: torch.Generator) -> torch.Tensor:

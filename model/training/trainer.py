@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from actprm.model.labels import label_tensors
-from actprm.model.prm import EnsemblePRM, pad_features
+from actprm.model.prm import EnsemblePRM, pad_features, raw_input_scaling
 
 Mode = Literal["heads", "lora", "full"]
 
@@ -165,7 +165,7 @@ def trainable_state(prm: EnsemblePRM, mode: Mode) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
-INPUT_SCALING = ("input_shift", "input_scale", "input_rows")  # EnsembleHeads' standardisation buffers
+INPUT_SCALING = tuple(raw_input_scaling(1))  # EnsembleHeads' standardisation buffers
 
 
 def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> None:
@@ -173,9 +173,7 @@ def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> No
     body = {k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")}
     if not any(k in heads for k in INPUT_SCALING):
         # Saved before heads standardised their input: those heads read the raw states.
-        H = prm.heads.input_shift.shape[0]
-        heads |= {"input_shift": torch.zeros(H), "input_scale": torch.ones(H),
-                  "input_rows": torch.zeros((), dtype=torch.long)}
+        heads |= raw_input_scaling(prm.heads.input_shift.shape[0])
     prm.heads.load_state_dict(heads, strict=True)
     if body:
         missing = set(body) - set(prm.body.state_dict())
@@ -318,10 +316,9 @@ class Trainer:
             rows = [s.features for s in samples]
         else:
             rows = self._hidden_states(samples)
-        at_steps = torch.cat([r.float().cpu() for r in rows]) if rows else torch.zeros((0, 1))  # (N, H)
-        if at_steps.shape[0] < 2:
+        if sum(r.shape[0] for r in rows) < 2:
             return False  # too little to estimate a spread: the next update tries again
-        heads.set_input_scaling(at_steps)
+        heads.set_input_scaling(torch.cat([r.float().cpu() for r in rows]))  # (N, H)
         return True
 
     @torch.inference_mode()
