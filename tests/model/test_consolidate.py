@@ -72,25 +72,31 @@ def test_early_stopping_on_the_loss_ignores_a_flat_f1():
         early_stopping([], patience=1)
 
 
-def test_early_stopping_waits_for_min_steps_and_still_keeps_the_best_epoch():
-    # loss best at epoch 1 (0.40), three worse after it: patience 3 would stop now, but at 45
-    # steps of a 60-step floor it goes on; at 60 steps it stops; the kept epoch is 1 either way
+def test_the_slice_chooses_only_among_epochs_past_the_step_floor():
+    # loss best at epoch 1 (0.40) and worse after it; 15 steps an epoch
     history = [F(0.2, 0.69), F(0.5, 0.40), F(0.5, 0.45), F(0.5, 0.46), F(0.5, 0.47)]
-    assert stopping(history, patience=3, steps=45, min_steps=60) == (1, False)
-    assert stopping(history, patience=3, steps=60, min_steps=60) == (1, True)
-    assert stopping(history, patience=3, steps=45) == (1, True)  # no floor: early_stopping's answer
-    # patience not yet spent: the floor changes nothing
-    assert stopping(history[:3], patience=3, steps=500, min_steps=60) == (1, False)
+    steps_at = [0, 15, 30, 45, 60]
+    assert stopping(history, patience=3, steps_at=steps_at) == (1, True)  # no floor: early_stopping's answer
+    # a 30-step floor: epochs 2-4 may be kept; 2 is their best, two epochs without better since
+    assert stopping(history, patience=3, steps_at=steps_at, min_steps=30) == (2, False)
+    assert stopping(history, patience=2, steps_at=steps_at, min_steps=30) == (2, True)
+    # only the last epoch reached a 60-step floor; patience counts from there
+    assert stopping(history, patience=1, steps_at=steps_at, min_steps=60) == (4, False)
+    # before the floor: the last epoch, and no stop
+    assert stopping(history, patience=1, steps_at=steps_at, min_steps=100) == (4, False)
+    with pytest.raises(ValueError):
+        stopping(history, patience=1, steps_at=steps_at[:4])
 
 
 def test_a_slice_too_small_to_trust_neither_stops_nor_chooses_the_epoch():
     # the same history on an untrusted slice: the last epoch is kept, and training stops only
     # at the step floor (never, without one: it runs all its epochs)
     history = [F(0.2, 0.69), F(0.5, 0.40), F(0.5, 0.45), F(0.5, 0.46), F(0.5, 0.47)]
-    assert stopping(history, patience=3, steps=45, min_steps=60, trusted=False) == (4, False)
-    assert stopping(history, patience=3, steps=60, min_steps=60, trusted=False) == (4, True)
-    assert stopping(history, patience=3, steps=10**6, trusted=False) == (4, False)
-    assert stopping(history[:1], patience=1, trusted=False) == (0, False)
+    steps_at = [0, 15, 30, 45, 60]
+    assert stopping(history[:4], patience=3, steps_at=steps_at[:4], min_steps=60, trusted=False) == (3, False)
+    assert stopping(history, patience=3, steps_at=steps_at, min_steps=60, trusted=False) == (4, True)
+    assert stopping(history, patience=3, steps_at=steps_at, trusted=False) == (4, False)
+    assert stopping(history[:1], patience=1, steps_at=[0], trusted=False) == (0, False)
 
 
 def test_a_candidate_is_published_only_when_better_than_the_served_version():
@@ -167,14 +173,15 @@ def test_train_candidate_stops_early_and_keeps_the_best_epoch(tiny):
 
 def test_train_candidate_takes_min_steps_before_it_stops_early(tiny):
     # The same opposite slice: early stopping would end it 3 epochs after the best; a floor of
-    # 30 steps (10 epochs of 3) keeps it training, and the best epoch's weights are still kept.
+    # 30 steps (10 epochs of 3) keeps it training, and the epoch kept is the best of those that
+    # reached the floor.
     served, train, val = _opposite_slice(tiny)
     cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val,
                            ConsolidateConfig(epochs=40, patience=3, mini_batch=16, lr=1e-2, criterion="f1", min_steps=30,
                                              min_val_labels=0),
                            seed=1)
     assert cand.stopped == "early stopping" and cand.steps >= 30 and cand.epochs >= 10, cand.history
-    assert cand.epochs >= cand.best_epoch + 3 and cand.val_trusted
+    assert cand.epochs >= cand.best_epoch + 3 and cand.best_epoch >= 10 and cand.val_trusted
     assert validation_figures(cand.prm, val) == cand.figures == Figures(cand.history[cand.best_epoch]["val_f1"],
                                                                         cand.history[cand.best_epoch]["val_loss"])
 
