@@ -93,7 +93,7 @@ def simulate(
     consolidate_lr: Annotated[Optional[float], typer.Option(help="a consolidation's learning rate (default: the trainer's)")] = None,
     consolidate_mini_batch: Annotated[Optional[int], typer.Option(help="labels per consolidation step (default: consolidate.mini_batch)")] = None,
     consolidate_patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation figure before a consolidation stops (default: consolidate.patience)")] = None,
-    consolidate_min_steps: Annotated[Optional[int], typer.Option(help="optimizer steps before early stopping may end a consolidation (default: consolidate.min_steps)")] = None,
+    consolidate_min_steps: Annotated[Optional[int], typer.Option(help="optimizer steps a consolidation takes before early stopping may end it or choose its epoch (default: consolidate.min_steps)")] = None,
     consolidate_min_val_labels: Annotated[Optional[int], typer.Option(help="a smaller validation slice neither stops nor chooses the epoch (default: consolidate.min_val_labels)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON instead of the table")] = False,
 ) -> None:
