@@ -18,6 +18,8 @@ says how it was trained and both validation figures.
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,18 @@ class ConsolidationOutcome:
     error: str | None = None
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling thread (and the threads it starts later, such as torch's OpenMP workers
+    for its work) at niceness `nice`. On Linux a niceness belongs to a thread; elsewhere, or
+    when refused, the thread keeps its priority."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as err:
+        log.info("consolidation thread keeps its priority", error=str(err))
+
+
 class Consolidator:
     """Starts consolidations (every `every_labels` labels trained, or when asked) and finishes
     them on the update loop's thread. One at a time."""
@@ -61,7 +75,8 @@ class Consolidator:
         # (UpdateLoop.held_out, given these settings): the served version is then compared with
         # the candidate on labels neither has trained on.
         self.train_pool = train_pool  # the update loop's own thread
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-consolidate")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="actprm-consolidate", initializer=lower_priority,
+                                       initargs=(getattr(config, "nice", 0),))
         self.running_since: float | None = None
         self.labels_since = 0  # labels trained by updates since the last consolidation started
         self.last: dict | None = None

@@ -106,3 +106,27 @@ def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
     assert published or trainer.counts["consolidations_refused"] == 1
     versions = sent_to(proc.sent, proc.topics.versions, ModelVersion)
     assert [v.version for v in versions] == (trainer.consolidator.published if published else [])
+
+
+def test_the_candidate_trains_on_a_lower_priority_thread(proc):
+    # consolidate.nice (10 by default): the consolidation thread, and the threads it starts
+    # (such as torch's workers for its ops), give the cores to scoring first
+    import os
+    import threading
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def nice_of_self_and_a_child() -> tuple[int, int]:
+        seen = []
+        child = threading.Thread(target=lambda: seen.append(nice()))
+        child.start()
+        child.join()
+        return nice(), seen[0]
+
+    if not hasattr(threading, "get_native_id") or os.uname().sysname != "Linux":
+        pytest.skip("a niceness per thread is Linux's")
+    caller = nice()
+    mine, child = proc.trainer.consolidator.pool.submit(nice_of_self_and_a_child).result()
+    assert mine == child == proc.settings.consolidate.nice == 10
+    assert nice() == caller  # the caller's thread keeps its own
