@@ -79,7 +79,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     """When the trainer trains a candidate on every label kept (model/training/consolidate.py: how)."""
 
     every_labels: int = Field(256, ge=0, description="start a consolidation after this many labels trained by updates (0: only on `actprm ctl consolidate`)")
-    nice: int = Field(10, ge=0, le=19, description="the candidate's training thread runs at this niceness (Linux; its torch worker threads too), so scoring on the same cores goes first; 0: the same priority")
+    nice: int = Field(10, ge=0, le=19, description="the candidate's training thread runs at this niceness (Linux; its torch worker threads too), so scoring on the same cores goes first; 0: the same priority. Read when the trainer starts")
 
 
 class ControlSettings(Section):

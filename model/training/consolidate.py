@@ -128,12 +128,11 @@ def stopping(history: Sequence[Figures], patience: int, criterion: str = "loss",
     chooses: the last epoch is kept, and training stops at the floor (never, without one)."""
     if len(steps_at) != len(history):
         raise ValueError(f"{len(history)} figures but {len(steps_at)} step counts")
-    reached = [i for i, s in enumerate(steps_at) if s >= min_steps]
+    first = next((i for i, s in enumerate(steps_at) if s >= min_steps), None)  # the first epoch past the floor
     if not trusted:
-        return len(history) - 1, min_steps > 0 and bool(reached)
-    if not reached:
+        return len(history) - 1, min_steps > 0 and first is not None
+    if first is None:
         return len(history) - 1, False
-    first = reached[0]
     best, stop = early_stopping(history[first:], patience, criterion)
     return first + best, stop
 

@@ -5,6 +5,9 @@ checked exactly: trained into the candidate, never consumed twice, none lost."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections import Counter
 
 import pytest
@@ -108,12 +111,11 @@ def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
     assert [v.version for v in versions] == (trainer.consolidator.published if published else [])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="only Linux gives each thread its own niceness (os.setpriority on a thread id)")
 def test_the_candidate_trains_on_a_lower_priority_thread(proc):
     # consolidate.nice (10 by default): the consolidation thread, and the threads it starts
     # (such as torch's workers for its ops), give the cores to scoring first
-    import os
-    import threading
-
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
@@ -124,8 +126,6 @@ def test_the_candidate_trains_on_a_lower_priority_thread(proc):
         child.join()
         return nice(), seen[0]
 
-    if not hasattr(threading, "get_native_id") or os.uname().sysname != "Linux":
-        pytest.skip("a niceness per thread is Linux's")
     caller = nice()
     mine, child = proc.trainer.consolidator.pool.submit(nice_of_self_and_a_child).result()
     assert mine == child == proc.settings.consolidate.nice == 10
