@@ -92,3 +92,40 @@ def test_the_process_starts_again_on_jemalloc_unless_glibc_is_asked_for():
     assert _run_on("glibc") == "glibc -"
     libc = ctypes.util.find_library("c")  # an operator's own preload (any library) is kept, and given back
     assert _run_on("auto", preload=libc) == f"jemalloc {libc}"
+
+
+REUSE = textwrap.dedent("""
+    import ctypes, resource, sys
+    from actprm.daemon import memory
+    memory.preload_allocator("jemalloc")  # starts again on jemalloc, with the daemon's MALLOC_CONF
+    libc = ctypes.CDLL(None)  # malloc and free resolve to jemalloc's
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 16 << 20  # a large block, like a head's weight gradient or an activation
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(40):
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        libc.free(p)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    held = rss_mb()
+    purged = memory.trim()
+    print(memory.loaded_allocator(), faults, round(held - rss_mb()), purged)
+""")
+
+
+@pytest.mark.skipif(memory.jemalloc_library() is None, reason="jemalloc is not installed here (apt install libjemalloc2)")
+def test_on_jemalloc_freed_blocks_are_reused_until_trim_gives_them_back():
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", memory.PRELOADED_ENV, "MALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True, env=env)
+    allocator, faults, given_back_mb, purged = out.stdout.split()
+    assert allocator == "jemalloc"
+    pages = (16 << 20) // 4096
+    # Reused, not faulted in again on every allocation: 40 x 4,096 pages if it were.
+    assert int(faults) < 3 * pages, faults
+    # ... and trim() (every TRIM_EVERY_S in the daemon) returns them to the system.
+    assert purged == "True"
+    assert int(given_back_mb) >= 12, given_back_mb
