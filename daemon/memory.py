@@ -86,8 +86,8 @@ def trim() -> bool:
 
 PRELOADED_ENV = "ACTPRM_ALLOCATOR_PRELOADED"  # set on the restart, so a failed preload is not retried
 BEFORE_ENV = "ACTPRM_LD_PRELOAD_BEFORE"  # the operator's LD_PRELOAD, given back to the processes it starts
-# jemalloc returns freed pages from a background thread of its own; without it only on later allocations.
-# dirty_decay_ms:-1: it never purges on its own, only when trim() asks (every TRIM_EVERY_S). Measured on
+# dirty_decay_ms:-1: jemalloc never purges freed pages on its own (neither from its background thread
+# nor on later allocations), only when trim() asks (every TRIM_EVERY_S). Measured on
 # jemalloc 5.3 (2 cores, a consolidation's 176 steps of 32 heads on cached features): with decay on,
 # at any decay time (10 s, the default, up to 1,000 s), 4.4 million page faults, 8.2 s of system
 # CPU and 10.0 s wall; with it off, 4,300 faults, 0.3 s and 5.2 s. In the demo the daemon spent
