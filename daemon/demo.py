@@ -106,6 +106,7 @@ class Demo(faust.Service):
                                       error_rate=b.error_rate, markers=b.markers)
             self.heldout = HeldOut(records, frozen_backbone=proc.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
+        self._consolidated_at_end = False  # the consolidation that ends a bounded run has started
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
@@ -156,6 +157,8 @@ class Demo(faust.Service):
                "selected_share_first": flags.share(slice(0, q)) if q else None,
                "selected_share_last": flags.share(slice(len(flags) - q, None)) if q else None,
                "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],
+               "final_consolidated": bool(trainer.consolidator and self.f1_by_version
+                                          and max(self.f1_by_version) in trainer.consolidator.published),
                "curve": None}
         try:
             from actprm.model.lab.plots import run_learning_curve
@@ -164,6 +167,23 @@ class Demo(faust.Service):
         except (OSError, ValueError) as err:
             log.warning("could not write the learning curve", error=str(err))
         return out
+
+    def ends_with_consolidation(self) -> bool:
+        """Does this run end with a consolidation on every label kept (consolidate.at_end)?"""
+        trainer = self.proc.trainer
+        return trainer is not None and trainer.consolidator is not None and self.proc.settings.consolidate.at_end
+
+    def consolidate_at_end(self) -> bool:
+        """Start the consolidation that ends a bounded run (once, after the last update): the PRM
+        the run leaves is trained on every label kept, as the published method trains the PRM it
+        ships on the selected data. True when it started now."""
+        trainer = self.proc.trainer
+        if self._consolidated_at_end or not self.ends_with_consolidation() or not trainer.counts["labels_trained"]:
+            return False
+        self._consolidated_at_end = True
+        log.info("consolidating every label kept before the run ends", labels=trainer.counts["labels_trained"])
+        trainer.consolidate("end of run", self.proc.settings.consolidate.at_end_config())
+        return True
 
     @faust.Service.task
     async def _stop_when_done(self) -> None:
@@ -178,12 +198,16 @@ class Demo(faust.Service):
             if self._drain_started is None:
                 self._drain_started = time.monotonic()
                 log.info("max trajectories scored; draining judge and trainer", scored=scored)
+                if self.ends_with_consolidation():
+                    proc.trainer.consolidator.hold_periodic = True  # the one at the end trains on every label
             settled = pipeline_settled(proc)
             if proc.trainer is not None and settled:
                 await proc.trainer.maybe_update(force=True)
                 settled = not proc.trainer.updates.n_pending and not proc.trainer.updating
                 consolidator = proc.trainer.consolidator
                 settled = settled and (consolidator is None or consolidator.running_since is None)
+                if settled and self.consolidate_at_end():
+                    settled = False
             waited = time.monotonic() - self._drain_started
             waiting_f1 = (settled and self.heldout is not None and proc.scorer is not None
                           and self.f1_version != proc.scorer.serving.current.version)

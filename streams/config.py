@@ -80,6 +80,18 @@ class ConsolidateSettings(ConsolidateConfig, Section):
 
     every_labels: int = Field(256, ge=0, description="start a consolidation after this many labels trained by updates (0: only on `actprm ctl consolidate`)")
     nice: int = Field(10, ge=0, le=19, description="the candidate's training thread runs at this niceness (Linux; its torch worker threads too), so scoring on the same cores goes first; 0: the same priority. Read when the trainer starts")
+    # The end of a bounded run is the one time nothing runs beside a consolidation, and the PRM
+    # it leaves is the one a user takes away: the published method trains that one on all the
+    # selected data, so it gets a full training rather than the short one that fits between labels.
+    at_end: bool = Field(True, description="a bounded run (`actprm run --max-trajectories`) ends with one more consolidation on every label kept, after its last update (published only if it beats the served version, as any other)")
+    at_end_min_steps: int | None = Field(None, ge=0, description="min_steps of the consolidation at the end of a bounded run (None: min_steps)")
+    at_end_patience: int | None = Field(None, ge=1, description="patience of the consolidation at the end of a bounded run (None: patience)")
+
+    def at_end_config(self) -> ConsolidateConfig:
+        """How the consolidation at the end of a bounded run trains."""
+        return ConsolidateConfig(**{**{k: getattr(self, k) for k in ConsolidateConfig.model_fields},
+                                    "min_steps": self.min_steps if self.at_end_min_steps is None else self.at_end_min_steps,
+                                    "patience": self.patience if self.at_end_patience is None else self.at_end_patience})
 
 
 class ControlSettings(Section):

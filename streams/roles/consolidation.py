@@ -42,6 +42,7 @@ class Snapshot:
     val: list[LabelledSample]
     served_version: int
     served_state: dict
+    config: ConsolidateConfig  # how this one trains (the settings, or those of the end of a bounded run)
 
 
 @dataclass
@@ -81,6 +82,9 @@ class Consolidator:
         self.labels_since = 0  # labels trained by updates since the last consolidation started
         self.last: dict | None = None
         self.published: list[int] = []  # versions that are consolidations, oldest first
+        # A bounded run whose stream is all scored ends with a consolidation on every label kept;
+        # a periodic one started meanwhile would only delay that one (daemon/demo.py sets it).
+        self.hold_periodic = False
         self._cancel = False
         self._seq = 0
 
@@ -90,7 +94,7 @@ class Consolidator:
         """Count labels an update trained; True when a consolidation should start now."""
         self.labels_since += labels_trained
         every = self.every_labels
-        return bool(every) and self.labels_since >= every and self.running_since is None
+        return bool(every) and self.labels_since >= every and self.running_since is None and not self.hold_periodic
 
     @property
     def every_labels(self) -> int:
@@ -104,19 +108,20 @@ class Consolidator:
 
     # --- the three steps ----------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
-        """Step 1, on the training thread: the labels kept, split; the served weights."""
+    def snapshot(self, config: ConsolidateConfig | None = None) -> Snapshot:
+        """Step 1, on the training thread: the labels kept, split; the served weights; how the
+        candidate will train (default: the settings as they are now)."""
         u = self.updates
         kept = u.replay.samples() if u.replay is not None else []
         val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
         return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
-                        trainable_state(u.trainer.prm, u.trainer.config.mode))
+                        trainable_state(u.trainer.prm, u.trainer.config.mode), config or self.config)
 
     def train(self, snap: Snapshot):
         """Step 2, on the consolidation thread: the candidate (the served PRM is only read)."""
         u = self.updates
         self._seq += 1
-        return train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, self.config,
+        return train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, snap.config,
                                seed=u.trainer.config.seed + 7919 * self._seq, served_state=snap.served_state,
                                cancelled=lambda: self._cancel)
 
@@ -133,7 +138,8 @@ class Consolidator:
             cand.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
         served = validation_figures(trainer.prm, val)
         figures = validation_figures(cand.prm, val)
-        record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": self.config.start,
+        record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": snap.config.start,
+                  "min_steps": snap.config.min_steps, "patience": snap.config.patience,
                   "epochs": cand.epochs, "best_epoch": cand.best_epoch, "steps": cand.steps, "stopped": cand.stopped,
                   "val_trusted": cand.val_trusted,
                   "labels": len(cand.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
@@ -160,13 +166,15 @@ class Consolidator:
         self.published.append(manifest.version)
         return ConsolidationOutcome(manifest, record | {"version": manifest.version})
 
-    async def run(self, reason: str, on_done: Callable[[ConsolidationOutcome], object]) -> None:
-        """The three steps; `on_done` (on the event loop) journals and publishes the outcome."""
+    async def run(self, reason: str, on_done: Callable[[ConsolidationOutcome], object],
+                  config: ConsolidateConfig | None = None) -> None:
+        """The three steps; `on_done` (on the event loop) journals and publishes the outcome.
+        config: how the candidate trains (default: the settings as they are now)."""
         loop = asyncio.get_running_loop()
         try:
-            snap = await loop.run_in_executor(self.train_pool, self.snapshot)
+            snap = await loop.run_in_executor(self.train_pool, self.snapshot, config)
             log.info("consolidation started", reason=reason, labels=len(snap.train), val_labels=len(snap.val),
-                     served_version=snap.served_version, start=self.config.start)
+                     served_version=snap.served_version, start=snap.config.start, min_steps=snap.config.min_steps)
             cand = await loop.run_in_executor(self.pool, self.train, snap)
             outcome = await loop.run_in_executor(self.train_pool, self.finish, snap, cand)
         except Exception as err:  # noqa: BLE001 - a failed consolidation never stops the trainer

@@ -430,12 +430,14 @@ class TrainerRole:
 
     # --- consolidations (streams/roles/consolidation.py) ------------------------------------------
 
-    def consolidate(self, reason: str) -> str:
-        """Start a consolidation beside the online loop; its outcome is journalled and published later."""
+    def consolidate(self, reason: str, config: ConsolidateConfig | None = None) -> str:
+        """Start a consolidation beside the online loop; its outcome is journalled and published later.
+        config: how it trains (default: the `consolidate` settings)."""
         if self.consolidator is None:
             raise RuntimeError("consolidation is not set up in this trainer")
         self.consolidator.begin()  # raises when one is running
-        self._consolidation = asyncio.get_running_loop().create_task(self.consolidator.run(reason, self._consolidated))
+        self._consolidation = asyncio.get_running_loop().create_task(
+            self.consolidator.run(reason, self._consolidated, config))
         n = len(self.updates.replay) if self.updates.replay is not None else 0
         return f"consolidation started on the {n} labels kept (served version {self.updates.version})"
 

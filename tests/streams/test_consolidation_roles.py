@@ -5,6 +5,7 @@ checked exactly: trained into the candidate, never consumed twice, none lost."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import threading
@@ -109,6 +110,28 @@ def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
     assert published or trainer.counts["consolidations_refused"] == 1
     versions = sent_to(proc.sent, proc.topics.versions, ModelVersion)
     assert [v.version for v in versions] == (trainer.consolidator.published if published else [])
+
+
+def test_the_consolidation_at_the_end_of_a_bounded_run_trains_with_its_own_floor_and_patience(proc):
+    trainer, s = proc.trainer, proc.settings.consolidate
+    s.epochs, s.min_steps, s.patience = 50, 0, 1
+    s.at_end_min_steps, s.at_end_patience = 40, 2
+    end = s.at_end_config()
+    assert (end.min_steps, end.patience, end.epochs, end.mini_batch) == (40, 2, 50, s.mini_batch)
+    s.at_end_min_steps = s.at_end_patience = None
+    assert (s.at_end_config().min_steps, s.at_end_config().patience) == (0, 1)  # None: the section's own
+    _train(proc, _labels(32, seed=9))
+
+    async def go():
+        trainer.consolidate("end of run", end)
+        await trainer._consolidation
+
+    asyncio.run(go())
+    last = trainer.consolidator.last
+    # The section's floor (0) and patience (1) would have let the slice end it after one epoch.
+    assert last["reason"] == "end of run" and (last["min_steps"], last["patience"]) == (40, 2)
+    assert last["steps"] >= 40 and last["epochs"] >= 40 // math.ceil(last["labels"] / 8), last
+    assert s.min_steps == 0 and s.patience == 1  # the settings themselves are left as they were
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),

@@ -22,6 +22,10 @@ LEARNING_ENV = {
     # of everything soon and asked for 12 labels in all at 0.01 with 0.9 / 0.05, 22 at the
     # default 1e-3 with the published rule (the checks below need 32).
     "ACTPRM_TRAINER__LR": "0.0003",
+    # The consolidation that ends the run (off in the other daemon tests), with a floor of its
+    # own: the default, 600 steps, took 40 s here.
+    "ACTPRM_CONSOLIDATE__AT_END": "true",
+    "ACTPRM_CONSOLIDATE__AT_END_MIN_STEPS": "100",
 }
 
 
@@ -35,7 +39,7 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     final = daemon.final_status()
     learning = final["learning"]
     assert set(learning) == {"heldout_f1_v0", "heldout_f1_final", "online_f1", "selected_share_first",
-                             "selected_share_last", "labels", "consolidations", "curve"}
+                             "selected_share_last", "labels", "consolidations", "final_consolidated", "curve"}
     assert learning["heldout_f1_final"] >= learning["heldout_f1_v0"] + 0.3, learning
     assert learning["selected_share_last"] < learning["selected_share_first"], learning
     assert Path(learning["curve"]).is_file() and Path(learning["curve"]).stat().st_size > 10_000
@@ -59,3 +63,15 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     scoring = list(journal.read(tmp_path, "scoring"))
     assert sum(c["scored"] for c in scoring) == final["scored"] == 192
     assert {"marker", "correct"} >= {k for c in scoring for k in c["by_kind"]}
+
+    # The run ended with a consolidation on every label kept, after its last update (with
+    # min_steps and patience of its own: consolidate.at_end_*); its version, when published,
+    # is the one the final held-out figure is of.
+    last = updates[-1]
+    assert last["kind"] == "consolidate" and last["consolidation"]["reason"] == "end of run", last
+    cons = last["consolidation"]
+    assert cons["labels"] + cons["val_labels"] == final["labels_trained"] and cons["labels_meanwhile"] == 0, cons
+    assert cons["steps"] >= cons["min_steps"] == 100 or cons["stopped"] == "epochs", cons
+    assert learning["final_consolidated"] == (last["version"] is not None), (learning, last)
+    if last["version"] is not None:
+        assert max(heldout) == last["version"] and learning["heldout_f1_final"] == heldout[last["version"]]

@@ -38,6 +38,9 @@ TINY_ENV = {
     "ACTPRM_KAFKA__SESSION_TIMEOUT_S": "6",
     "ACTPRM_LOG_FORMAT": "json",
     "ACTPRM_METRICS__PORT": "0",  # several daemons at once must not fight over one port
+    # A bounded run's closing consolidation (600 steps by default) is tested where it is the
+    # point (tests/streams/test_learning.py); elsewhere it would only lengthen the run.
+    "ACTPRM_CONSOLIDATE__AT_END": "false",
 }
 
 
