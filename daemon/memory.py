@@ -13,9 +13,12 @@ dynamic, raised to the size of every such block freed (up to 32 MB). Activations
 follows each batch's padded length then come from the heaps instead, and the heaps grow with
 the mix of sizes: measured in a 5-minute soak (tiny backbone), 160 MB of the daemon's 640 MB
 anonymous RSS was free memory inside the heaps (mallinfo2 fordblks), growing while the memory
-in use grew by 45 MB. A fixed threshold of 4 MB (MALLOC_MMAP_THRESHOLD_ set by the operator
-wins) keeps such blocks out of the heaps; scoring with the tiny backbone measured the same
-speed within noise (1 MB and 256 KB cost ~25%: every smaller tensor then faults in fresh pages).
+in use grew by 45 MB. A fixed threshold (MALLOC_MMAP_THRESHOLD_ set by the operator wins)
+keeps such blocks out of the heaps. It is 32 MB, glibc's own ceiling: at 4 MB the tiny backbone
+scored at the same speed, but the real one (SmolLM2-135M) and the heads' training blocks of 4-32
+MB were each faulted in afresh: the demo on glibc took 6 min 45 s with 2 min 6 s of CPU in the
+kernel, and a consolidation made 322 optimizer steps in 30 s; at 32 MB, 5 min 56 s, 55 s in the
+kernel, and 708 steps (2026-12-06, `bash scripts/run`, no jemalloc on the machine).
 
 Fragmentation is glibc's own, though: with the threshold fixed, the bytes in use levelled off
 from minute 4 of a 30-minute soak while glibc's free bytes kept growing (110 -> 287 MB), with
@@ -41,7 +44,7 @@ from pathlib import Path
 M_ARENA_MAX = -8  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 ARENAS = 2
-MMAP_THRESHOLD = 4 << 20  # blocks from this size up get their own mapping, returned when freed
+MMAP_THRESHOLD = 32 << 20  # blocks from this size up get their own mapping, returned when freed
 # malloc_trim(0) takes ~1 ms on the daemon's heaps (measured): often enough that what a few seconds
 # of scoring and training free is not kept resident until the next minute.
 TRIM_EVERY_S = 10.0
