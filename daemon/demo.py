@@ -55,7 +55,7 @@ def pipeline_settled(proc: Process) -> bool:
     ok = True
     if proc.trainer is not None and proc.scorer is not None:
         kept = sum(c[name] for name in ADMISSION_COUNTERS.values())  # each candidate the keeper saw, once
-        ok = ok and kept >= c["selected"]
+        ok = ok and kept >= c["selected"] + c["validation_sample"]
     if proc.judge is not None and proc.trainer is not None:
         waiting = proc.judge.queued()  # asked again hours later: not this run's to wait for
         ok = ok and c["judged"] + c["judge_failures"] + c["judge_repeats"] + waiting >= c["annotation_requests"]
@@ -154,6 +154,7 @@ class Demo(faust.Service):
         out = {"heldout_f1_v0": (self.f1_by_version.get(0) or {}).get("f1"),
                "heldout_f1_final": final["f1"] if final else None,
                "online_f1": trainer.online.summary()["online_f1"],
+               "sample_f1": trainer.sample.summary()["online_f1"],
                "selected_share_first": flags.share(slice(0, q)) if q else None,
                "selected_share_last": flags.share(slice(len(flags) - q, None)) if q else None,
                "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],

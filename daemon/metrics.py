@@ -99,6 +99,10 @@ def _learning_gauges(st: dict) -> Iterable:
             if summary.get("online_f1") is not None:
                 by_version.add_metric([version], summary["online_f1"])
         yield by_version
+    sample = st.get("stream_sample")
+    if sample and sample.get("online_f1") is not None:
+        yield GaugeMetricFamily("actprm_stream_sample_f1", "ProcessBench F1 of the scoring versions on the last labels "
+                                "of the stream's validation sample (judged whether selected or not)", value=sample["online_f1"])
     heldout = st.get("heldout")
     if heldout and heldout.get("f1") is not None:
         yield GaugeMetricFamily("actprm_heldout_f1", "ProcessBench F1 of the served version on the held-out set",

@@ -91,6 +91,9 @@ class StatusService(faust.Service):
         if online and online["labels"]:
             f1 = "-" if online["online_f1"] is None else f"{online['online_f1']:.3f}"
             parts.append(f"online F1 {f1} (last {online['labels']} labels)")
+        sample = st.get("stream_sample")
+        if sample and sample["labels"] and sample["online_f1"] is not None:
+            parts.append(f"stream-sample F1 {sample['online_f1']:.3f} (last {sample['labels']})")
         if self.demo is not None and self.demo.heldout is not None:
             f1 = self.demo.f1
             if f1 is not None and f1["f1"] is not None:

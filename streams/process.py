@@ -113,6 +113,7 @@ class Process:
         gate = self.sender.gate
         out = {"roles": list(self.roles), "scored": c["scored"], "selected": c["selected"],
                "selected_pct": round(100 * c["selected"] / c["scored"], 1) if c["scored"] else 0.0,
+               "validation_sample": c["validation_sample"],
                "annotation_requests": c["annotation_requests"], "judged": c["judged"], "judge_failures": c["judge_failures"],
                "updates": c["updates"], "updates_rejected": c["updates_rejected"], "update_failures": c["update_failures"],
                "dead_lettered": c["dead_lettered"], **serving, "duplicates_skipped": c["duplicates_skipped"],
@@ -128,11 +129,12 @@ class Process:
             out |= {"pending_labels": t.updates.n_pending, "trained_version": t.updates.version,
                     "labels_received": c["labels_received"], "labels_duplicate": c["labels_duplicate"],
                     "labels_stale_round": c["labels_stale_round"], "labels_trained": c["labels_trained"],
+                    "labels_validation_only": c["labels_validation_only"],
                     "labels_replayed": c["labels_replayed"],
                     "replay_labels": len(t.updates.replay) if t.updates.replay is not None else 0,
                     # labels whose hidden states came from this process's scorer, not a second backbone pass
                     "features_reused": t.updates.memo.hits if t.updates.memo is not None else 0,
-                    "online": t.online.summary()}
+                    "online": t.online.summary(), "stream_sample": t.sample.summary()}
         return out
 
     async def close_judge(self) -> None:
@@ -187,7 +189,7 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
             log.info("serving", version=first.version)
             scorer = ScorerRole(s.scorer, s.selection, s.model.seed, Serving(first, store, errors, metrics), ledger, sender,
                                 topics, journal, memo=memo, rounds=rounds, epoch=broker_epoch, metrics=metrics,
-                                needs_gold=s.judge.kind == "oracle")
+                                needs_gold=s.judge.kind == "oracle", consolidate=s.consolidate)
         if "trainer" in roles:
             u = s.update
             replay = ReplayStore(s.state_dir / "replay", u.replay_size, cache_key(template)[0] if heads_only else None)

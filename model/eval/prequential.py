@@ -4,9 +4,11 @@ scored its trajectory, then trains the next one.
 A live service has no fixed test set, but each label arrives with the scores (mu) the serving
 version gave that trajectory, so comparing them with the judge's verdict is an honest measure
 of that version on fresh data. Labels are chosen by uncertainty, so these figures are
-pessimistic: they are taken on exactly the trajectories the PRM found hardest.
+pessimistic: they are taken on exactly the trajectories the PRM found hardest. The labels of
+the stream's validation sample (judged whether selected or not) are the stream as it comes: the
+daemon keeps a second window of those alone, an unbiased figure of the PRM its RL run reads.
 
-Pure functions and a small windowed aggregate; the daemon keeps one `OnlineWindow`.
+Pure functions and a small windowed aggregate; the daemon keeps two `OnlineWindow`s.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ class ConsolidateConfig(BaseModel):
     criterion: Literal["loss", "f1"] = Field("loss", description="what early stopping watches on the validation slice: the BCE of the ensemble mean (smooth), or F1 at 0.5 then loss (flat for the first epochs, while the heads learn that most steps are correct)")
     start: Literal["fresh", "served"] = Field("served", description="served: the weights serving now (measured: keeps the online F1, fresh heads lost 0.05-0.15 of it); fresh: the heads' initial weights (their anchors)")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the labels kept that only validate (chosen by a hash of the label id, so a label stays on its side)")
+    # The slice that stops a candidate, chooses its epoch and gates it is only as good as its
+    # likeness to what the PRM will score: the selected labels are the hard cases the ensemble
+    # was unsure of, a sample of the stream is the stream.
+    val_sample: Literal["stream", "selected"] = Field("stream", description="the validation slice: stream: every trajectory whose id hashes below val_fraction, judged whether selected or not (a sample of what the PRM scores; costs judge calls for val_fraction of the trajectories not selected; simulate: the pool's validation split); selected: the selected labels whose id hashes below val_fraction (no extra judge calls)")
     mini_batch: int = Field(32, ge=1, description="labels per optimizer step")
     lr: float | None = Field(None, gt=0, description="learning rate (None: the trainer's)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")

@@ -13,6 +13,10 @@ answer without a second forward pass or a second charge.
 
 With the gold-label judge (`judge.kind = "oracle"`), a trajectory without gold (an RL client's
 sample) is never selected: that judge could only dead-letter it, after it was charged.
+
+The consolidations' validation sample (`consolidate.val_sample = "stream"`) is judged too,
+selected or not: every trajectory whose id hashes below `consolidate.val_fraction`. Its reward
+says `selected` only when the uncertainty rule chose it, so the selected share stays the rule's.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from actprm.model.training.consolidate import id_hash
 from actprm.model.training.replay import FeatureMemo
 from actprm.model.uncertainty import Selector, make_selector
 from actprm.client import messages
-from actprm.streams.config import ScorerSettings, SelectionSettings
+from actprm.streams.config import ConsolidateSettings, ScorerSettings, SelectionSettings
 from actprm.streams.state.journal import Journal
 from actprm.streams.state.ledger import SCORED, Ledger
 from actprm.streams.state.series import FlagSeries
@@ -47,6 +52,7 @@ class ScoredBatch:
     seconds: float = 0.0
     tokens: int = 0
     no_gold: int = 0  # uncertain, but not selected: the gold-label judge has nothing to judge them by
+    validation: int = 0  # judged only as the validation sample: the rule did not select them
 
 
 def scored_before(ledger: Ledger, trajectory_id: str, epoch: str | None) -> bool:
@@ -58,13 +64,16 @@ def scored_before(ledger: Ledger, trajectory_id: str, epoch: str | None) -> bool
 
 def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: list[Trajectory], round_id: int = 0,
                 epoch: str | None = None, memo: FeatureMemo | None = None, needs_gold: bool = False,
-                batch_size: int | None = None, max_tokens: int | None = None) -> ScoredBatch:
+                batch_size: int | None = None, max_tokens: int | None = None,
+                val_fraction: float | None = None) -> ScoredBatch:
     """Score trajectories not scored before; the caller marks them scored once rewards are sent.
 
     memo: keep the hidden states of the selected ones there, for a trainer in this process.
     needs_gold: the judge labels from gold only, so a trajectory without gold is not selected.
     batch_size, max_tokens: the limits of one forward pass, scorer.max_batch and
-    scorer.max_batch_tokens as they are now (`ctl set` changes them), not as they were at start."""
+    scorer.max_batch_tokens as they are now (`ctl set` changes them), not as they were at start.
+    val_fraction: judge every trajectory whose id hashes below it as well (the validation
+    sample of the stream), selected or not."""
     fresh, duplicates, seen = [], [], set()
     for t in batch:
         if scored_before(ledger, t.id, epoch) or t.id in seen:
@@ -78,26 +87,30 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
     scores = served.prm.score([(t.problem, t.steps) for t in fresh], keep_features=memo is not None,
                               batch_size=batch_size, max_tokens=max_tokens)
     uncertain = selector.select(scores)
-    selected = [u and (not needs_gold or t.gold_first_error is not None) for t, u in zip(fresh, uncertain)]
+    judgeable = [not needs_gold or t.gold_first_error is not None for t in fresh]
+    selected = [u and j for u, j in zip(uncertain, judgeable)]
+    sampled = [j and val_fraction is not None and id_hash(t.id) < val_fraction for t, j in zip(fresh, judgeable)]
+    judged = [a or b for a, b in zip(selected, sampled)]
     if memo is not None:
-        for t, s, picked in zip(fresh, scores, selected):
-            if picked:
+        for t, s, asked in zip(fresh, scores, judged):
+            if asked:
                 memo.put(t.id, t.problem, t.steps, s.features)
             s.features = None
     seconds = time.perf_counter() - start
     now = time.time()
     rewards, candidates = [], []
-    for t, s, picked in zip(fresh, scores, selected):
+    for t, s, picked, asked in zip(fresh, scores, selected, judged):
         rewards.append(Reward(id=t.id, mu=s.mu, sigma=s.sigma, first_error=s.first_error, selected=picked,
                               model_version=served.version, n_steps=s.n_steps, truncated=s.truncated,
                               round_id=round_id, scored_at=now))
-        if picked:
+        if asked:
             candidates.append(AnnotationRequest(id=t.id, problem=t.problem, steps=t.steps,
                                                 gold_first_error=t.gold_first_error, round_id=round_id,
                                                 model_version=served.version, mu=s.mu, metadata=t.metadata,
                                                 requested_at=now))
     return ScoredBatch(rewards, candidates, duplicates, served.version, seconds, sum(s.n_tokens for s in scores),
-                       no_gold=sum(u and not s for u, s in zip(uncertain, selected)))
+                       no_gold=sum(u and not s for u, s in zip(uncertain, selected)),
+                       validation=sum(a and not s for a, s in zip(judged, selected)))
 
 
 def mark_scored(ledger: Ledger, rewards: list[Reward], epoch: str | None = None,
@@ -124,8 +137,9 @@ class ScorerRole:
     def __init__(self, scorer: ScorerSettings, selection: SelectionSettings, seed: int, serving: Serving,
                  ledger: Ledger, sender: Sender, topics: Topics, journal: Journal, *, memo: FeatureMemo | None = None,
                  rounds: RoundKeeper | None = None, epoch: str | None = None, metrics: Observer | None = None,
-                 needs_gold: bool = False):
+                 needs_gold: bool = False, consolidate: ConsolidateSettings | None = None):
         self.settings, self.selection, self.seed = scorer, selection, seed  # live: `ctl set` changes them
+        self.consolidate = consolidate  # its validation sample is judged too (val_sample, val_fraction; live)
         self.serving, self.ledger, self.sender, self.topics, self.journal = serving, ledger, sender, topics, journal
         self.memo = memo  # hidden states of selected trajectories, for a trainer in this process (heads mode)
         self.rounds = rounds  # the round keeper, when it runs in this process: requests carry its round
@@ -172,19 +186,27 @@ class ScorerRole:
         await asyncio.gather(*acks)
         mark_scored(self.ledger, scored, self.epoch, origin)
 
+    @property
+    def val_fraction(self) -> float | None:
+        """The share of the stream judged as the consolidations' validation sample (None: none)."""
+        c = self.consolidate
+        return c.val_fraction if c is not None and c.val_sample == "stream" else None
+
     async def _score_chunk(self, batch: list[Trajectory]) -> ScoredBatch:
         served = self.serving.current  # this chunk is scored by exactly this version
         round_id = self.rounds.state.round_id if self.rounds is not None else 0  # elsewhere: the keeper restamps
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.pool, score_batch, served, self.selector, self.ledger, batch,
                                             round_id, self.epoch, self.memo, self.needs_gold, self.settings.max_batch,
-                                            self.settings.max_batch_tokens)
+                                            self.settings.max_batch_tokens, self.val_fraction)
         self.counts["scored"] += len(result.rewards)
         self.selected_flags.extend(int(r.selected) for r in result.rewards)
         if result.rewards:
             self.journal.append("scoring", {"version": served.version, "round_id": round_id, "scored": len(result.rewards),
-                                            "selected": len(result.candidates), "by_kind": kind_counts(batch, result)})
-        self.counts["selected"] += len(result.candidates)
+                                            "selected": len(result.candidates) - result.validation,
+                                            "validation": result.validation, "by_kind": kind_counts(batch, result)})
+        self.counts["selected"] += len(result.candidates) - result.validation
+        self.counts["validation_sample"] += result.validation
         self.counts["not_selected_no_gold"] += result.no_gold
         self.counts["duplicates_skipped"] += len(result.duplicates)
         self.counts["score_tokens"] += result.tokens

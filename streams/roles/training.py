@@ -38,6 +38,7 @@ from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, Up
 from actprm.model.eval.metrics import processbench_scores
 from actprm.model.eval.prequential import OnlineWindow, score_label
 from actprm.client import messages
+from actprm.streams.config import ConsolidateSettings
 from actprm.streams.roles.consolidation import Consolidator
 from actprm.streams.state.journal import Journal
 from actprm.streams.state.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
@@ -60,6 +61,7 @@ class UpdateOutcome:
     label_ids: list[str]
     error: str | None = None  # e.g. the checkpoint could not be written
     rejected: str | None = None  # why the update was refused (non-finite loss, canary F1 drop)
+    validation_only: bool = False  # every label was of the validation slice: kept for it, no version
 
 
 class UpdateLoop:
@@ -187,11 +189,13 @@ class UpdateLoop:
         before = self.canary_f1(self.version)
         poisoned: list[str] = []  # labels whose own batch of one was refused: retired, not retried
         held = [s for s in samples if self.held_out(s.id)]
+        if len(held) == len(samples):
+            return self._keep_for_validation(ids, samples)
         undo = self.trainer.snapshot()  # every refusal below goes back to it: weights, optimizer moments, step
         try:
             trainable = [s for s in samples if not any(s is h for h in held)]
-            result, kept, poisoned = self._train(trainable) if trainable else (UpdateResult(True, "ok"), [], [])
-            kept += held if kept or not trainable else []  # held out: kept for validation, consumed once
+            result, kept, poisoned = self._train(trainable)
+            kept += held if kept else []  # held out: kept for validation, consumed once
             refused = None if kept else result.reason
             ids = [s.id for s in kept] if kept else ids
         except torch.cuda.OutOfMemoryError:
@@ -255,6 +259,20 @@ class UpdateLoop:
             log.warning("could not prune old checkpoint weights", error=str(err))
         return UpdateOutcome(result, manifest, ids)
 
+    def _keep_for_validation(self, ids: list[str], samples: list[LabelledSample]) -> UpdateOutcome:
+        """A batch of validation labels alone (the stream's sample often is, once the rule
+        selects little): nothing to train, so no version; they are kept for the consolidations
+        and consumed once, by no version."""
+        with self.ledger.transaction():
+            mark_trained(self.ledger, ids, None)
+        self.forget(ids)
+        if self.replay is not None:
+            try:
+                self.replay.add(samples)
+            except OSError as err:
+                log.warning("could not keep labels for validation", error=str(err))
+        return UpdateOutcome(UpdateResult(False, "validation labels only"), None, ids, validation_only=True)
+
     def _train(self, samples: list[LabelledSample]) -> tuple[UpdateResult, list[LabelledSample], list[str]]:
         """Step on the samples; a batch refused as non-finite is split in halves and each half
         tried again, so one poisoned label cannot take good ones down with it.
@@ -300,7 +318,7 @@ class TrainerRole:
 
     def __init__(self, updates: UpdateLoop, rounds: RoundKeeper, sender: Sender, topics: Topics, journal: Journal,
                  errors: LastError, online_window: int, serving: Serving | None = None,
-                 consolidate: ConsolidateConfig | None = None):
+                 consolidate: ConsolidateSettings | None = None):
         self.updates, self.rounds, self.sender, self.topics, self.journal = updates, rounds, sender, topics, journal
         self.errors = errors
         self.ledger, self.store = updates.ledger, updates.store
@@ -310,6 +328,9 @@ class TrainerRole:
         self.consolidator = Consolidator(updates, consolidate, self.pool) if consolidate is not None else None
         self._consolidation: asyncio.Task | None = None
         self.online = OnlineWindow(online_window)  # each label tests the version that scored it
+        # The same test on the stream's validation sample alone (consolidate.val_sample = "stream"):
+        # the online window is mostly the hard cases the rule selected; this one is the stream.
+        self.sample = OnlineWindow(online_window)
         self.counts: Counter = Counter()
         self.updating = False
         self._retry_at = 0.0  # after a failed write, the next try waits (backoff)
@@ -339,10 +360,17 @@ class TrainerRole:
         test = score_label(label.mu, label.first_error, label.n_steps, label.scored_version) if label.mu is not None else None
         if test is not None:
             self.online.add(test)
+            if self.in_stream_sample(label.id):
+                self.sample.add(test)
         self.journal.append("labels", {
             "id": label.id, "judged_at": label.judged_at, "round_id": label.round_id, "version": label.scored_version,
             "first_error": label.first_error, "predicted_first_error": test.predicted if test else None,
             "mu": label.mu, "n_steps": label.n_steps, "metadata": label.metadata})
+
+    def in_stream_sample(self, label_id: str) -> bool:
+        """Was this label's trajectory judged as part of the stream's validation sample?"""
+        c = self.consolidator.config if self.consolidator is not None else None
+        return c is not None and c.val_sample == "stream" and self.updates.held_out(label_id)
 
     async def drop_pending_before(self, round_id: int) -> int:
         """Retire labels of earlier rounds that wait for training (as a rejected batch's are), and
@@ -401,6 +429,9 @@ class TrainerRole:
             self.updating = False
             self.wake()  # the update loop looks again: more labels may be due
         r, published = outcome.result, outcome.manifest
+        if outcome.validation_only:
+            self.counts["labels_validation_only"] += len(outcome.label_ids)
+            return
         self.journal.append("updates", {
             "version": published.version if published else None,
             "parent": published.parent if published else self.updates.version,

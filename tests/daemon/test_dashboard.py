@@ -105,6 +105,8 @@ def exported(tmp_path_factory) -> set[str]:
 
         rt.trainer.online.add(score_label([0.9, 0.2], 1, 2, version=0))
         rt.trainer.online.add(score_label([0.9, 0.8], -1, 2, version=0))
+        for test in list(rt.trainer.online.tests):  # and as labels of the stream's validation sample
+            rt.trainer.sample.add(test)
         # What daemon/run.py's held-out evaluation leaves on the process after scoring a version.
         rt.heldout = {"version": 0, "f1": 0.5, "acc_error": 0.5, "acc_correct": 0.5}
         text = m.exposition().decode()

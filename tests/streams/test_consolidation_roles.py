@@ -75,6 +75,21 @@ def test_labels_trained_while_a_candidate_trains_are_caught_up_and_consumed_once
     assert all(torch.equal(saved[k], v) for k, v in trainable_state(updates.trainer.prm, "heads").items())
 
 
+def test_a_batch_of_validation_labels_alone_publishes_no_version_and_keeps_them_for_validation(proc):
+    trainer, updates = proc.trainer, proc.trainer.updates
+    _train(proc, _labels(8, seed=4))
+    version, replayed = updates.version, len(updates.replay)
+    val_only = [x for x in _labels(64, seed=5) if trainer.updates.held_out(x.id)][:5]
+    assert len(val_only) == 5
+    _train(proc, val_only)  # all of them in the consolidations' validation slice
+    assert updates.version == version and proc.store.latest() == version  # nothing to train: no version
+    assert trainer.counts["labels_validation_only"] == 5 and not updates.pending()
+    assert len(updates.replay) == replayed + 5
+    assert {x.id for x in val_only} <= {s.id for s in trainer.consolidator.snapshot().val}
+    asyncio.run(trainer.on_labels([event(proc.topics.labels, x, 100 + i) for i, x in enumerate(val_only)]))
+    assert trainer.counts["labels_duplicate"] == 5 and not updates.pending()  # consumed once
+
+
 def test_a_worse_candidate_is_refused_and_the_served_version_stays(proc):
     trainer = proc.trainer
     c, updates = trainer.consolidator, trainer.updates

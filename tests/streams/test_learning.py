@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from actprm.model.eval.prequential import LabelTest, summarise_tests
+from actprm.model.training.consolidate import id_hash
 from actprm.streams.state import journal
 from support.daemon import Daemon
 
@@ -39,7 +40,7 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     final = daemon.final_status()
     learning = final["learning"]
     assert set(learning) == {"heldout_f1_v0", "heldout_f1_final", "online_f1", "selected_share_first",
-                             "selected_share_last", "labels", "consolidations", "final_consolidated", "curve"}
+                             "selected_share_last", "labels", "consolidations", "final_consolidated", "sample_f1", "curve"}
     assert learning["heldout_f1_final"] >= learning["heldout_f1_v0"] + 0.3, learning
     assert learning["selected_share_last"] < learning["selected_share_first"], learning
     assert Path(learning["curve"]).is_file() and Path(learning["curve"]).stat().st_size > 10_000
@@ -64,13 +65,22 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     assert sum(c["scored"] for c in scoring) == final["scored"] == 192
     assert {"marker", "correct"} >= {k for c in scoring for k in c["by_kind"]}
 
+    # The stream's validation sample (consolidate.val_sample "stream", val_fraction 0.15) was
+    # judged whether the rule selected it or not; it alone makes the stream-sample window.
+    assert final["judged"] == final["selected"] + final["validation_sample"] == sum(
+        c["selected"] + c["validation"] for c in scoring) and final["validation_sample"] > 0, final
+    sampled = [r for r in labels if id_hash(r["id"]) < 0.15]
+    assert len(sampled) >= final["validation_sample"] and final["stream_sample"]["labels"] == min(64, len(sampled))
+    assert learning["sample_f1"] == final["stream_sample"]["online_f1"] is not None
+
     # The run ended with a consolidation on every label kept, after its last update (with
     # min_steps and patience of its own: consolidate.at_end_*); its version, when published,
     # is the one the final held-out figure is of.
     last = updates[-1]
     assert last["kind"] == "consolidate" and last["consolidation"]["reason"] == "end of run", last
     cons = last["consolidation"]
-    assert cons["labels"] + cons["val_labels"] == final["labels_trained"] and cons["labels_meanwhile"] == 0, cons
+    assert cons["labels"] + cons["val_labels"] == final["labels_trained"] + final["labels_validation_only"], (cons, final)
+    assert cons["labels_meanwhile"] == 0, cons
     assert cons["steps"] >= cons["min_steps"] == 100 or cons["stopped"] == "epochs", cons
     assert learning["final_consolidated"] == (last["version"] is not None), (learning, last)
     if last["version"] is not None:

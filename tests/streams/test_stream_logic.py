@@ -15,6 +15,8 @@ import torch
 
 from actprm.model.build import publish_initial
 from actprm.model.training.checkpoints import CheckpointStore
+from actprm.model.training.consolidate import id_hash
+from actprm.model.training.replay import FeatureMemo
 from actprm.model.judges.clients import OracleJudge
 from actprm.model.training.trainer import Trainer, TrainerConfig, trainable_state
 from actprm.model.uncertainty import make_selector
@@ -359,6 +361,29 @@ class NaNOnMarkedTrainer(Trainer):
             return super().update(samples)
         finally:
             del self.prm.head_logits
+
+
+def test_the_validation_sample_of_the_stream_is_judged_whether_selected_or_not(tmp_path, ledger):
+    store = CheckpointStore(tmp_path / "ckpt")
+    publish_initial(store, tiny_prm(), TrainerConfig(warmup_steps=0))
+    served = load_for_swap(ServedModel(-1, tiny_prm()), store, 0)
+    batch = [Trajectory(id=s.id, problem=s.problem, steps=s.steps, gold_first_error=s.first_error)
+             for s in synthetic_samples(40, seed=3)]
+    sample = {t.id for t in batch if id_hash(t.id) < 0.25}
+    assert 0 < len(sample) < len(batch)
+    none = make_selector("random", rate=0.0)
+    memo = FeatureMemo()
+    out = score_batch(served, none, ledger, batch, memo=memo, val_fraction=0.25)
+    # The rule chose none: the sample alone goes to the judge, and no reward says selected.
+    assert {c.id for c in out.candidates} == sample and out.validation == len(sample)
+    assert not any(r.selected for r in out.rewards)
+    assert [memo.take(t.id, t.problem, t.steps) is not None for t in batch] == [t.id in sample for t in batch]
+    every = score_batch(served, make_selector("full"), Ledger(tmp_path / "l2"), batch, val_fraction=0.25)
+    assert len(every.candidates) == len(batch) and every.validation == 0 and all(r.selected for r in every.rewards)
+    # With the gold-label judge, a sampled trajectory without gold is not asked for either.
+    no_gold = [t.model_copy(update={"gold_first_error": None}) for t in batch]
+    assert score_batch(served, none, Ledger(tmp_path / "l3"), no_gold, needs_gold=True, val_fraction=0.25).candidates == []
+    assert score_batch(served, none, Ledger(tmp_path / "l4"), batch).candidates == []  # no sample asked for
 
 
 def test_one_poisoned_label_does_not_take_the_good_ones_in_its_batch_down(tmp_path, ledger):
