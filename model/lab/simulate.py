@@ -322,13 +322,19 @@ def evaluate_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx
 def consolidated_run(engine, pool: Sequence[Record], test: Sequence[Record], val_idx: Sequence[int],
                      labelled: Sequence[int], config: ConsolidateConfig, seed: int) -> dict:
     """A PRM consolidated as the daemon's trainer does, on exactly the labels the run admitted:
-    its validation slice comes out of those labels (by id hash), it trains up to config.epochs
-    with early stopping, starting fresh or from the run's final PRM; then the same test as the
-    online PRM (threshold from the pool's validation slice), under "consolidated_*"."""
+    it trains up to config.epochs with early stopping, starting fresh or from the run's final
+    PRM; then the same test as the online PRM (threshold from the pool's validation slice),
+    under "consolidated_*". Its validation slice is the pool's validation split, a sample of the
+    stream as the daemon's val_sample "stream" is (the same for every strategy, and labelled in
+    every run already to choose the threshold), or with val_sample "selected" a slice of the
+    admitted labels themselves (by id hash, never trained on)."""
     samples = [engine.sample(pool, i) for i in labelled]
-    val_ids = validation_ids([(s.id, s.first_error) for s in samples], config.val_fraction)
-    cand = train_candidate(engine.prm, engine.trainer.config, [s for s in samples if s.id not in val_ids],
-                           [s for s in samples if s.id in val_ids], config, seed=seed)
+    if config.val_sample == "stream":
+        train, val = samples, [engine.sample(pool, i) for i in val_idx]
+    else:
+        val_ids = validation_ids([(s.id, s.first_error) for s in samples], config.val_fraction)
+        train, val = [s for s in samples if s.id not in val_ids], [s for s in samples if s.id in val_ids]
+    cand = train_candidate(engine.prm, engine.trainer.config, train, val, config, seed=seed)
     online = engine.prm
     engine.prm = cand.prm
     try:

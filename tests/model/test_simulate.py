@@ -124,14 +124,16 @@ def test_position_baseline_learns_that_late_steps_fail():
 
 
 def test_consolidated_column_trains_on_exactly_the_admitted_labels(tiny, tmp_path):
-    # Each run also consolidates a PRM on the labels it admitted (as the daemon's trainer does:
-    # a validation slice of them by id hash, early stopping) and tests it like the online one.
+    # Each run also consolidates a PRM on the labels it admitted (as the daemon's trainer does,
+    # early stopping on a sample of the stream: the pool's validation split) and tests it like
+    # the online one.
     pool, test = marker_trajectories(64, seed=6), marker_trajectories(24, seed=7)
     config = SimConfig(strategies=("actprm", "random", "full"), budgets=(0.5,), seeds=1,
                        **(FAST | {"consolidate": ConsolidateConfig(epochs=60, patience=15, lr=1e-2, mini_batch=8)}))
     result = run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)
+    n_val = len(split_validation(pool, config.val_fraction, 0)[1])
     for r in result["runs"]:
-        assert r["consolidated_train_labels"] + r["consolidated_val_labels"] == r["labels_used"]
+        assert r["consolidated_train_labels"] == r["labels_used"] and r["consolidated_val_labels"] == n_val
         assert 1 <= r["consolidated_epochs"] <= 60 and r["consolidated_f1"] is not None
         assert 0 <= r["consolidated_test_flagged_share"] <= 1 and 0 <= r["test_flagged_share"] <= 1
     full = next(r for r in result["runs"] if r["strategy"] == "full")
@@ -140,6 +142,13 @@ def test_consolidated_column_trains_on_exactly_the_admitted_labels(tiny, tmp_pat
     assert result["headline"]["consolidated"]["full_f1"] == full["consolidated_f1"]
     table = format_table(result)
     assert "cons F1" in table and "consolidated: full-data F1" in table
+
+    # val_sample "selected": the slice comes out of the admitted labels (by id hash) instead.
+    config.consolidate = ConsolidateConfig(epochs=5, lr=1e-2, mini_batch=8, val_sample="selected")
+    config.strategies = ("random",)
+    for r in run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)["runs"]:
+        assert r["consolidated_train_labels"] + r["consolidated_val_labels"] == r["labels_used"]
+        assert 0 < r["consolidated_val_labels"] < r["labels_used"]
 
 
 def test_headline_hand_worked():
