@@ -17,7 +17,7 @@ from actprm.model.training.checkpoints import CheckpointStore
 from actprm.streams.kafka.broker import EmbeddedBroker
 from actprm.streams.tools.produce import produce_trajectories
 from actprm.client.topics import Topics
-from support.daemon import Daemon, consumed_ids
+from support.daemon import Daemon, all_consumed, consumed_ids
 from support.wait import wait_until
 from support.crash_trials import run_crash_trials
 from support.fault_summary import SUMMARY_FILE, SummaryRow, format_summary
@@ -132,7 +132,7 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
         daemon = Deployment(broker.bootstrap, topic_prefix, tmp_path, env, split).start()
         try:
             produce_trajectories(broker.bootstrap, topic_prefix, before)
-            wait_until(lambda: {t.id for t in before} <= set(consumed_ids(daemon.store)), 180, interval=1,
+            wait_until(lambda: all_consumed(daemon.store, {t.id for t in before}), 180, interval=1,
                        what="the labels of the first stream trained")
             versions_before = daemon.store.versions()
             stop_feeding = threading.Event()
@@ -163,7 +163,7 @@ def test_broker_outage_is_logged_retried_without_spinning_and_the_daemon_resumes
             produce_trajectories(broker.bootstrap, topic_prefix, after)
             want = {t.id for t in after}
             wait_until(lambda: want <= topic_ids(broker.bootstrap, topics.rewards), 120, interval=2, what="rewards after the restart")
-            wait_until(lambda: want <= set(consumed_ids(daemon.store)), 120, interval=1, what="labels after the restart trained")
+            wait_until(lambda: all_consumed(daemon.store, want), 120, interval=1, what="labels after the restart trained")
             rewarded_after = topic_ids(broker.bootstrap, topics.rewards) & want
             # Settled after recovery: the log must not keep growing with retries (a spin in disguise).
             settle_mark, t1 = len(daemon.stderr().splitlines()), time.monotonic()
@@ -222,7 +222,7 @@ def test_a_network_outage_with_the_data_kept_holds_sends_and_then_loses_nothing(
             daemon = Deployment(bootstrap, topic_prefix, tmp_path, env, split=False).start()
             try:
                 produce_trajectories(bootstrap, topic_prefix, before)
-                wait_until(lambda: {t.id for t in before} <= set(consumed_ids(daemon.store)), 180, interval=1,
+                wait_until(lambda: all_consumed(daemon.store, {t.id for t in before}), 180, interval=1,
                            what="the labels of the first stream trained")
                 stop_feeding = threading.Event()
                 threading.Thread(target=_feed_until_stopped, daemon=True,
@@ -242,7 +242,7 @@ def test_a_network_outage_with_the_data_kept_holds_sends_and_then_loses_nothing(
                 produce_trajectories(bootstrap, topic_prefix, after)
                 want = {t.id for t in [*before, *fed, *after]}
                 wait_until(lambda: want <= topic_ids(bootstrap, topics.rewards), 180, interval=2, what="every reward")
-                wait_until(lambda: want <= set(consumed_ids(daemon.store)), 180, interval=1, what="every label trained")
+                wait_until(lambda: all_consumed(daemon.store, want), 180, interval=1, what="every label trained")
                 rewarded = topic_ids(bootstrap, topics.rewards) & want
                 assert daemon.all_alive()
                 assert daemon.terminate() == [0], daemon.stderr()[-3000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from actprm.model.training.checkpoints import CheckpointStore
+from actprm.model.training.consolidate import id_hash
 from actprm.client import messages
 from actprm.client.topics import Topics, schemas_by_topic
 
@@ -100,6 +101,14 @@ def manifests(store: CheckpointStore) -> list:
 def consumed_ids(store: CheckpointStore) -> Counter:
     """How many versions consumed each label id (must never exceed 1)."""
     return Counter(i for m in manifests(store) for i in m.consumed_label_ids)
+
+
+def all_consumed(store: CheckpointStore, ids, val_fraction: float = 0.15) -> bool:
+    """Has every label been consumed? By a version, or, for a label of the consolidations'
+    validation slice (its id hashes below val_fraction) whose batch held no other, by none:
+    such a batch has nothing to train and publishes no version."""
+    used = consumed_ids(store)
+    return all(i in used or id_hash(i) < val_fraction for i in ids)
 
 
 async def _read_all(bootstrap: str, topic: str, settle_s: float, timeout_s: float, until) -> list:
