@@ -14,11 +14,12 @@ follows each batch's padded length then come from the heaps instead, and the hea
 the mix of sizes: measured in a 5-minute soak (tiny backbone), 160 MB of the daemon's 640 MB
 anonymous RSS was free memory inside the heaps (mallinfo2 fordblks), growing while the memory
 in use grew by 45 MB. A fixed threshold (MALLOC_MMAP_THRESHOLD_ set by the operator wins)
-keeps such blocks out of the heaps. It is 32 MB, glibc's own ceiling: at 4 MB the tiny backbone
-scored at the same speed, but the real one (SmolLM2-135M) and the heads' training blocks of 4-32
-MB were each faulted in afresh: the demo on glibc took 6 min 45 s with 2 min 6 s of CPU in the
-kernel, and a consolidation made 322 optimizer steps in 30 s; at 32 MB, 5 min 56 s, 55 s in the
-kernel, and 708 steps (2026-12-06, `bash scripts/run`, no jemalloc on the machine).
+keeps such blocks out of the heaps. It is 32 MB, glibc's own ceiling: at 4 MB the real backbone
+(SmolLM2-135M) and the heads' training blocks of 4-32 MB were each faulted in afresh, so the
+demo on glibc took 6 min 45 s with 2 min 6 s of CPU in the kernel, and a consolidation made 322
+optimizer steps in 30 s; at 32 MB, 5 min 56 s, 55 s in the kernel, and 708 steps. Two 12-minute
+soaks (tiny backbone) grew alike (+9.7% at 32 MB, +10.6% at 4 MB) and scored 51.4/s against
+44.7/s (2026-12-06, no jemalloc on the machine; docs/operations.md).
 
 Fragmentation is glibc's own, though: with the threshold fixed, the bytes in use levelled off
 from minute 4 of a 30-minute soak while glibc's free bytes kept growing (110 -> 287 MB), with
