@@ -60,6 +60,11 @@ class ConsolidateConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="learning rate (None: the trainer's)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
 
+    def stream_sample(self) -> float | None:
+        """The share of the stream judged as the validation sample, whether selected or not
+        (None: the slice comes from the selected labels alone)."""
+        return self.val_fraction if self.val_sample == "stream" else None
+
 
 # --- pure helpers ----------------------------------------------------------------------------
 
@@ -69,6 +74,12 @@ def id_hash(label_id: str) -> float:
     return int.from_bytes(hashlib.sha256(label_id.encode()).digest()[:8], "big") / 2.0**64
 
 
+def in_validation(label_id: str, fraction: float) -> bool:
+    """Does this label (its trajectory's id) only validate? Its hash is below `fraction`: the
+    scorer samples the stream by it, and the trainer keeps such labels out of its updates."""
+    return id_hash(label_id) < fraction
+
+
 def validation_ids(labels: Sequence[tuple[str, int]], fraction: float) -> set[str]:
     """The ids of (id, first_error) labels that only validate.
 
@@ -76,7 +87,7 @@ def validation_ids(labels: Sequence[tuple[str, int]], fraction: float) -> set[st
     labels come and go, and a candidate never meets as validation a label that an earlier
     candidate trained on. ProcessBench F1 needs both erroneous and correct trajectories: when a
     group of two or more has none on the validation side, its lowest-hash member goes there."""
-    val = {i for i, _ in labels if id_hash(i) < fraction}
+    val = {i for i, _ in labels if in_validation(i, fraction)}
     for group in ([i for i, k in labels if k == -1], [i for i, k in labels if k != -1]):
         if len(group) >= 2 and not val.intersection(group):
             val.add(min(group, key=id_hash))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from actprm.model.training.consolidate import id_hash
+from actprm.model.training.consolidate import in_validation
 from actprm.model.training.replay import FeatureMemo
 from actprm.model.uncertainty import Selector, make_selector
 from actprm.client import messages
@@ -89,7 +89,7 @@ def score_batch(served: ServedModel, selector: Selector, ledger: Ledger, batch: 
     uncertain = selector.select(scores)
     judgeable = [not needs_gold or t.gold_first_error is not None for t in fresh]
     selected = [u and j for u, j in zip(uncertain, judgeable)]
-    sampled = [j and val_fraction is not None and id_hash(t.id) < val_fraction for t, j in zip(fresh, judgeable)]
+    sampled = [j and val_fraction is not None and in_validation(t.id, val_fraction) for t, j in zip(fresh, judgeable)]
     judged = [a or b for a, b in zip(selected, sampled)]
     if memo is not None:
         for t, s, asked in zip(fresh, scores, judged):
@@ -189,8 +189,7 @@ class ScorerRole:
     @property
     def val_fraction(self) -> float | None:
         """The share of the stream judged as the consolidations' validation sample (None: none)."""
-        c = self.consolidate
-        return c.val_fraction if c is not None and c.val_sample == "stream" else None
+        return self.consolidate.stream_sample() if self.consolidate is not None else None
 
     async def _score_chunk(self, batch: list[Trajectory]) -> ScoredBatch:
         served = self.serving.current  # this chunk is scored by exactly this version

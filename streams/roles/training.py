@@ -32,7 +32,7 @@ import torch
 
 from actprm.model.backbone import memory_summary
 from actprm.model.training.checkpoints import CheckpointError, CheckpointStore, Manifest
-from actprm.model.training.consolidate import ConsolidateConfig, id_hash
+from actprm.model.training.consolidate import ConsolidateConfig, in_validation
 from actprm.model.training.replay import FeatureMemo, ReplayStore
 from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, trainable_state
 from actprm.model.eval.metrics import processbench_scores
@@ -116,7 +116,7 @@ class UpdateLoop:
 
     def held_out(self, label_id: str) -> bool:
         """Is this label in the consolidations' validation slice (never trained online)?"""
-        return self.validation is not None and id_hash(label_id) < self.validation.val_fraction
+        return self.validation is not None and in_validation(label_id, self.validation.val_fraction)
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""
@@ -370,7 +370,7 @@ class TrainerRole:
     def in_stream_sample(self, label_id: str) -> bool:
         """Was this label's trajectory judged as part of the stream's validation sample?"""
         c = self.consolidator.config if self.consolidator is not None else None
-        return c is not None and c.val_sample == "stream" and self.updates.held_out(label_id)
+        return c is not None and c.stream_sample() is not None and self.updates.held_out(label_id)
 
     async def drop_pending_before(self, round_id: int) -> int:
         """Retire labels of earlier rounds that wait for training (as a rejected batch's are), and
