@@ -19,13 +19,11 @@ def label_tensors(first_errors: list[int], n_scored: list[int], S: int) -> tuple
 
     A trajectory truncated before its first error still labels the steps it kept.
     """
-    B = len(first_errors)
-    targets = torch.zeros((B, S))
-    mask = torch.zeros((B, S), dtype=torch.bool)
-    for b, (k, n) in enumerate(zip(first_errors, n_scored)):
-        labels = step_labels(k, max(n, k + 1))[:n]
-        for i, y in enumerate(labels):
-            if y is not None:
-                targets[b, i] = y
-                mask[b, i] = True
-    return targets, mask
+    targets, mask = [], []
+    for k, n in zip(first_errors, n_scored):
+        labels = step_labels(k, max(n, k + 1))[:n] + [None] * (S - n)
+        targets.append([0.0 if y is None else y for y in labels])
+        mask.append([y is not None for y in labels])
+    if not targets:
+        return torch.zeros((0, S)), torch.zeros((0, S), dtype=torch.bool)
+    return torch.tensor(targets), torch.tensor(mask)  # (B, S), (B, S)

@@ -84,15 +84,31 @@ class EnsembleHeads(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         N, H = h.shape
         h = (h - self.input_shift) * self.input_scale  # (N, H) standardised
-        x = torch.relu(torch.einsum("nh,ehd->end", h, self.w1) + self.b1)  # (E, N, D)
+        # (N, H) @ (E, H, D) broadcasts h to every head; 3 ms a step faster than the einsum.
+        x = torch.relu(torch.matmul(h, self.w1) + self.b1)  # (E, N, D)
         x = torch.relu(torch.bmm(x, self.w2) + self.b2)  # (E, N, D)
         return (torch.bmm(x, self.w3) + self.b3).squeeze(-1)  # (E, N)
 
-    def anchor_penalty(self) -> torch.Tensor:
-        sq, count = 0.0, 0
+    @torch.no_grad()
+    def anchor_penalty(self) -> float:
+        """mean((theta - theta_init)^2) over every head parameter."""
+        sq = sum(float((p - getattr(self, f"anchor_{name}")).square().sum()) for name, p in self.named_parameters())
+        return sq / sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def add_anchor_gradient(self, weight: float) -> float:
+        """Add the gradient of weight * anchor_penalty() to each parameter's .grad, in closed
+        form (2 * weight * (theta - theta_init) / count), and return the penalty. Through
+        autograd the penalty cost a third of a heads step (10 of 30 ms)."""
+        count = sum(p.numel() for p in self.parameters())
+        sq = 0.0
         for name, p in self.named_parameters():
-            sq = sq + ((p - getattr(self, f"anchor_{name}")) ** 2).sum()
-            count += p.numel()
+            diff = p - getattr(self, f"anchor_{name}")
+            sq += float(torch.dot(diff.view(-1), diff.view(-1)))
+            if p.grad is None:
+                p.grad = diff.mul_(2 * weight / count)
+            else:
+                p.grad.add_(diff, alpha=2 * weight / count)
         return sq / count
 
 
@@ -154,15 +170,24 @@ class EnsemblePRM(nn.Module):
         index = batch.step_positions.unsqueeze(-1).expand(B, S, H)  # (B, S, H)
         return hidden.gather(1, index)  # (B, S, H)
 
-    def head_logits(self, at_steps: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, at_steps: torch.Tensor, n_steps: list[int] | None = None) -> torch.Tensor:
         """Logits for every head from hidden states at steps: (B, S, H) -> (E, B, S), in float32
-        on the heads' device whatever the dtype and device of the hidden states."""
+        on the heads' device whatever the dtype and device of the hidden states.
+
+        n_steps: each row's real steps; the heads then read only those (padded steps come back
+        0). The built-in stream's 3-8 steps pad a batch by about a third, all of it head compute."""
         B, S, H = at_steps.shape
         w = self.heads.w1
         # Never autocast: a trainer's bf16 autocast is meant for the backbone, the heads stay fp32.
         with torch.autocast(device_type=w.device.type, enabled=False):
-            logits = self.heads(at_steps.reshape(B * S, H).to(device=w.device, dtype=w.dtype))  # (E, B*S)
-        return logits.reshape(-1, B, S)  # (E, B, S)
+            if n_steps is None:
+                logits = self.heads(at_steps.reshape(B * S, H).to(device=w.device, dtype=w.dtype))  # (E, B*S)
+                return logits.reshape(-1, B, S)  # (E, B, S)
+            real = torch.arange(S) < torch.tensor(n_steps).unsqueeze(1)  # (B, S)
+            logits = self.heads(at_steps[real.to(at_steps.device)].to(device=w.device, dtype=w.dtype))  # (E, R), R = sum(n_steps)
+            out = logits.new_zeros((logits.shape[0], B, S))  # (E, B, S)
+            out[:, real.to(w.device)] = logits
+            return out
 
     def step_logits(self, batch: Batch, *, backbone_grad: bool = False) -> torch.Tensor:
         """Logits for every head at every step: (E, B, S); padded steps hold garbage."""
@@ -193,8 +218,8 @@ class EnsemblePRM(nn.Module):
         for idx in plan:
             batch = self.collate([encoded[i] for i in idx])
             at_steps = self.hidden_at_steps(batch)  # (B, S, H)
-            probs = torch.sigmoid(self.head_logits(at_steps)).cpu()  # (E, B, S) float32, one copy off the device
             kept = [encoded[i] for i in idx]
+            probs = torch.sigmoid(self.head_logits(at_steps, [e.n_scored for e in kept])).cpu()  # (E, B, S) float32, one copy off the device
             got = summarise(probs, [e.n_scored for e in kept], [e.n_steps for e in kept],
                             [e.truncated for e in kept], [len(e.input_ids) for e in kept], threshold)
             for b, (i, sc) in enumerate(zip(idx, got)):
@@ -228,7 +253,7 @@ class EnsemblePRM(nn.Module):
         for start in range(0, N, batch_size):
             rows = range(start, min(N, start + batch_size))
             at_steps = pad_features([features[i] for i in rows])  # (B, S, H)
-            probs = torch.sigmoid(self.head_logits(at_steps)).cpu()  # (E, B, S) float32
+            probs = torch.sigmoid(self.head_logits(at_steps, [features[i].shape[0] for i in rows])).cpu()  # (E, B, S) float32
             results += summarise(probs, [features[i].shape[0] for i in rows], [n_steps[i] for i in rows],
                                  [truncated[i] for i in rows], [n_tokens[i] for i in rows], threshold)
         return results

@@ -163,6 +163,26 @@ def bench_model_cmd(
                       device=device, dtype=dtype, attn_implementation=attn_implementation, peak_tflops=peak_tflops), as_json)
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    backbone: Annotated[str, typer.Option(help="whose hidden size the heads read: 'random:<arch>' (e.g. random:smollm2-135m), 'tiny' or a model directory")] = "random:smollm2-135m",
+    labels: Annotated[int, typer.Option(help="labelled trajectories (3-8 steps, random hidden states)")] = 512,
+    mini_batch: Annotated[int, typer.Option(help="labels per optimizer step (consolidate.mini_batch)")] = 16,
+    steps: Annotated[int, typer.Option(help="optimizer steps timed per run")] = 200,
+    repeats: int = 3,
+    heads: Annotated[int, typer.Option(help="E")] = 32,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Heads optimizer steps per second on cached hidden states (what a consolidation's time bound buys), and validation time."""
+    from actprm.model.lab.train_bench import bench_train
+
+    if min(labels, mini_batch, steps, repeats, heads) < 1:
+        raise CLIError("--labels, --mini-batch, --steps, --repeats and --heads must be >= 1")
+    _emit(bench_train(backbone, labels=labels, mini_batch=mini_batch, steps=steps, repeats=repeats, n_heads=heads,
+                      threads=threads), as_json)
+
+
 @bench_app.command("pipeline")
 def bench_pipeline_cmd(
     backbone: Annotated[str, typer.Option(help="'tiny', 'smollm2-135m' or a model directory")] = "tiny",

@@ -46,3 +46,18 @@ def test_bench_rejects_bad_arguments():
         bench_model("tiny", heads=(0, 1))
     with pytest.raises(ValueError):
         bench_model("tiny", batch=0)
+
+
+def test_train_bench_report_and_its_labels():
+    from actprm.model.lab.train_bench import bench_train, synthetic_labels
+
+    labels = synthetic_labels(12, hidden_size=8)
+    assert [len(s.steps) for s in labels[:7]] == [3, 4, 5, 6, 7, 8, 3]  # the built-in stream's spread
+    assert all(-1 <= s.first_error < len(s.steps) and s.features.shape == (len(s.steps), 8) for s in labels)
+    out = bench_train("tiny", labels=24, mini_batch=4, steps=6, repeats=2, n_heads=4, head_width=8)
+    json.dumps(out)
+    assert out["backbone"] == "tiny" and out["n_heads"] == 4 and out["mini_batch"] == 4
+    assert out["steps_per_s"] == max(out["runs_steps_per_s"]) > 0 and len(out["runs_steps_per_s"]) == 2
+    assert out["ms_per_step"] == pytest.approx(1000 / out["steps_per_s"], rel=0.02)
+    assert out["labels_per_s"] == pytest.approx(4 * out["steps_per_s"], rel=0.02)
+    assert out["validation_s"] > 0

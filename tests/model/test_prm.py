@@ -121,6 +121,25 @@ def test_one_backbone_pass_for_all_heads(prm):
     assert rows[1] == rows[32]
 
 
+def test_heads_read_only_the_real_steps(prm):
+    """Given each row's step count, the heads run on the real rows alone: the same logits there
+    as on the padded batch, 0 at the padding."""
+    B, S, H = 3, 5, prm.backbone.hidden_size
+    at_steps = torch.randn(B, S, H)  # (B, S, H)
+    n_steps = [5, 2, 3]
+    rows: list[int] = []
+    hook = prm.heads.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        padded = prm.head_logits(at_steps)  # (E, B, S)
+        packed = prm.head_logits(at_steps, n_steps)  # (E, B, S)
+    finally:
+        hook.remove()
+    assert rows == [B * S, sum(n_steps)]
+    for b, n in enumerate(n_steps):
+        torch.testing.assert_close(packed[:, b, :n], padded[:, b, :n])
+        assert torch.all(packed[:, b, n:] == 0)
+
+
 def test_heads_are_independently_initialised():
     model = tiny_prm(8)
     heads = model.heads
@@ -132,7 +151,7 @@ def test_heads_are_independently_initialised():
     [sc] = model.score([("p", ["a", "b"])])
     assert len({round(sc.probs[e][0], 7) for e in range(8)}) == 8
     # The anchor (the init copy) equals the weights at start.
-    assert float(heads.anchor_penalty().detach()) == 0.0
+    assert heads.anchor_penalty() == 0.0
 
 
 def test_head_init_is_deterministic_from_the_seed():

@@ -238,14 +238,14 @@ def test_micro_batching_does_not_change_the_update():
 def test_anchor_penalty_zero_at_init_and_grows_after_an_update():
     prm = tiny_prm(4)
     heads = prm.heads
-    assert float(heads.anchor_penalty().detach()) == 0.0
+    assert heads.anchor_penalty() == 0.0
     anchors = {n: b.clone() for n, b in heads.named_buffers()}
     trainer = Trainer(prm, TrainerConfig(mode="heads", lr=1e-2, warmup_steps=0, anchor_lambda=0.5))
     r = trainer.update(SAMPLES)
     assert r.applied
     # The penalty is taken before the step: 0 at init, so the first loss is pure BCE.
     assert r.loss == pytest.approx(r.bce, abs=1e-7)
-    penalty = float(heads.anchor_penalty().detach())
+    penalty = heads.anchor_penalty()
     assert penalty > 0
     # It is mean((theta - theta_init)^2) over every head parameter.
     sq = sum(((p - anchors[f"anchor_{n}"]) ** 2).sum().item() for n, p in heads.named_parameters())
@@ -256,6 +256,26 @@ def test_anchor_penalty_zero_at_init_and_grows_after_an_update():
     # A second update includes the penalty in the loss.
     r2 = trainer.update(SAMPLES)
     assert r2.loss == pytest.approx(r2.bce + 0.5 * penalty, rel=1e-4)
+
+
+def test_anchor_gradient_in_closed_form_is_the_penalty_gradient():
+    """add_anchor_gradient adds d/dtheta of weight * mean((theta - theta_init)^2) to .grad, as
+    autograd computes it, on top of what is there, and returns the penalty."""
+    heads = tiny_prm(4).heads
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    params = dict(heads.named_parameters())
+    count = sum(p.numel() for p in params.values())
+    expected = 0.7 * sum(((p - getattr(heads, f"anchor_{n}")) ** 2).sum() for n, p in params.items()) / count
+    want = dict(zip(params, torch.autograd.grad(expected, list(params.values()))))
+    for p in params.values():
+        p.grad = torch.ones_like(p)  # what the BCE left there
+    penalty = heads.add_anchor_gradient(0.7)
+    assert penalty == pytest.approx(float(expected) / 0.7, rel=1e-5)
+    assert penalty == pytest.approx(heads.anchor_penalty(), rel=1e-6)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, want[n] + 1)
 
 
 def test_bootstrap_gives_heads_different_samples():
