@@ -63,6 +63,15 @@ def pipeline_settled(proc: Process) -> bool:
     return ok
 
 
+def another_try_at_end(started: int, tries: int, last: dict | None) -> bool:
+    """Start a consolidation at the end of a bounded run? The first always; another (a new seed)
+    only while tries are left and the one before was not published (`last`: the consolidator's
+    record of it)."""
+    if started == 0:
+        return True
+    return started < tries and not (last or {}).get("published", False)
+
+
 async def produce_builtin_stream(proc: Process, n: int) -> None:
     """The built-in word problems onto the trajectories topic, paced like rollouts of an RL run
     (builtin.rate_per_s; 0 sends them all at once), so later trajectories meet later versions.
@@ -106,7 +115,7 @@ class Demo(faust.Service):
                                       error_rate=b.error_rate, markers=b.markers)
             self.heldout = HeldOut(records, frozen_backbone=proc.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
-        self._consolidated_at_end = False  # the consolidation that ends a bounded run has started
+        self._tries_at_end = 0  # consolidations started at the end of a bounded run
 
     @faust.Service.task
     async def _heldout_eval(self) -> None:
@@ -175,14 +184,19 @@ class Demo(faust.Service):
         return trainer is not None and trainer.consolidator is not None and self.proc.settings.consolidate.at_end
 
     def consolidate_at_end(self) -> bool:
-        """Start the consolidation that ends a bounded run (once, after the last update): the PRM
-        the run leaves is trained on every label kept, as the published method trains the PRM it
-        ships on the selected data. True when it started now."""
+        """Start the consolidation that ends a bounded run (after the last update): the PRM the
+        run leaves is trained on every label kept, as the published method trains the PRM it
+        ships on the selected data. When it is refused, another seed tries, up to
+        consolidate.at_end_tries. True when one started now."""
         trainer = self.proc.trainer
-        if self._consolidated_at_end or not self.ends_with_consolidation() or not trainer.counts["labels_trained"]:
+        if not self.ends_with_consolidation() or not trainer.counts["labels_trained"]:
             return False
-        self._consolidated_at_end = True
-        log.info("consolidating every label kept before the run ends", labels=trainer.counts["labels_trained"])
+        if not another_try_at_end(self._tries_at_end, self.proc.settings.consolidate.at_end_tries,
+                                  trainer.consolidator.last):
+            return False
+        self._tries_at_end += 1
+        log.info("consolidating every label kept before the run ends", labels=trainer.counts["labels_trained"],
+                 attempt=self._tries_at_end)
         trainer.consolidate("end of run", self.proc.settings.consolidate.at_end_config())
         return True
 

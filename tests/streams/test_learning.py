@@ -27,6 +27,7 @@ LEARNING_ENV = {
     # own: the default, 600 steps, took 40 s here.
     "ACTPRM_CONSOLIDATE__AT_END": "true",
     "ACTPRM_CONSOLIDATE__AT_END_MIN_STEPS": "100",
+    "ACTPRM_CONSOLIDATE__AT_END_TRIES": "2",
 }
 
 
@@ -75,9 +76,11 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
 
     # The run ended with a consolidation on every label kept, after its last update (with
     # min_steps and patience of its own: consolidate.at_end_*); its version, when published,
-    # is the one the final held-out figure is of.
-    last = updates[-1]
-    assert last["kind"] == "consolidate" and last["consolidation"]["reason"] == "end of run", last
+    # is the one the final held-out figure is of. A second seed tried only if the first was refused.
+    closing = [u for u in updates if u.get("kind") == "consolidate" and u["consolidation"]["reason"] == "end of run"]
+    assert 1 <= len(closing) <= 2 and updates[-len(closing):] == closing, closing
+    assert all(u["version"] is None for u in closing[:-1]), closing
+    last = closing[-1]
     cons = last["consolidation"]
     assert cons["labels"] + cons["val_labels"] == final["labels_trained"] + final["labels_validation_only"], (cons, final)
     assert cons["labels_meanwhile"] == 0, cons
@@ -85,3 +88,14 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     assert learning["final_consolidated"] == (last["version"] is not None), (learning, last)
     if last["version"] is not None:
         assert max(heldout) == last["version"] and learning["heldout_f1_final"] == heldout[last["version"]]
+
+
+def test_another_try_at_the_end_only_after_a_refusal_and_while_tries_are_left():
+    from actprm.daemon.demo import another_try_at_end
+
+    assert another_try_at_end(0, 1, None) and another_try_at_end(0, 3, {"published": True})  # the first always
+    assert not another_try_at_end(1, 1, {"published": False})  # no try left
+    assert another_try_at_end(1, 2, {"published": False, "refused": "candidate validation F1 ..."})
+    assert another_try_at_end(1, 2, {"published": False, "error": "consolidation failed: ..."})
+    assert not another_try_at_end(1, 2, {"published": True})  # served: done
+    assert not another_try_at_end(2, 2, {"published": False})
