@@ -117,7 +117,7 @@ def test_one_backbone_pass_for_all_heads(prm):
         body_hook.remove()
     # 6 trajectories in batches of 4 -> 2 backbone calls, for E = 1 and E = 32 alike.
     assert counts[1] == counts[32] == math.ceil(len(TRAJ) / 4)
-    # The heads read the hidden states once (B*S rows), not copied E times.
+    # The heads read the hidden states once (a row per real step), not copied E times.
     assert rows[1] == rows[32]
 
 
