@@ -7,6 +7,7 @@ tested against hand-worked numbers.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,37 @@ def is_epistemic(mu: Sequence[float], sigma: Sequence[float], delta_std: float) 
 def is_uncertain(mu: Sequence[float], sigma: Sequence[float], delta_pred: float, delta_std: float) -> bool:
     """ActPRM: send the trajectory to the judge when aleatoric OR epistemic."""
     return is_aleatoric(mu, delta_pred) or is_epistemic(mu, sigma, delta_std)
+
+
+def first_error_distribution(p: Sequence[float]) -> list[float]:
+    """One head's distribution of the label, the first wrong step, from its probabilities p
+    (S,) that each step is correct: P(first error at k) = p_0 ... p_{k-1} (1 - p_k) for k < S,
+    then P(no error) = p_0 ... p_{S-1}. (S + 1,); it sums to 1."""
+    out, alive = [], 1.0
+    for q in p:
+        out.append(alive * (1.0 - q))
+        alive *= q
+    out.append(alive)
+    return out
+
+
+def entropy(dist: Sequence[float]) -> float:
+    """In nats; 0 * log 0 = 0."""
+    return -sum(x * math.log(x) for x in dist if x > 0.0)
+
+
+def first_error_mutual_information(probs: Sequence[Sequence[float]]) -> float:
+    """How much the heads disagree about the label itself (where the first error is): the
+    mutual information between the label and the head, H(mean of P_e) - mean of H(P_e) over
+    the E heads (BALD, Houlsby et al. 2011, with the heads as samples of the model). Heads that
+    agree give 0 however unsure they are, so an ambiguous trajectory that one more label would
+    not settle ranks low; confident heads that point at different steps rank high.
+    probs: (E, S) per-head probabilities that each step is correct."""
+    if not probs or not probs[0]:
+        return 0.0
+    dists = [first_error_distribution(p) for p in probs]  # (E, S + 1)
+    mean = [sum(col) / len(dists) for col in zip(*dists)]  # (S + 1,)
+    return max(0.0, entropy(mean) - sum(entropy(d) for d in dists) / len(dists))
 
 
 class Scored(Protocol):

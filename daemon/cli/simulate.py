@@ -81,6 +81,7 @@ def simulate(
     replay_size: Annotated[Optional[int], typer.Option(help="earlier labels kept for replay (default: update.replay_size)")] = None,
     delta_pred: Annotated[float, typer.Option(help="ActPRM confidence threshold")] = 0.95,
     delta_std: Annotated[float, typer.Option(help="ActPRM disagreement threshold")] = 0.005,
+    rank: Annotated[str, typer.Option(help="which flagged candidates a batch admits first when the budget cannot take them all: 'mutual-information' (the heads' disagreement about where the first error is) or 'least-confidence'")] = "mutual-information",
     max_length: Annotated[int, typer.Option(help="tokens per trajectory; later steps are dropped whole")] = 2048,
     pool_limit: Annotated[Optional[int], typer.Option(help="use a fixed random subset of N pool records")] = None,
     test_limit: Annotated[Optional[int], typer.Option(help="use a fixed random subset of N test records")] = None,
@@ -119,7 +120,7 @@ def simulate(
     trainer_kw = {"mode": mode} | ({"lr": lr} if lr is not None else {})
     config = SimConfig(strategies=_names(strategies), budgets=_floats(budgets, "--budgets"), seeds=seeds,
                        batch_size=batch_size, epochs=epochs, val_fraction=val_fraction, delta_pred=delta_pred,
-                       delta_std=delta_std, prm=PRMConfig(n_heads=heads, max_length=max_length),
+                       delta_std=delta_std, rank=rank, prm=PRMConfig(n_heads=heads, max_length=max_length),
                        trainer=TrainerConfig(**trainer_kw),
                        fit=FitConfig(**{k: v for k, v in {"steps": steps, "mini_batch": mini_batch, "replay_share": replay_share,
                                                           "replay_size": replay_size}.items() if v is not None}),

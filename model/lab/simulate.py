@@ -20,8 +20,9 @@ admitted labels, paced over the stream: after n trajectories have streamed by, a
 floor(b * n) labels are used, and budget a batch leaves unused carries over. With several
 passes (epochs) the budget is paced over all of them, so later passes, on a model that has
 learned from the labels so far, can still spend some; known labels are re-used for free. When the rule
-flags more trajectories than a batch may admit, uncertainty-based strategies admit the least
-confident first (`uncertainty_priority`); random and full admit in stream order.
+flags more trajectories than a batch may admit, uncertainty-based strategies admit first those
+the heads disagree about most on where the first error is, or with `rank` "least-confidence"
+the least confident (`uncertainty_priority`); random and full admit in stream order.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ from actprm.model.labels import step_labels
 from actprm.model.eval.metrics import best_threshold, predicted_first_errors, processbench_scores
 from actprm.model.prm import EnsemblePRM, PRMConfig, StepScores
 from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig
-from actprm.model.uncertainty import STRATEGIES, make_selector, uncertainty_window
+from actprm.model.uncertainty import STRATEGIES, first_error_mutual_information, make_selector, uncertainty_window
 
 RANKED = ("actprm", "confidence", "disagreement")  # strategies whose candidates have an order
+RANKS = ("mutual-information", "least-confidence")  # the orders uncertainty_priority knows
 PUBLISHED = (0.95, 0.005)  # the published delta_pred, delta_std: the selected share is also read at these
 
 
@@ -63,6 +65,9 @@ class SimConfig:
     val_fraction: float = 0.1  # share of the pool held out (stratified) to choose the threshold
     delta_pred: float = 0.95  # published ActPRM thresholds
     delta_std: float = 0.005
+    # Which flagged candidates a batch admits first when the budget cannot take them all
+    # (uncertainty_priority); measured in docs/simulate.md, "Which candidates first".
+    rank: str = "mutual-information"
     reach_tolerance: float = 0.01  # "reaches full-data F1" = mean F1 >= full mean F1 - this
     prm: PRMConfig = field(default_factory=PRMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -82,6 +87,8 @@ class SimConfig:
                 raise ValueError(f"a budget is a share of the pool in (0, 1], got {b}")
         if self.seeds < 1 or self.batch_size < 1 or self.epochs < 1 or self.update_batch < 1:
             raise ValueError("seeds, batch size and epochs must be >= 1")
+        if self.rank not in RANKS:
+            raise ValueError(f"unknown rank {self.rank!r}; choose from {', '.join(RANKS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -168,14 +175,18 @@ class TextEngine:
 # --- pure helpers ----------------------------------------------------------------------------
 
 
-def uncertainty_priority(score: StepScores) -> tuple[float, float]:
-    """Sort key, most uncertain first: the lowest confidence max(mu, 1 - mu) up to E(s), then
-    the largest head disagreement there. Only orders candidates the selector already flagged."""
+def uncertainty_priority(score: StepScores, rank: str = "mutual-information") -> tuple[float, ...]:
+    """Sort key, the candidate most worth a label first; it only orders candidates the selector
+    already flagged. "least-confidence": the lowest confidence max(mu, 1 - mu) up to E(s), then
+    the largest head disagreement there. "mutual-information": how much the heads disagree
+    about the label itself (`first_error_mutual_information`), then least confidence."""
     if not score.mu:
-        return (1.0, 0.0)
+        return (1.0, 0.0) if rank == "least-confidence" else (0.0, 1.0, 0.0)
     end = uncertainty_window(score.mu)
-    conf = min(max(m, 1.0 - m) for m in score.mu[: end + 1])
-    return (conf, -max(score.sigma[: end + 1]))
+    least_confident = (min(max(m, 1.0 - m) for m in score.mu[: end + 1]), -max(score.sigma[: end + 1]))
+    if rank == "least-confidence":
+        return least_confident
+    return (-first_error_mutual_information(score.probs),) + least_confident
 
 
 def split_validation(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -268,7 +279,7 @@ def replay(engine, pool: Sequence[Record], stream: Sequence[int], strategy: str,
             flagged += sum(picked)
             candidates = [(i, s) for i, s, p in zip(batch, scores, picked) if p and i not in known]
             if strategy in RANKED:
-                candidates.sort(key=lambda c: uncertainty_priority(c[1]))
+                candidates.sort(key=lambda c: uncertainty_priority(c[1], config.rank))
             allowed = max(0, math.floor(budget * seen / config.epochs + 1e-9) - len(labelled))
             for i, _ in candidates[:allowed]:  # 3. reveal the gold labels of the admitted
                 known.add(i)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -67,7 +68,9 @@ def test_uncertainty_selection_finds_the_hard_minority(tiny, tmp_path):
     result = run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)
     hard_share = {}
     for r in result["runs"]:
-        assert r["labels_used"] == int(0.4 * result["n_stream"])  # equal budget, fully spent
+        budget = int(0.4 * result["n_stream"])
+        # equal budgets, spent (ActPRM's heads may grow sure of the last few records and stop asking)
+        assert budget - 2 <= r["labels_used"] <= budget and (r["strategy"] == "actprm" or r["labels_used"] == budget)
         hard_share.setdefault(r["strategy"], []).append(r["labelled_kinds"].get("hard", 0) / r["labels_used"])
     actprm, random_ = (sum(v) / len(v) for v in (hard_share["actprm"], hard_share["random"]))
     assert random_ < 0.35  # about the pool share, 0.25
@@ -105,14 +108,31 @@ def test_cached_features_and_text_give_the_same_run(tiny, tmp_path):
     assert a["f1"] == pytest.approx(b["f1"], abs=1e-6) and a["position_f1"] == pytest.approx(b["position_f1"])
 
 
-def test_uncertainty_priority_hand_worked():
+def test_least_confidence_priority_hand_worked():
     s = lambda mu, sigma: SimpleNamespace(mu=mu, sigma=sigma)  # noqa: E731
     sure = s([0.99, 0.98, 0.02], [0.0, 0.0, 0.0])
     unsure = s([0.99, 0.6, 0.2], [0.0, 0.01, 0.3])  # window ends at step 2 (first mu < 0.5)
     late = s([0.99, 0.97, 0.1, 0.5], [0.0, 0.0, 0.0, 0.4])  # step 3 is past E(s): ignored
-    assert uncertainty_priority(unsure) == (0.6, -0.3)
-    assert uncertainty_priority(late) == (0.9, -0.0)
-    assert sorted([sure, late, unsure], key=uncertainty_priority) == [unsure, late, sure]
+    key = lambda x: uncertainty_priority(x, "least-confidence")  # noqa: E731
+    assert key(unsure) == (0.6, -0.3)
+    assert key(late) == (0.9, -0.0)
+    assert sorted([sure, late, unsure], key=key) == [unsure, late, sure]
+
+
+def test_mutual_information_priority_puts_disagreement_about_the_label_first():
+    def s(*heads):
+        probs = [list(h) for h in heads]
+        mu = [sum(col) / len(col) for col in zip(*probs)]
+        sigma = [statistics.stdev(col) for col in zip(*probs)]
+        return SimpleNamespace(mu=mu, sigma=sigma, probs=probs)
+
+    ambiguous = s([0.55, 0.55], [0.6, 0.55])  # the least confident (0.575), the heads nearly agree
+    split = s([0.99, 0.2], [0.99, 0.99])  # surer (0.595), but of different first errors
+    sure = s([0.99, 0.98], [0.99, 0.98])
+    assert sorted([sure, ambiguous, split], key=uncertainty_priority) == [split, ambiguous, sure]
+    assert sorted([sure, ambiguous, split], key=lambda x: uncertainty_priority(x, "least-confidence"))[0] is ambiguous
+    with pytest.raises(ValueError, match="unknown rank"):
+        SimConfig(rank="entropy").check()
 
 
 def test_position_baseline_learns_that_late_steps_fail():

@@ -18,6 +18,9 @@ from actprm.model.uncertainty import (
     ConfidenceSelector,
     DisagreementSelector,
     RandomSelector,
+    entropy,
+    first_error_distribution,
+    first_error_mutual_information,
     is_aleatoric,
     is_epistemic,
     is_uncertain,
@@ -133,6 +136,38 @@ def test_empty_mu_is_never_uncertain():
     assert not is_aleatoric([], PUB_PRED)
     assert not is_epistemic([], [], PUB_STD)
     assert not is_uncertain([], [], PUB_PRED, PUB_STD)
+
+
+# --- the heads' disagreement about the label ---------------------------------------------------
+
+
+def test_first_error_distribution_hand_worked():
+    # p = [0.5, 0.5]: wrong at step 0 w.p. 0.5; right then wrong at 1: 0.25; both right: 0.25
+    assert first_error_distribution([0.5, 0.5]) == [0.5, 0.25, 0.25]
+    assert first_error_distribution([0.9, 0.2]) == pytest.approx([0.1, 0.72, 0.18])
+    assert first_error_distribution([]) == [1.0]  # nothing to get wrong
+
+
+def test_entropy_hand_worked():
+    assert entropy([0.5, 0.5]) == pytest.approx(0.693147, abs=1e-6)  # ln 2
+    assert entropy([1.0, 0.0]) == 0.0
+
+
+def test_mutual_information_is_zero_when_the_heads_agree_however_unsure():
+    assert first_error_mutual_information([[0.5, 0.5]] * 4) == pytest.approx(0.0, abs=1e-12)
+    assert first_error_mutual_information([]) == 0.0
+
+
+def test_mutual_information_hand_worked():
+    # One step; head A says right with 0.9, head B with 0.1. P_A = [0.1, 0.9], P_B = [0.9, 0.1],
+    # their mean [0.5, 0.5]: ln 2 - (-(0.1 ln 0.1 + 0.9 ln 0.9)) = 0.693147 - 0.325083
+    assert first_error_mutual_information([[0.9], [0.1]]) == pytest.approx(0.368064, abs=1e-6)
+
+
+def test_confident_heads_that_disagree_outrank_agreeing_unsure_ones():
+    ambiguous = [[0.6, 0.6, 0.6]] * 2  # both heads unsure, in the same way
+    split = [[0.99, 0.01, 0.99], [0.99, 0.99, 0.01]]  # sure, but of different first errors
+    assert first_error_mutual_information(split) > first_error_mutual_information(ambiguous)
 
 
 # --- selectors -------------------------------------------------------------------------------
