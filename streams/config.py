@@ -72,6 +72,7 @@ class UpdateSettings(FitConfig, Section):
     canary_size: int = Field(0, ge=0, description="hold back the first N judged labels as a canary set (0: off)")
     canary_tolerance: float = Field(0.05, ge=0, le=1, description="refuse an update that lowers canary F1 by more than this")
     keep_versions: int = Field(50, ge=0, description="weights of the newest N versions (and v0) are kept; older versions keep only their manifest (0: keep all)")
+    serve_average: float = Field(0.0, ge=0, lt=1, description="each version serves this share of the last version's weights plus the rest of the newly trained ones, an exponential average of the updates: steadier rewards from one version to the next (0: the trained weights). Training goes on from the trained weights; a restart, a rollback or a consolidation starts the average again from the version it takes up")
     online_window: int = Field(64, ge=1, description="labels in the prequential window (online F1, step accuracy, first-error agreement)")
 
 

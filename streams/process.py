@@ -196,7 +196,7 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
             updates = UpdateLoop(Trainer(template, s.trainer), store, ledger, u.batch_size, u.max_wait_s, u.min_batch,
                                  canary_size=u.canary_size, canary_tolerance=u.canary_tolerance,
                                  keep_versions=u.keep_versions, fit=u, replay=replay, memo=memo,
-                                 validation=s.consolidate)
+                                 validation=s.consolidate, serve_average=u.serve_average)
             trainer = TrainerRole(updates, rounds, sender, topics, journal, errors, u.online_window,
                                   serving=scorer.serving if scorer else None, consolidate=s.consolidate)
     if "judge" in roles:

@@ -182,6 +182,15 @@ def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> No
         prm.body.load_state_dict(body, strict=False)
 
 
+@torch.no_grad()
+def averaged_state(previous: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], keep: float,
+                   names: set[str]) -> dict[str, torch.Tensor]:
+    """keep * previous + (1 - keep) * trained for the tensors named (those that train), the
+    others (anchors, input scaling) as trained: one step of an exponential average of versions."""
+    return {k: v.lerp(previous[k].to(v.device, v.dtype), keep) if k in names and k in previous else v
+            for k, v in trained.items()}
+
+
 class Trainer:
     def __init__(self, prm: EnsemblePRM, config: TrainerConfig | None = None):
         self.prm = prm
@@ -237,6 +246,10 @@ class Trainer:
 
     def _input_scaling(self) -> list[tuple[str, torch.Tensor]]:
         return [(f"heads.{n}", getattr(self.prm.heads, n)) for n in INPUT_SCALING]
+
+    def trained_names(self) -> set[str]:
+        """The names (as in trainable_state) of the tensors the optimizer changes."""
+        return {n for n, p in self.prm.named_parameters() if p.requires_grad}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from other weights (a stored version: a rollback, another writer). The

@@ -30,7 +30,7 @@ import structlog
 from actprm.model.training.checkpoints import CheckpointError, Manifest
 from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, train_candidate, validation_figures,
                                       validation_ids)
-from actprm.model.training.trainer import LabelledSample, load_trainable_state, trainable_state
+from actprm.model.training.trainer import LabelledSample, trainable_state
 from actprm.streams.state.ledger import META
 
 log = structlog.get_logger("actprm")
@@ -115,7 +115,7 @@ class Consolidator:
         kept = u.replay.samples() if u.replay is not None else []
         val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
         return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
-                        trainable_state(u.trainer.prm, u.trainer.config.mode), config or self.config)
+                        u.served_state(), config or self.config)
 
     def train(self, snap: Snapshot):
         """Step 2, on the consolidation thread: the candidate (the served PRM is only read)."""
@@ -136,7 +136,7 @@ class Consolidator:
         val = [s for s in kept if s.id in val_ids]
         if meanwhile:  # trained online while the candidate trained: into the candidate too
             cand.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
-        served = validation_figures(trainer.prm, val)
+        served = u.served_figures(val)
         figures = validation_figures(cand.prm, val)
         record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": snap.config.start,
                   "min_steps": snap.config.min_steps, "patience": snap.config.patience,
@@ -161,8 +161,7 @@ class Consolidator:
             return ConsolidationOutcome(None, record, error=str(err))
         u.ledger.put(META, "trained_through", manifest.version)
         u.version = manifest.version
-        load_trainable_state(trainer.prm, state)  # updates go on from the consolidated weights
-        trainer.optimizer.state.clear()  # the online optimizer's moments belong to the old weights
+        u.take_up(state)  # updates go on from the consolidated weights, with fresh optimizer moments
         self.published.append(manifest.version)
         return ConsolidationOutcome(manifest, record | {"version": manifest.version})
 

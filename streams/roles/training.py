@@ -32,9 +32,10 @@ import torch
 
 from actprm.model.backbone import memory_summary
 from actprm.model.training.checkpoints import CheckpointError, CheckpointStore, Manifest
-from actprm.model.training.consolidate import ConsolidateConfig, in_validation
+from actprm.model.training.consolidate import ConsolidateConfig, Figures, in_validation, validation_figures
 from actprm.model.training.replay import FeatureMemo, ReplayStore
-from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, UpdateResult, trainable_state
+from actprm.model.training.trainer import (FitConfig, LabelledSample, Trainer, UpdateResult, averaged_state,
+                                          load_trainable_state, trainable_state)
 from actprm.model.eval.metrics import processbench_scores
 from actprm.model.eval.prequential import OnlineWindow, score_label
 from actprm.client import messages
@@ -68,8 +69,14 @@ class UpdateLoop:
     def __init__(self, trainer: Trainer, store: CheckpointStore, ledger: Ledger, batch_size: int, max_wait_s: float,
                  min_batch: int = 1, canary_size: int = 0, canary_tolerance: float = 0.05, keep_versions: int = 0,
                  fit: FitConfig | None = None, replay: ReplayStore | None = None, memo: FeatureMemo | None = None,
-                 validation: ConsolidateConfig | None = None):
+                 validation: ConsolidateConfig | None = None, serve_average: float = 0.0):
         self.trainer, self.store, self.ledger = trainer, store, ledger
+        # Each version serves this share of the last one's weights and the rest of the newly
+        # trained ones; training goes on from the trained weights (which only this process
+        # holds). What the version serves (self._served) restarts from a stored version wherever
+        # the trainer takes one up: at start, after a rollback, a consolidation.
+        self.serve_average = serve_average
+        self._served: dict[str, torch.Tensor] | None = None
         self.fit = fit or FitConfig(steps=1, replay_share=0.0)  # without a FitConfig: the one-step update
         self.replay, self.memo = replay, memo
         self.keep_versions = keep_versions
@@ -112,7 +119,30 @@ class UpdateLoop:
         moments, which belong to the weights left behind, and keeps the step (the lr schedule).
         A refused update is undone with Trainer.restore instead, never from disk."""
         _, tensors = self.store.load(version)
-        self.trainer.load(tensors)
+        self.take_up(tensors)
+
+    def take_up(self, state: dict[str, torch.Tensor]) -> None:
+        """Train on from these weights, which a version serves (the average starts again)."""
+        self.trainer.load(state)
+        self._served = state if self.serve_average > 0 else None
+
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """The weights of the version serving (self.version), which may differ from the
+        trainer's when updates are averaged."""
+        if self._served is not None:
+            return self._served
+        return trainable_state(self.trainer.prm, self.trainer.config.mode)
+
+    def served_figures(self, val: Sequence[LabelledSample]) -> Figures:
+        """validation_figures of the version serving (the trainer's weights are put back)."""
+        if self._served is None:
+            return validation_figures(self.trainer.prm, val)
+        trained = trainable_state(self.trainer.prm, self.trainer.config.mode)
+        load_trainable_state(self.trainer.prm, self._served)
+        try:
+            return validation_figures(self.trainer.prm, val)
+        finally:
+            load_trainable_state(self.trainer.prm, trained)
 
     def held_out(self, label_id: str) -> bool:
         """Is this label in the consolidations' validation slice (never trained online)?"""
@@ -230,9 +260,12 @@ class UpdateLoop:
                   "metrics": {"loss": result.loss, "bce": result.bce, "grad_norm": result.grad_norm, "lr": result.lr,
                               "n_samples": result.n_samples, "n_labelled_steps": result.n_labelled_steps,
                               "canary_f1": after, "labels_new": len(ids), "labels_replayed": result.n_replayed,
-                              "steps": result.steps}}
+                              "steps": result.steps, "serve_average": self.serve_average}}
+        served = trainable_state(prm, cfg.mode)
+        if self._served is not None:
+            served = averaged_state(self._served, served, self.serve_average, self.trainer.trained_names())
         try:
-            manifest = self.store.save(trainable_state(prm, cfg.mode), fields)
+            manifest = self.store.save(served, fields)
         except CheckpointError as err:
             # Serving goes on with the last version; the labels stay pending for the next try
             # (all but poisoned ones, which would only be refused again).
@@ -245,6 +278,8 @@ class UpdateLoop:
             self.ledger.put(META, "trained_through", manifest.version)
         self.forget(ids + poisoned)
         self.version = manifest.version
+        if self.serve_average > 0:
+            self._served = served
         if after is not None:
             self._canary_f1[manifest.version] = after
         if self.replay is not None:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig, lr_factor
+from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig, averaged_state, lr_factor
 from support.model import (
     assert_optimizer_states_equal,
     changed_keys,
@@ -368,3 +368,12 @@ def test_full_mode_changes_the_backbone():
     changed = changed_keys(before, clone_state(prm))
     assert any(k.startswith("body.") for k in changed)
     assert not any(k.startswith("heads.anchor_") for k in changed)
+
+
+def test_averaged_state_hand_worked():
+    previous = {"heads.w1": torch.tensor([0.0, 2.0]), "heads.anchor_w1": torch.tensor([9.0])}
+    trained = {"heads.w1": torch.tensor([4.0, 4.0]), "heads.anchor_w1": torch.tensor([1.0])}
+    out = averaged_state(previous, trained, 0.75, {"heads.w1"})
+    assert out["heads.w1"].tolist() == [1.0, 2.5]  # 0.75 * previous + 0.25 * trained
+    assert out["heads.anchor_w1"].tolist() == [1.0]  # not trained: as trained
+    assert averaged_state(previous, trained, 0.0, {"heads.w1"})["heads.w1"].tolist() == [4.0, 4.0]

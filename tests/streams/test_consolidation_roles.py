@@ -16,7 +16,8 @@ import torch
 
 from actprm.client.messages import Label, ModelVersion
 from actprm.streams.config import ProcessSettings
-from actprm.model.training.trainer import trainable_state
+from actprm.model.training.consolidate import validation_figures
+from actprm.model.training.trainer import load_trainable_state, trainable_state
 from actprm.streams.state.ledger import META
 from actprm.streams.tools.produce import synthetic_trajectories
 from support.roles import event, memory_process, sent_to
@@ -168,3 +169,30 @@ def test_the_candidate_trains_on_a_lower_priority_thread(proc):
     mine, child = proc.trainer.consolidator.pool.submit(nice_of_self_and_a_child).result()
     assert mine == child == proc.settings.consolidate.nice == 10
     assert nice() == caller  # the caller's thread keeps its own
+
+
+def test_with_averaged_versions_the_candidate_starts_from_and_is_compared_with_the_stored_version(tmp_path):
+    settings = ProcessSettings(state_dir=tmp_path / "state", model={"backbone": "tiny", "n_heads": 4, "max_length": 2048},
+                               selection={"strategy": "full"},
+                               update={"batch_size": 8, "steps": 2, "mini_batch": 8, "serve_average": 0.5},
+                               consolidate={"every_labels": 0, "epochs": 3, "mini_batch": 8, "val_fraction": 0.25})
+    proc, proc.sent = memory_process(settings)
+    try:
+        c, updates = proc.trainer.consolidator, proc.trainer.updates
+        prm = updates.trainer.prm
+        _train(proc, _labels(32, seed=1))
+        stored = updates.store.load(updates.version)[1]
+        assert not torch.equal(stored["heads.w1"], trainable_state(prm, "heads")["heads.w1"])  # it serves an average
+        snap = c.snapshot()
+        assert all(torch.equal(snap.served_state[k], v) for k, v in stored.items())
+        outcome = c.finish(snap, c.train(snap))
+        assert outcome.manifest is not None  # after 3 epochs it beats the served version on the slice
+        consolidated = updates.store.load(outcome.manifest.version)[1]
+        # training and the average start again from the consolidated weights
+        assert all(torch.equal(updates.served_state()[k], v) for k, v in consolidated.items())
+        assert all(torch.equal(trainable_state(prm, "heads")[k], v) for k, v in consolidated.items())
+        # the candidate was compared with the stored version, not with the trainer's weights
+        load_trainable_state(prm, stored)
+        assert outcome.record["served_val_f1"] == validation_figures(prm, snap.val).f1
+    finally:
+        proc.close()

@@ -15,10 +15,10 @@ import torch
 
 from actprm.model.build import publish_initial
 from actprm.model.training.checkpoints import CheckpointStore
-from actprm.model.training.consolidate import id_hash
+from actprm.model.training.consolidate import id_hash, validation_figures
 from actprm.model.training.replay import FeatureMemo
 from actprm.model.judges.clients import OracleJudge
-from actprm.model.training.trainer import Trainer, TrainerConfig, trainable_state
+from actprm.model.training.trainer import Trainer, TrainerConfig, load_trainable_state, trainable_state
 from actprm.model.uncertainty import make_selector
 from actprm.streams.roles.judging import judge_once
 from actprm.streams.state.ledger import ADMITTED, CANARY, PENDING, SCORED, TRAINED, Ledger
@@ -142,6 +142,35 @@ def _loop(tmp_path, ledger, cfg: TrainerConfig | None = None, **kwargs) -> Updat
     if store.latest() is None:
         publish_initial(store, prm, cfg)
     return UpdateLoop(Trainer(prm, cfg), store, ledger, kwargs.pop("batch_size", 4), kwargs.pop("max_wait_s", 60), **kwargs)
+
+
+def test_averaged_versions_serve_a_share_of_the_last_one_and_training_goes_on_from_its_own(tmp_path, ledger):
+    loop = _loop(tmp_path, ledger, serve_average=0.5)
+    names = loop.trainer.trained_names()
+    served = loop.store.load(0)[1]
+    for s in synthetic_samples(8, seed=3):
+        assert loop.receive(_label(s))
+    for _ in range(2):  # the second update trains on from the trained weights, then averages again
+        out = loop.update()
+        trained = trainable_state(loop.trainer.prm, "heads")
+        stored = loop.store.load(out.manifest.version)[1]
+        for k in names:
+            assert torch.allclose(stored[k], 0.5 * served[k] + 0.5 * trained[k], atol=1e-6)
+            assert not torch.allclose(stored[k], trained[k])
+        assert all(torch.equal(stored[k], trained[k]) for k in set(stored) - names)  # anchors, input scaling
+        assert out.manifest.metrics["serve_average"] == 0.5
+        served = stored
+    # The consolidation's "served" figures are the stored version's; the trainer's weights stay
+    val = synthetic_samples(6, seed=4)
+    figures = loop.served_figures(val)
+    assert all(torch.equal(v, trained[k]) for k, v in trainable_state(loop.trainer.prm, "heads").items())
+    as_served = tiny_prm()
+    load_trainable_state(as_served, served)
+    assert figures == validation_figures(as_served, val)
+    # A restart takes up the version serving: training and the average start again from it
+    again = UpdateLoop(Trainer(tiny_prm(), TrainerConfig(warmup_steps=0)), loop.store, ledger, 4, 60, serve_average=0.5)
+    assert all(torch.equal(trainable_state(again.trainer.prm, "heads")[k], served[k]) for k in names)
+    assert all(torch.equal(again.served_state()[k], served[k]) for k in served)
 
 
 def test_labels_are_trained_once_and_each_version_lists_what_it_consumed(tmp_path, ledger):
