@@ -180,10 +180,10 @@ def uncertainty_priority(score: StepScores, rank: str = "mutual-information") ->
     already flagged. "least-confidence": the lowest confidence max(mu, 1 - mu) up to E(s), then
     the largest head disagreement there. "mutual-information": how much the heads disagree
     about the label itself (`first_error_mutual_information`), then least confidence."""
-    if not score.mu:
-        return (1.0, 0.0) if rank == "least-confidence" else (0.0, 1.0, 0.0)
-    end = uncertainty_window(score.mu)
-    least_confident = (min(max(m, 1.0 - m) for m in score.mu[: end + 1]), -max(score.sigma[: end + 1]))
+    least_confident = (1.0, 0.0)  # nothing scored: last
+    if score.mu:
+        end = uncertainty_window(score.mu)
+        least_confident = (min(max(m, 1.0 - m) for m in score.mu[: end + 1]), -max(score.sigma[: end + 1]))
     if rank == "least-confidence":
         return least_confident
     return (-first_error_mutual_information(score.probs),) + least_confident

@@ -278,7 +278,7 @@ class UpdateLoop:
             self.ledger.put(META, "trained_through", manifest.version)
         self.forget(ids + poisoned)
         self.version = manifest.version
-        if self.serve_average > 0:
+        if self._served is not None:
             self._served = served
         if after is not None:
             self._canary_f1[manifest.version] = after
