@@ -15,7 +15,8 @@ the newest labels alone drifts to them).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -180,6 +181,30 @@ def load_trainable_state(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> No
         if missing:
             raise KeyError(f"checkpoint has body tensors this backbone lacks, e.g. {sorted(missing)[0]}")
         prm.body.load_state_dict(body, strict=False)
+
+
+@contextmanager
+def reading(prm: EnsemblePRM, state: dict[str, torch.Tensor]) -> Iterator[EnsemblePRM]:
+    """Inside the block the PRM's tensors hold `state`; after it, their own values again.
+
+    The storage is exchanged, not copied: in full mode a copy of the trained weights, to put
+    them back afterwards, would be a second body in memory. `state` holds tensors of
+    trainable_state for the PRM's mode; one on another device or dtype (read from disk) is
+    moved there, which is a copy of that tensor only."""
+    own = dict(prm.named_parameters(remove_duplicate=False)) | dict(prm.named_buffers(remove_duplicate=False))
+    for name, value in state.items():
+        if name not in own or own[name].shape != value.shape:
+            raise ValueError(f"{name}: the state has no tensor of this shape in the PRM")
+    exchanged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for name, value in state.items():
+            t = own[name]
+            exchanged.append((t, t.data))
+            t.data = value.to(t.device, t.dtype)
+        yield prm
+    finally:
+        for t, data in reversed(exchanged):  # reversed: a tied tensor gets its first value back last
+            t.data = data
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ from actprm.model.backbone import memory_summary
 from actprm.model.training.checkpoints import CheckpointError, CheckpointStore, Manifest
 from actprm.model.training.consolidate import ConsolidateConfig, Figures, in_validation, validation_figures
 from actprm.model.training.replay import FeatureMemo, ReplayStore
-from actprm.model.training.trainer import (FitConfig, LabelledSample, Trainer, UpdateResult, averaged_state,
-                                          load_trainable_state, trainable_state)
+from actprm.model.training.trainer import (FitConfig, LabelledSample, Trainer, UpdateResult, averaged_state, reading,
+                                          trainable_state)
 from actprm.model.eval.metrics import processbench_scores
 from actprm.model.eval.prequential import OnlineWindow, score_label
 from actprm.client import messages
@@ -137,12 +137,8 @@ class UpdateLoop:
         """validation_figures of the version serving (the trainer's weights are put back)."""
         if self._served is None:
             return validation_figures(self.trainer.prm, val)
-        trained = trainable_state(self.trainer.prm, self.trainer.config.mode)
-        load_trainable_state(self.trainer.prm, self._served)
-        try:
-            return validation_figures(self.trainer.prm, val)
-        finally:
-            load_trainable_state(self.trainer.prm, trained)
+        with reading(self.trainer.prm, self._served) as prm:
+            return validation_figures(prm, val)
 
     def held_out(self, label_id: str) -> bool:
         """Is this label in the consolidations' validation slice (never trained online)?"""

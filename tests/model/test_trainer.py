@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from actprm.model.training.trainer import FitConfig, LabelledSample, Trainer, TrainerConfig, averaged_state, lr_factor
+from actprm.model.training.trainer import (FitConfig, LabelledSample, Trainer, TrainerConfig, averaged_state,
+                                          load_trainable_state, lr_factor, reading, trainable_state)
 from support.model import (
     assert_optimizer_states_equal,
     changed_keys,
@@ -377,3 +378,32 @@ def test_averaged_state_hand_worked():
     assert out["heads.w1"].tolist() == [1.0, 2.5]  # 0.75 * previous + 0.25 * trained
     assert out["heads.anchor_w1"].tolist() == [1.0]  # not trained: as trained
     assert averaged_state(previous, trained, 0.0, {"heads.w1"})["heads.w1"].tolist() == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("mode", ["heads", "full"])
+def test_reading_a_state_scores_with_it_and_puts_the_own_weights_back_without_a_copy(mode):
+    prm = tiny_prm(4)
+    trainer = Trainer(prm, TrainerConfig(mode=mode, lr=1e-2, warmup_steps=0))
+    other_state = trainable_state(prm, mode)  # what "serves": the weights before an update
+    assert trainer.update(SAMPLES).applied
+    own = clone_state(prm)
+    reference = tiny_prm(4)
+    Trainer(reference, TrainerConfig(mode=mode))
+    load_trainable_state(reference, other_state)
+    texts = [(s.problem, s.steps) for s in SAMPLES]
+    with reading(prm, other_state) as inside:
+        assert [s.mu for s in inside.score(texts)] == [s.mu for s in reference.score(texts)]
+        w1 = prm.heads.w1
+        assert w1.data_ptr() == other_state["heads.w1"].data_ptr()  # exchanged, not copied
+    assert not changed_keys(own, clone_state(prm))  # its own weights, bit for bit
+    assert prm.heads.w1 is w1 and w1.data_ptr() != other_state["heads.w1"].data_ptr()
+    assert trainer.update(SAMPLES).applied  # and it trains on from them
+
+
+def test_reading_a_state_that_does_not_fit_changes_nothing():
+    prm = tiny_prm(4)
+    own = clone_state(prm)
+    with pytest.raises(ValueError, match="no tensor of this shape"):
+        with reading(prm, {"heads.w1": torch.zeros(1)}):
+            pass
+    assert not changed_keys(own, clone_state(prm))
