@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -102,9 +104,12 @@ def visit(path: Path, script: str, screenshot: Path | None = None, timeout: floa
     """Load a local file; returns {"value": what `script` evaluated to, "errors": [...]}."""
     if CHROMIUM is None:
         raise RuntimeError("chromium is not installed")
-    with tempfile.TemporaryDirectory(prefix="actprm-chromium-") as profile:
+    # Chromium's helper processes can still write to the profile after the browser exits (CI
+    # once failed removing it: "Directory not empty: 'Default'"): they get a process group of
+    # their own, which goes with the browser, and the profile is removed once they are gone.
+    with tempfile.TemporaryDirectory(prefix="actprm-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + timeout
@@ -116,3 +121,25 @@ def visit(path: Path, script: str, screenshot: Path | None = None, timeout: floa
             return asyncio.run(asyncio.wait_for(_visit(port, path.resolve().as_uri(), script, screenshot), timeout))
         finally:
             stop(proc)
+            _end_group(proc.pid)
+            _remove(Path(profile))
+
+
+def _end_group(pgid: int) -> None:
+    """SIGKILL what is left of the browser's process group (its helpers)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove(profile: Path, timeout: float = 10) -> None:
+    """Remove the profile, trying again while a helper that is going away still writes to it."""
+    deadline = time.monotonic() + timeout
+    while profile.exists():
+        try:
+            shutil.rmtree(profile)
+        except OSError:
+            if time.monotonic() > deadline:
+                return  # left in the temp dir: the test's outcome does not depend on it
+            time.sleep(0.1)
