@@ -226,9 +226,9 @@ class Demo(faust.Service):
             waited = time.monotonic() - self._drain_started
             # The last version is the trainer's newest: a consolidation published just now is
             # served once the scorer has swapped it in, and its held-out figure is the run's final one.
-            last = proc.trainer.updates.version if proc.trainer is not None else None
             waiting_f1 = (settled and self.heldout is not None and proc.scorer is not None
-                          and self.f1_version != (last if last is not None else proc.scorer.serving.current.version))
+                          and self.f1_version != (proc.trainer.updates.version if proc.trainer is not None
+                                                  else proc.scorer.serving.current.version))
             if waiting_f1 and waited <= self.drain_timeout_s:
                 continue  # the last version's held-out figure first (the heldout task computes it)
             if settled or waited > self.drain_timeout_s:
