@@ -48,19 +48,28 @@ def text_key(problem: str, steps: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps([problem, list(steps)], ensure_ascii=False).encode()).hexdigest()[:32]
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """Shape, dtype, the integer sum of the values' bit patterns and the first values.
+
+    Integer addition is exact in any order, so the digest is the same on any number of threads
+    (a float64 sum of squares of the 28M-value embedding differed in its last digit between 1
+    and 2 threads, and with it every cache key); any changed value changes the sum."""
+    flat = t.detach().reshape(-1).contiguous()
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = int(flat.view(as_int).to(torch.int64).sum())  # wraps mod 2**64 when it overflows: still exact
+    head = flat[:16].double().tolist()
+    return f"{tuple(t.shape)}|{t.dtype}|{bits}|{head!r}"
+
+
 def backbone_fingerprint(prm: EnsemblePRM) -> str:
     """A hash of the backbone's weights and tokenizer, cheap enough to take on every start.
 
-    Per tensor: name, shape, dtype, the sum and the sum of squares (in float64) and its first
-    values. Any retrained or swapped weights change it; so does a different separator id or
-    chat template."""
+    Any retrained or swapped weights change it (tensor_digest, per tensor); so does a different
+    separator id or chat template."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in prm.body.state_dict().items():
-            flat = t.detach().reshape(-1)
-            head = flat[:16].double().tolist()
-            f64 = flat.double()
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{float(f64.sum())!r}|{float((f64 * f64).sum())!r}|{head!r}".encode())
+            h.update(f"{name}|{tensor_digest(t)}".encode())
     tok = prm.backbone.tokenizer
     h.update(f"{len(tok)}|{prm.backbone.sep_token_id}|{getattr(tok, 'chat_template', '')}".encode())
     return h.hexdigest()[:16]

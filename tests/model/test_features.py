@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from actprm.model.backbone import load_backbone
-from actprm.model.features import FeatureCache, backbone_fingerprint
+from actprm.model.features import FeatureCache, backbone_fingerprint, tensor_digest
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.data.synthetic import marker_trajectories
 from tests.support.model import torch_one_thread  # noqa: F401 - autouse fixture
@@ -84,6 +84,24 @@ def test_a_changed_backbone_never_reads_old_features(tmp_path):
     assert cache.key != base.key
     cache.get(ITEMS[:1])
     assert cache.misses == 1
+
+
+def test_the_digest_of_a_tensor_is_the_same_on_any_number_of_threads_and_sees_one_changed_value():
+    # As large as SmolLM2's embedding (28M values), where a float64 sum of squares differed in
+    # its last digit between 1 and 2 threads, and so did every cache key.
+    t = torch.randn(28_311_552, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        digests = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            digests.append(tensor_digest(t))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(digests)) == 1
+    t[1_000_003] += 1e-3  # far from the first values the digest also names
+    assert tensor_digest(t) != digests[0]
+    assert tensor_digest(t.bfloat16()) != tensor_digest(t)  # the dtype is part of it
 
 
 def test_a_file_with_a_foreign_key_is_recomputed(tmp_path):
