@@ -57,8 +57,6 @@ class ConsolidateConfig(BaseModel):
     # was unsure of, a sample of the stream is the stream.
     val_sample: Literal["stream", "selected"] = Field("stream", description="the validation slice: stream: every trajectory whose id hashes below val_fraction, judged whether selected or not (a sample of what the PRM scores; costs judge calls for val_fraction of the trajectories not selected; simulate: the pool's validation split); selected: the selected labels whose id hashes below val_fraction (no extra judge calls)")
     mini_batch: int = Field(32, ge=1, description="labels per optimizer step")
-    # The slice's F1 moves by +-0.03 between near-equal PRMs; its loss is the smoother figure.
-    gate: Literal["f1", "f1-and-loss"] = Field("f1", description="what a candidate must beat the served version by on the validation slice to be published: f1: a higher F1 (or the same F1 and a lower loss); f1-and-loss: a higher F1 and a lower loss")
     lr: float | None = Field(None, gt=0, description="learning rate (None: the trainer's)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
 
@@ -114,11 +112,8 @@ def better(a: Figures, b: Figures, criterion: str = "f1") -> bool:
     return fa > fb or (fa == fb and a.loss < b.loss)
 
 
-def beats(candidate: Figures, served: Figures, gate: str = "f1") -> bool:
-    """Publish the candidate? Only when it is better than the served version on the slice;
-    with gate "f1-and-loss" its loss must be lower as well."""
-    if gate == "f1-and-loss" and not candidate.loss < served.loss:
-        return False
+def beats(candidate: Figures, served: Figures) -> bool:
+    """Publish the candidate? Only when it is better than the served version on the slice."""
     return better(candidate, served)
 
 

@@ -146,8 +146,8 @@ class Consolidator:
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,
                   "history": cand.history}
-        if not beats(figures, served, snap.config.gate):
-            return ConsolidationOutcome(None, record, refused=_why_not(figures, served, snap.config.gate))
+        if not beats(figures, served):
+            return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode
         fields = {"kind": "consolidate", "parent": u.version, "mode": mode, "backbone": trainer.prm.backbone.reference(),
                   "prm": asdict(trainer.prm.config), "settings": trainer.config.model_dump(mode="json"),
@@ -198,9 +198,9 @@ class Consolidator:
         self.pool.shutdown(wait=True)
 
 
-def _why_not(candidate: Figures, served: Figures, gate: str) -> str:
+def _why_not(candidate: Figures, served: Figures) -> str:
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     return (f"candidate validation F1 {f(candidate.f1)} (loss {candidate.loss:.4f}) does not beat the served "
-            f"version's {f(served.f1)} (loss {served.loss:.4f})" + (" on both" if gate == "f1-and-loss" else ""))
+            f"version's {f(served.f1)} (loss {served.loss:.4f})")

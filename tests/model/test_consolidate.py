@@ -107,15 +107,6 @@ def test_a_candidate_is_published_only_when_better_than_the_served_version():
     assert not beats(F(None, 0.1), F(0.0, 0.9))
 
 
-def test_the_f1_and_loss_gate_also_asks_for_a_lower_slice_loss():
-    gate = "f1-and-loss"
-    assert beats(F(0.8, 0.19), F(0.7, 0.2), gate)
-    assert not beats(F(0.8, 0.5), F(0.7, 0.2), gate)  # higher F1, but the loss rose
-    assert not beats(F(0.8, 0.2), F(0.7, 0.2), gate)  # the same loss is not lower
-    assert beats(F(0.7, 0.4), F(0.7, 0.5), gate)  # same F1, lower loss: better as under "f1"
-    assert not beats(F(0.6, 0.1), F(0.7, 0.9), gate)  # lower loss alone is not enough
-
-
 # --- train_candidate -------------------------------------------------------------------------
 
 
