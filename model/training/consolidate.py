@@ -58,6 +58,10 @@ class ConsolidateConfig(BaseModel):
     val_sample: Literal["stream", "selected"] = Field("stream", description="the validation slice: stream: every trajectory whose id hashes below val_fraction, judged whether selected or not (a sample of what the PRM scores; costs judge calls for val_fraction of the trajectories not selected; simulate: the pool's validation split); selected: the selected labels whose id hashes below val_fraction (no extra judge calls)")
     mini_batch: int = Field(32, ge=1, description="labels per optimizer step")
     lr: float | None = Field(None, gt=0, description="learning rate (None: the trainer's)")
+    # The slice's labels are a sample of the stream, ~30% more labels than the selected ones
+    # kept for training, and the only ones that are not hard cases. Once a PRM has trained on
+    # them they no longer judge it, so a refit ends the consolidations that can be compared.
+    refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated by its candidate's figures)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
 
     def stream_sample(self) -> float | None:
@@ -196,6 +200,21 @@ class Candidate:
     val_ids: list[str]
     history: list[dict]
     val_trusted: bool = True  # False: the slice had under min_val_labels labels; the last epoch is kept
+    refit: Candidate | None = None  # config.refit: the same recipe on train and slice (what is published)
+
+
+def refit_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, cand: Candidate,
+                    train: Sequence[LabelledSample], val: Sequence[LabelledSample], config: ConsolidateConfig, *,
+                    seed: int = 0, served_state: dict[str, torch.Tensor] | None = None,
+                    cancelled: Callable[[], bool] = lambda: False) -> Candidate:
+    """The candidate's training once more, on its labels and the slice's: the same start and
+    seed, as many epochs as its chosen one, keeping the last (a slice it trains on cannot
+    choose the epoch). Its figures on the slice are only a check that it learnt them."""
+    every = list(train) + list(val)
+    cfg = config.model_copy(update={"epochs": max(1, cand.best_epoch), "min_steps": 0, "refit": False,
+                                    "min_val_labels": len(val) + 1})  # an untrusted slice: the last epoch
+    return train_candidate(served, trainer_config, every, val, cfg, seed=seed, served_state=served_state,
+                           cancelled=cancelled)
 
 
 def candidate_prm(served: EnsemblePRM, mode: str) -> EnsemblePRM:

@@ -10,6 +10,8 @@ Three steps, so scoring and updates never wait for the training:
    candidate too (one update's worth of steps, so none is lost from the weights), then the
    candidate and the weights serving now are scored on the whole validation slice; the
    candidate is saved as the next version only if it is better, and updates continue from it.
+   With `refit` (the consolidation that ends a bounded run, `consolidate.at_end_refit`) step 2
+   also trains the same recipe on the slice's labels too, and that PRM is what is saved.
 A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and the
 ledger is not touched, so no label is trained as new twice; the manifest's `consolidated`
 says how it was trained and both validation figures.
@@ -28,8 +30,8 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.training.checkpoints import CheckpointError, Manifest
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, train_candidate, validation_figures,
-                                      validation_ids)
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, refit_candidate, train_candidate,
+                                               validation_figures, validation_ids)
 from actprm.model.training.trainer import LabelledSample, trainable_state
 from actprm.streams.state.ledger import META
 
@@ -121,9 +123,15 @@ class Consolidator:
         """Step 2, on the consolidation thread: the candidate (the served PRM is only read)."""
         u = self.updates
         self._seq += 1
-        return train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, snap.config,
-                               seed=u.trainer.config.seed + 7919 * self._seq, served_state=snap.served_state,
-                               cancelled=lambda: self._cancel)
+        seed = u.trainer.config.seed + 7919 * self._seq
+        cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, snap.config, seed=seed,
+                               served_state=snap.served_state, cancelled=lambda: self._cancel)
+        # A refit only when it may be published: the candidate beats where it started (the served
+        # weights of the snapshot; from fresh heads that is not known here, so always).
+        if snap.config.refit and (snap.config.start != "served" or beats(cand.figures, cand.start_figures)):
+            cand.refit = refit_candidate(u.trainer.prm, u.trainer.config, cand, snap.train, snap.val, snap.config,
+                                         seed=seed, served_state=snap.served_state, cancelled=lambda: self._cancel)
+        return cand
 
     def finish(self, snap: Snapshot, cand) -> ConsolidationOutcome:
         """Step 3, on the training thread: catch up, compare, publish or refuse."""
@@ -135,7 +143,9 @@ class Consolidator:
         meanwhile = [s for s in kept if s.id not in seen and s.id not in val_ids]
         val = [s for s in kept if s.id in val_ids]
         if meanwhile:  # trained online while the candidate trained: into the candidate too
-            cand.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
+            for c in (cand, cand.refit):
+                if c is not None:
+                    c.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
         served = u.served_figures(val)
         figures = validation_figures(cand.prm, val)
         record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": snap.config.start,
@@ -146,6 +156,10 @@ class Consolidator:
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,
                   "history": cand.history}
+        if cand.refit is not None:
+            r = cand.refit
+            record["refit"] = {"labels": len(r.train_ids) + len(meanwhile), "epochs": r.epochs, "steps": r.steps,
+                               "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1}
         if not beats(figures, served):
             return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode
@@ -154,7 +168,7 @@ class Consolidator:
                   "consumed_label_ids": [], "consolidated": {k: v for k, v in record.items() if k != "history"},
                   "metrics": {"val_f1": figures.f1, "served_val_f1": served.f1, "val_loss": figures.loss,
                               "labels_new": 0, "labels_consolidated": record["labels"], "epochs": cand.epochs}}
-        state = trainable_state(cand.prm, mode)
+        state = trainable_state((cand.refit or cand).prm, mode)  # the refit, when there is one, is what serves
         try:
             manifest = u.store.save(state, fields)
         except CheckpointError as err:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actprm.model.backbone import load_backbone
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, stopping,
-                                      train_candidate, validation_figures, validation_ids)
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, refit_candidate,
+                                               stopping, train_candidate, validation_figures, validation_ids)
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.training.trainer import LabelledSample, TrainerConfig
 
@@ -226,3 +226,18 @@ def test_lora_candidate_is_a_copy_trained_on_text_within_its_time_bound(tiny):
     bounded = train_candidate(served, TrainerConfig(mode="lora"), text[:8], text[8:],
                               ConsolidateConfig(epochs=50, mini_batch=1, max_seconds=0.5, patience=50), seed=0)
     assert bounded.stopped == "time limit" and bounded.seconds < 5
+
+
+def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_the_last(tiny):
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    train, val = _samples(48, H, 0), _samples(16, H, 1)
+    config = ConsolidateConfig(epochs=20, patience=4, mini_batch=16, lr=1e-2, min_steps=0, min_val_labels=0, refit=True)
+    cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val, config, seed=1)
+    assert cand.best_epoch >= 1, cand.history
+    again = refit_candidate(served, TrainerConfig(lr=1e-2), cand, train, val, config, seed=1)
+    # every label, the slice's too; as many epochs as the candidate's chosen one, the last kept
+    assert set(again.train_ids) == {s.id for s in train + val}
+    assert not again.val_trusted and again.stopped == "epochs" and again.refit is None
+    assert (again.epochs, again.best_epoch, again.steps) == (cand.best_epoch, cand.best_epoch, cand.best_epoch * 4)
+    assert validation_figures(again.prm, val) == again.figures

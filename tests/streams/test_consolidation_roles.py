@@ -150,6 +150,35 @@ def test_the_consolidation_at_the_end_of_a_bounded_run_trains_with_its_own_floor
     assert s.min_steps == 0 and s.patience == 1  # the settings themselves are left as they were
 
 
+def test_the_end_of_a_bounded_run_publishes_the_refit_on_the_slice_too(proc):
+    trainer, s = proc.trainer, proc.settings.consolidate
+    c, updates = trainer.consolidator, trainer.updates
+    for seed in (3, 4):
+        _train(proc, _labels(32, seed=seed))
+    end = s.at_end_config()
+    assert end.refit and s.at_end_refit  # the default: a bounded run's last PRM learns the slice too
+    snap = c.snapshot(end)
+    cand = c.train(snap)
+    assert cand.refit is not None, cand.history  # it beat the weights it started from (3 epochs, tiny data)
+    outcome = c.finish(snap, cand)
+    m = outcome.manifest
+    assert m is not None and m.consolidated["refit"]["labels"] == len(snap.train) + len(snap.val)
+    assert m.consolidated["refit"]["epochs"] == cand.best_epoch
+    saved = updates.store.load(m.version)[1]  # what serves is the refit, not the candidate
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(cand.refit.prm, "heads").items())
+    # the candidate's figures gated it: the slice has seen the refit
+    assert (m.consolidated["val_f1"], m.consolidated["val_loss"]) == (outcome.record["val_f1"], outcome.record["val_loss"])
+
+
+def test_periodic_consolidations_never_refit():
+    from pydantic import ValidationError
+    from actprm.streams.config import ConsolidateSettings
+
+    with pytest.raises(ValidationError):
+        ConsolidateSettings(refit=True)
+    assert not ConsolidateSettings(at_end_refit=False).at_end_config().refit
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="only Linux gives each thread its own niceness (os.setpriority on a thread id)")
 def test_the_candidate_trains_on_a_lower_priority_thread(proc):

@@ -88,6 +88,9 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     assert learning["final_consolidated"] == (last["version"] is not None), (learning, last)
     if last["version"] is not None:
         assert max(heldout) == last["version"] and learning["heldout_f1_final"] == heldout[last["version"]]
+        # what it published is the refit (consolidate.at_end_refit): the same recipe on the slice's labels too
+        assert cons["refit"]["labels"] == cons["labels"] + cons["val_labels"], cons
+        assert cons["refit"]["epochs"] == cons["best_epoch"] or cons["refit"]["stopped"] == "time limit", cons
 
 
 def test_another_try_at_the_end_only_after_a_refusal_and_while_tries_are_left():
