@@ -63,6 +63,12 @@ def pipeline_settled(proc: Process) -> bool:
     return ok
 
 
+def is_new_point(last: dict, point: dict) -> bool:
+    """Does the learning curve take this point after `last`? When labels or scored trajectories
+    moved, or the served version did: the closing consolidation's comes with no new label."""
+    return any(point[k] != last[k] for k in ("labels", "scored", "version"))
+
+
 def another_try_at_end(started: int, tries: int, last: dict | None) -> bool:
     """Start a consolidation at the end of a bounded run? The first always; another (a new seed)
     only while tries are left and the one before was not published (`last`: the consolidator's
@@ -149,7 +155,7 @@ class Demo(faust.Service):
                  "heldout_f1": self.f1["f1"] if self.f1 else None, "online_f1": online.get("online_f1"),
                  "selected_share": flags.share(slice(-32, None)), "version": self.f1_version,
                  "consolidated": self.f1_version in consolidated}
-        if not self.curve or (point["labels"], point["scored"]) != (self.curve[-1]["labels"], self.curve[-1]["scored"]):
+        if not self.curve or is_new_point(self.curve[-1], point):
             self.curve.append(point)
 
     def learning(self) -> dict | None:

@@ -102,3 +102,12 @@ def test_another_try_at_the_end_only_after_a_refusal_and_while_tries_are_left():
     assert another_try_at_end(1, 2, {"published": False, "error": "consolidation failed: ..."})
     assert not another_try_at_end(1, 2, {"published": True})  # served: done
     assert not another_try_at_end(2, 2, {"published": False})
+
+
+def test_the_curve_takes_a_point_for_a_new_version_without_new_labels():
+    from actprm.daemon.demo import is_new_point
+
+    last = {"labels": 600, "scored": 1024, "version": 39, "heldout_f1": 0.725}
+    assert not is_new_point(last, dict(last, heldout_f1=0.73))  # the same state, measured again
+    assert is_new_point(last, dict(last, version=40))  # the closing consolidation: no label, a new version
+    assert is_new_point(last, dict(last, labels=601)) and is_new_point(last, dict(last, scored=1025))
