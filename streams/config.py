@@ -87,7 +87,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     at_end: bool = Field(True, description="a bounded run (`actprm run --max-trajectories`) ends with one more consolidation on every label kept, after its last update (published only if it beats the served version, as any other)")
     at_end_min_steps: int | None = Field(None, ge=0, description="min_steps of the consolidation at the end of a bounded run (None: min_steps)")
     at_end_patience: int | None = Field(None, ge=1, description="patience of the consolidation at the end of a bounded run (None: patience)")
-    at_end_refit: bool = Field(True, description="the consolidation at the end of a bounded run, when its candidate beats the served version on the validation slice, publishes the same recipe trained on the slice's labels too (consolidate.refit)")
+    at_end_refit: bool = Field(True, description="the consolidation at the end of a bounded run, when its candidate beats the served version on the validation slice, publishes the same recipe trained on the slice's labels too (consolidate.refit; up to another max_seconds, and in lora/full mode a second candidate copy of the trained weights while it trains)")
     # Periodic consolidations must leave the slice unseen: the next one is judged on it.
     refit: Literal[False] = Field(False, description="periodic consolidations never refit (see at_end_refit)")
     at_end_tries: int = Field(1, ge=1, description="candidates the end of a bounded run may train, each with a new seed, until one beats the served version on the validation slice (a slice of ~150 labels moves F1 by +-0.03 from one seed to the next, and refuses candidates better on the stream)")
