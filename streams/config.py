@@ -87,6 +87,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     at_end: bool = Field(True, description="a bounded run (`actprm run --max-trajectories`) ends with one more consolidation on every label kept, after its last update (published only if it beats the served version, as any other)")
     at_end_min_steps: int | None = Field(None, ge=0, description="min_steps of the consolidation at the end of a bounded run (None: min_steps)")
     at_end_patience: int | None = Field(None, ge=1, description="patience of the consolidation at the end of a bounded run (None: patience)")
+    at_end_max_seconds: float | None = Field(None, gt=0, description="max_seconds of the consolidation at the end of a bounded run, and of its refit (None: max_seconds); nothing runs beside it, so it trains faster than the periodic ones")
     at_end_refit: bool = Field(True, description="the consolidation at the end of a bounded run, when its candidate beats the served version on the validation slice, publishes the same recipe trained on the slice's labels too (consolidate.refit; up to another max_seconds, and in lora/full mode a second candidate copy of the trained weights while it trains)")
     # Periodic consolidations must leave the slice unseen: the next one is judged on it.
     refit: Literal[False] = Field(False, description="periodic consolidations never refit (see at_end_refit)")
@@ -97,6 +98,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
         return ConsolidateConfig(**{**{k: getattr(self, k) for k in ConsolidateConfig.model_fields},
                                     "min_steps": self.min_steps if self.at_end_min_steps is None else self.at_end_min_steps,
                                     "patience": self.patience if self.at_end_patience is None else self.at_end_patience,
+                                    "max_seconds": self.max_seconds if self.at_end_max_seconds is None else self.at_end_max_seconds,
                                     "refit": self.at_end_refit})
 
 

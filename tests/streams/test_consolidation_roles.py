@@ -128,14 +128,15 @@ def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
     assert [v.version for v in versions] == (trainer.consolidator.published if published else [])
 
 
-def test_the_consolidation_at_the_end_of_a_bounded_run_trains_with_its_own_floor_and_patience(proc):
+def test_the_consolidation_at_the_end_of_a_bounded_run_trains_with_its_own_floor_patience_and_time(proc):
     trainer, s = proc.trainer, proc.settings.consolidate
-    s.epochs, s.min_steps, s.patience = 50, 0, 1
-    s.at_end_min_steps, s.at_end_patience = 40, 2
+    s.epochs, s.min_steps, s.patience, s.max_seconds = 50, 0, 1, 600.0
+    s.at_end_min_steps, s.at_end_patience, s.at_end_max_seconds = 40, 2, 30.0
     end = s.at_end_config()
-    assert (end.min_steps, end.patience, end.epochs, end.mini_batch) == (40, 2, 50, s.mini_batch)
-    s.at_end_min_steps = s.at_end_patience = None
-    assert (s.at_end_config().min_steps, s.at_end_config().patience) == (0, 1)  # None: the section's own
+    assert (end.min_steps, end.patience, end.max_seconds, end.epochs, end.mini_batch) == (40, 2, 30.0, 50, s.mini_batch)
+    s.at_end_min_steps = s.at_end_patience = s.at_end_max_seconds = None
+    none = s.at_end_config()
+    assert (none.min_steps, none.patience, none.max_seconds) == (0, 1, 600.0)  # None: the section's own
     _train(proc, _labels(32, seed=9))
 
     async def go():
