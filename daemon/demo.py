@@ -16,6 +16,7 @@ import faust
 import structlog
 
 from actprm.client import messages
+from actprm.model.eval.metrics import spread_of_newest
 from actprm.streams.process import Process
 from actprm.streams.roles.rounds import ADMISSION_COUNTERS
 from actprm.streams.state.series import FlagSeries, KeepFirstAndLast, ThinnedList
@@ -172,6 +173,7 @@ class Demo(faust.Service):
                "sample_f1": trainer.sample.summary()["online_f1"],
                "selected_share_first": flags.share(slice(0, q)) if q else None,
                "selected_share_last": flags.share(slice(len(flags) - q, None)) if q else None,
+               "spread_last_10": spread_of_newest({v: f["f1"] for v, f in self.f1_by_version.items()}, 10),
                "labels": trainer.counts["labels_trained"], "consolidations": trainer.counts["consolidations"],
                "final_consolidated": bool(trainer.consolidator and self.f1_by_version
                                           and max(self.f1_by_version) in trainer.consolidator.published),

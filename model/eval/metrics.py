@@ -1,4 +1,5 @@
-"""Evaluation metrics: ProcessBench F1, PRMBench PRMScore, step-level ROC AUC.
+"""Evaluation metrics: ProcessBench F1, PRMBench PRMScore, step-level ROC AUC, the spread of
+a run's newest versions.
 
 Pure functions over plain lists. Conventions:
 - A step score is the PRM's probability that the step is correct.
@@ -16,7 +17,7 @@ Pure functions over plain lists. Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from actprm.model.uncertainty import predicted_first_error
 
@@ -238,3 +239,11 @@ def step_auc(scores: Sequence[float], labels: Sequence[int | bool | None]) -> fl
         rank_sum_pos += avg_rank * sum(y for _, y in pairs[i : j + 1])
         i = j + 1
     return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def spread_of_newest(f1_by_version: Mapping[int, float | None], n: int = 10) -> float | None:
+    """max - min of the F1 of the n newest versions that have one: how steady the rewards of a
+    run's last versions are (the demo's goal: within 0.08 over the last 10). Fewer than n
+    versions with a figure: over those; fewer than 2: None."""
+    newest = [f1 for _, f1 in sorted(f1_by_version.items()) if f1 is not None][-n:]
+    return max(newest) - min(newest) if len(newest) >= 2 else None

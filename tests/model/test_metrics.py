@@ -14,6 +14,7 @@ from actprm.model.eval.metrics import (
     prmbench_by_class,
     prmbench_score,
     processbench_scores,
+    spread_of_newest,
     step_auc,
 )
 
@@ -234,3 +235,15 @@ def test_step_auc_matches_pair_counting():
             continue
         pairs = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
         assert step_auc(scores, labels) == pytest.approx(pairs / (len(pos) * len(neg)))
+
+
+# ---------------------------------------------------------------- spread_of_newest
+
+
+def test_spread_of_newest_versions():
+    f1 = {0: 0.22, 5: 0.70, 3: 0.60, 7: None, 9: 0.74, 8: 0.71}
+    # by version: 0.22, 0.60, 0.70, (7 has none), 0.71, 0.74; the newest 3 with a figure are
+    # versions 5, 8, 9: 0.74 - 0.70 = 0.04
+    assert spread_of_newest(f1, n=3) == pytest.approx(0.04)
+    assert spread_of_newest(f1, n=10) == pytest.approx(0.74 - 0.22)  # fewer than n: all of them
+    assert spread_of_newest({4: 0.5}) is None and spread_of_newest({4: 0.5, 5: None}) is None

@@ -41,7 +41,8 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     final = daemon.final_status()
     learning = final["learning"]
     assert set(learning) == {"heldout_f1_v0", "heldout_f1_final", "online_f1", "selected_share_first",
-                             "selected_share_last", "labels", "consolidations", "final_consolidated", "sample_f1", "curve"}
+                             "selected_share_last", "labels", "consolidations", "final_consolidated", "sample_f1",
+                             "spread_last_10", "curve"}
     assert learning["heldout_f1_final"] >= learning["heldout_f1_v0"] + 0.3, learning
     assert learning["selected_share_last"] < learning["selected_share_first"], learning
     assert Path(learning["curve"]).is_file() and Path(learning["curve"]).stat().st_size > 10_000
@@ -62,6 +63,8 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
     assert sum(u["labels_new"] for u in updates if u["version"] is not None) == final["labels_trained"]
     heldout = {r["version"]: r["f1"] for r in journal.read(tmp_path, "heldout")}
     assert heldout[0] == learning["heldout_f1_v0"]
+    newest = [heldout[v] for v in sorted(heldout)[-10:]]
+    assert learning["spread_last_10"] == pytest.approx(max(newest) - min(newest)), (learning, heldout)
     scoring = list(journal.read(tmp_path, "scoring"))
     assert sum(c["scored"] for c in scoring) == final["scored"] == 192
     assert {"marker", "correct"} >= {k for c in scoring for k in c["by_kind"]}
