@@ -91,6 +91,8 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     at_end_refit: bool = Field(True, description="the consolidation at the end of a bounded run, when its candidate beats the served version on the validation slice, publishes the same recipe trained on the slice's labels too (consolidate.refit; up to another max_seconds, and in lora/full mode a second candidate copy of the trained weights while it trains)")
     # Periodic consolidations must leave the slice unseen: the next one is judged on it.
     refit: Literal[False] = Field(False, description="periodic consolidations never refit (see at_end_refit)")
+    at_end_gated: bool = Field(True, description="the consolidation at the end of a bounded run is published only when its candidate beats the served version on the validation slice (consolidate.gated); False: always, its refit too (the PRM the run leaves is then the one trained on every label, as the published method trains the PRM it ships)")
+    gated: Literal[True] = Field(True, description="periodic consolidations are always gated by the validation slice (see at_end_gated)")
     at_end_tries: int = Field(1, ge=1, description="candidates the end of a bounded run may train, each with a new seed, until one beats the served version on the validation slice (a slice of ~150 labels moves F1 by +-0.03 from one seed to the next, and refuses candidates better on the stream)")
 
     def at_end_config(self) -> ConsolidateConfig:
@@ -99,7 +101,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
                                     "min_steps": self.min_steps if self.at_end_min_steps is None else self.at_end_min_steps,
                                     "patience": self.patience if self.at_end_patience is None else self.at_end_patience,
                                     "max_seconds": self.max_seconds if self.at_end_max_seconds is None else self.at_end_max_seconds,
-                                    "refit": self.at_end_refit})
+                                    "refit": self.at_end_refit, "gated": self.at_end_gated})
 
 
 class ControlSettings(Section):

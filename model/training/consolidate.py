@@ -63,6 +63,9 @@ class ConsolidateConfig(BaseModel):
     # them they no longer judge it, so a refit ends the consolidations that can be compared.
     refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated by its candidate's figures)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
+    # A served version that a consolidation replaced was chosen on this slice, so its figure there
+    # is optimistic: the slice then refuses candidates that are better on the stream.
+    gated: bool = Field(True, description="publish the candidate only when it beats the served version on the validation slice; False: always (with refit, the refit is trained whatever the candidate's figures)")
 
     def stream_sample(self) -> float | None:
         """The share of the stream judged as the validation sample, whether selected or not

@@ -11,7 +11,8 @@ Three steps, so scoring and updates never wait for the training:
    candidate and the weights serving now are scored on the whole validation slice; the
    candidate is saved as the next version only if it is better, and updates continue from it.
    With `refit` (the consolidation that ends a bounded run, `consolidate.at_end_refit`) step 2
-   also trains the same recipe on the slice's labels too, and that PRM is what is saved.
+   also trains the same recipe on the slice's labels too, and that PRM is what is saved; an
+   ungated one (`consolidate.at_end_gated = false`) is saved whatever the slice says.
 A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and the
 ledger is not touched, so no label is trained as new twice; the manifest's `consolidated`
 says how it was trained and both validation figures.
@@ -126,9 +127,10 @@ class Consolidator:
         seed = u.trainer.config.seed + 7919 * self._seq
         cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, snap.config, seed=seed,
                                served_state=snap.served_state, cancelled=lambda: self._cancel)
-        # A refit only when it may be published: the candidate beats where it started (the served
-        # weights of the snapshot; from fresh heads that is not known here, so always).
-        if snap.config.refit and (snap.config.start != "served" or beats(cand.figures, cand.start_figures)):
+        # A refit only when it may be published: ungated, or the candidate beats where it started
+        # (the served weights of the snapshot; from fresh heads that is not known here, so always).
+        if snap.config.refit and (not snap.config.gated or snap.config.start != "served"
+                                  or beats(cand.figures, cand.start_figures)):
             cand.refit = refit_candidate(u.trainer.prm, u.trainer.config, cand, snap.train, snap.val, snap.config,
                                          seed=seed, served_state=snap.served_state, cancelled=lambda: self._cancel)
         return cand
@@ -155,12 +157,12 @@ class Consolidator:
                   "labels": len(cand.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,
-                  "history": cand.history}
+                  "gated": snap.config.gated, "history": cand.history}
         if cand.refit is not None:
             r = cand.refit
             record["refit"] = {"labels": len(r.train_ids) + len(meanwhile), "epochs": r.epochs, "steps": r.steps,
                                "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1}
-        if not beats(figures, served):
+        if snap.config.gated and not beats(figures, served):
             return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode
         fields = {"kind": "consolidate", "parent": u.version, "mode": mode, "backbone": trainer.prm.backbone.reference(),

@@ -16,7 +16,7 @@ import torch
 
 from actprm.client.messages import Label, ModelVersion
 from actprm.streams.config import ProcessSettings
-from actprm.model.training.consolidate import validation_figures
+from actprm.model.training.consolidate import Figures, beats, validation_figures
 from actprm.model.training.trainer import load_trainable_state, trainable_state
 from actprm.streams.state.ledger import META
 from actprm.streams.tools.produce import synthetic_trajectories
@@ -171,13 +171,37 @@ def test_the_end_of_a_bounded_run_publishes_the_refit_on_the_slice_too(proc):
     assert (m.consolidated["val_f1"], m.consolidated["val_loss"]) == (outcome.record["val_f1"], outcome.record["val_loss"])
 
 
-def test_periodic_consolidations_never_refit():
+def test_an_ungated_end_of_run_publishes_its_refit_even_when_the_slice_prefers_the_served_version(proc):
+    # consolidate.at_end_gated = false: the served version may have been chosen on this slice,
+    # so its figure there is optimistic; the run's last PRM is trained on every label regardless
+    trainer, s = proc.trainer, proc.settings.consolidate
+    c, updates = trainer.consolidator, trainer.updates
+    for seed in (3, 4, 5):  # a served version that has learnt something
+        _train(proc, _labels(32, seed=seed))
+    s.at_end_gated = False
+    end = s.at_end_config().model_copy(update={"max_seconds": 1e-9})  # the candidate: its initial weights
+    snap = c.snapshot(end)
+    cand = c.train(snap)
+    assert cand.steps == 0 and cand.refit is not None  # refitted though it cannot beat its start
+    outcome = c.finish(snap, cand)
+    assert outcome.refused is None and outcome.manifest is not None, outcome.record
+    assert not beats(Figures(outcome.record["val_f1"], outcome.record["val_loss"]),
+                     Figures(outcome.record["served_val_f1"], outcome.record["served_val_loss"]))
+    assert outcome.manifest.consolidated["gated"] is False and updates.version == outcome.manifest.version
+    saved = updates.store.load(outcome.manifest.version)[1]
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(cand.refit.prm, "heads").items())
+
+
+def test_periodic_consolidations_never_refit_and_are_always_gated():
     from pydantic import ValidationError
     from actprm.streams.config import ConsolidateSettings
 
     with pytest.raises(ValidationError):
         ConsolidateSettings(refit=True)
+    with pytest.raises(ValidationError):
+        ConsolidateSettings(gated=False)
     assert not ConsolidateSettings(at_end_refit=False).at_end_config().refit
+    assert ConsolidateSettings().at_end_config().gated and not ConsolidateSettings(at_end_gated=False).at_end_config().gated
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
