@@ -61,7 +61,7 @@ class ConsolidateConfig(BaseModel):
     # The slice's labels are a sample of the stream, ~30% more labels than the selected ones
     # kept for training, and the only ones that are not hard cases. Once a PRM has trained on
     # them they no longer judge it, so a refit ends the consolidations that can be compared.
-    refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated by its candidate's figures)")
+    refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated, when `gated`, by its candidate's figures)")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
     # A served version that a consolidation replaced was chosen on this slice, so its figure there
     # is optimistic: the slice then refuses candidates that are better on the stream.
