@@ -281,7 +281,8 @@ async def receive(proc: Process, raw: bytes | None, secret: str | None, seen_non
         log.warning("unreadable control command", reason=err.reason)
         return None
     if cmd.issued_at < proc.started_at:
-        return None  # from before this process started: not for it
+        log.debug("control command from before this process started: skipped", command=cmd.command, id=cmd.id)
+        return None
     now = time.time() if now is None else now
     reason = verify(cmd, secret, seen_nonces, now, proc.settings.control.max_age_s)
     if reason is not None:

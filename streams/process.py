@@ -62,10 +62,12 @@ class Process:
     heldout: dict | None = None  # the served version's held-out F1, when the daemon keeps a held-out set
     errors: LastError = field(default_factory=LastError)  # shared with the roles: the last error of any part
     counts: Counter = field(default_factory=Counter)  # the agents' own: batch retries
+    # When loading began, not when loading ended: control commands issued before it are not for
+    # this process, but one sent while it loads (once version 0 is on disk, say) is.
+    started_at: float = field(default_factory=time.time)
 
     def __post_init__(self):
         self.process_id = f"{socket.gethostname()}:{os.getpid()}"
-        self.started_at = time.time()
         self.busy_since: dict[str, float | None] = {role: None for role in self.roles}
         self._consuming = asyncio.Event()  # cleared by `ctl pause --scope all`
         self._consuming.set()
@@ -157,6 +159,7 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
 
     The trainer publishes version 0 when the store is empty; a scorer waits for a version to
     appear (its trainer may be another process) and serves the newest."""
+    started_at = time.time()
     s = settings
     s.state_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(s.state_dir / "ledger", retention_s=s.ledger_retention_s or None)  # 0: keep every key
@@ -203,4 +206,4 @@ def build_process(settings: ProcessSettings, roles: tuple[str, ...], topics: Top
         judge = JudgeRole(configured_judge(s.judge), ledger, sender, topics, s.selection, metrics, settings=s.judge,
                           audit=VerdictLog(s.state_dir / "judge", s.judge.audit_max_bytes), errors=errors)
     return Process(s, roles, topics, sender, ledger, store, journal, scorer=scorer, keeper=keeper, trainer=trainer,
-                   judge=judge, metrics=metrics, backbone_placement=placement, errors=errors)
+                   judge=judge, metrics=metrics, backbone_placement=placement, errors=errors, started_at=started_at)

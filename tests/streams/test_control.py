@@ -286,6 +286,16 @@ def test_receive_skips_old_commands_and_rejects_unsigned_ones_when_a_secret_is_s
     assert not again.ok and "replayed" in again.message
 
 
+def test_a_command_sent_while_the_process_loads_is_answered(rt):
+    # Version 0 is written while the process loads, seconds before it is ready on a busy machine;
+    # whoever waits for it and then sends a command must get an answer, not silence.
+    v0_written = (rt.store.root / "v000000").stat().st_mtime
+    assert rt.started_at <= v0_written
+    sent_once_v0_appeared = ControlCommand(command="status", issued_at=v0_written)
+    ack = asyncio.run(receive(rt, messages.encode(sent_once_v0_appeared), None, {}))
+    assert ack is not None and ack.ok
+
+
 # ---------------------------------------------------------------- over the embedded broker
 
 
