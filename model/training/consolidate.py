@@ -62,6 +62,10 @@ class ConsolidateConfig(BaseModel):
     # kept for training, and the only ones that are not hard cases. Once a PRM has trained on
     # them they no longer judge it, so a refit ends the consolidations that can be compared.
     refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated, when `gated`, by its candidate's figures)")
+    # A refit keeps its last epoch (the slice it trains on cannot choose one), and one epoch's
+    # weights move held-out F1 by a few points from the next. Their mean over the second half
+    # holds what those epochs agree on.
+    refit_average: bool = Field(True, description="the refit keeps the mean of its weights at the end of each epoch of the second half of its epochs (stochastic weight averaging) instead of its last epoch's")
     max_seconds: float = Field(600.0, gt=0, description="wall-clock bound on one consolidation's training; lora/full mode pays a backbone forward and backward per label per epoch")
     # A served version that a consolidation replaced was chosen on this slice, so its figure there
     # is optimistic: the slice then refuses candidates that are better on the stream.
@@ -182,6 +186,16 @@ def validation_figures(prm: EnsemblePRM, samples: Sequence[LabelledSample]) -> F
     return Figures(f1, total / n if n else float("inf"))
 
 
+def running_mean(mean: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
+                 count: int) -> dict[str, torch.Tensor]:
+    """The mean of `count` states (`mean`) and `state`. Integer tensors (counters such as the
+    heads' input_rows) are not averaged: they take `state`'s value."""
+    if mean is None or count == 0:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: mean[k] + (v - mean[k]) / (count + 1) if v.is_floating_point() else v.detach().clone()
+            for k, v in state.items()}
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -203,6 +217,7 @@ class Candidate:
     val_ids: list[str]
     history: list[dict]
     val_trusted: bool = True  # False: the slice had under min_val_labels labels; the last epoch is kept
+    averaged_epochs: int = 0  # epochs whose end-of-epoch weights were averaged into what is kept (0: none)
     refit: Candidate | None = None  # config.refit: the same recipe on train and slice (what is published)
 
 
@@ -212,12 +227,14 @@ def refit_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, cand: Ca
                     cancelled: Callable[[], bool] = lambda: False) -> Candidate:
     """The candidate's training once more, on its labels and the slice's: the same start and
     seed, as many epochs as its chosen one, keeping the last (a slice it trains on cannot
-    choose the epoch). Its figures on the slice are only a check that it learnt them."""
+    choose the epoch), or with config.refit_average the mean of its second half's epochs. Its
+    figures on the slice are only a check that it learnt them."""
     every = list(train) + list(val)
-    cfg = config.model_copy(update={"epochs": max(1, cand.best_epoch), "min_steps": 0, "refit": False,
+    epochs = max(1, cand.best_epoch)
+    cfg = config.model_copy(update={"epochs": epochs, "min_steps": 0, "refit": False,
                                     "min_val_labels": len(val) + 1})  # an untrusted slice: the last epoch
     return train_candidate(served, trainer_config, every, val, cfg, seed=seed, served_state=served_state,
-                           cancelled=cancelled)
+                           cancelled=cancelled, average_from=epochs // 2 + 1 if config.refit_average else None)
 
 
 def candidate_prm(served: EnsemblePRM, mode: str) -> EnsemblePRM:
@@ -239,11 +256,14 @@ def reset_heads(prm: EnsemblePRM) -> None:
 def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: Sequence[LabelledSample],
                     val: Sequence[LabelledSample], config: ConsolidateConfig, *, seed: int = 0,
                     served_state: dict[str, torch.Tensor] | None = None,
-                    cancelled: Callable[[], bool] = lambda: False) -> Candidate:
+                    cancelled: Callable[[], bool] = lambda: False, average_from: int | None = None) -> Candidate:
     """Train a candidate on `train` for up to config.epochs, early stopping on `val`.
 
     served_state: the served weights to start from (config.start == "served"; default: the
-    served PRM's own). The served PRM is never changed: a scorer may be reading it."""
+    served PRM's own). The served PRM is never changed: a scorer may be reading it.
+    average_from: with an untrusted slice (which keeps the last epoch), keep instead the mean of
+    the weights at the end of every epoch from this one on (all those run, when the time limit
+    ends training early; the last epoch's when it ends before this one)."""
     t0 = time.monotonic()
     mode = trainer_config.mode
     prm = candidate_prm(served, mode)
@@ -263,6 +283,8 @@ def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: S
     log = [{"epoch": 0, "val_f1": start.f1, "val_loss": start.loss}]
     gen = torch.Generator().manual_seed(seed)
     epoch = 0
+    averaging = average_from is not None and not trusted
+    mean_state, averaged = None, 0
     if not train:
         stopped = "no label"
     while train and epoch < config.epochs and stopped == "epochs":
@@ -289,11 +311,18 @@ def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: S
                               trusted=trusted)
         if best == len(history) - 1:
             best_state = trainable_state(prm, mode)
+        if averaging and epoch >= average_from:
+            mean_state = running_mean(mean_state, trainable_state(prm, mode), averaged)
+            averaged += 1
         if stop and stopped == "epochs":
             stopped = "early stopping" if trusted else "min steps"
     best, _ = stopping(history, config.patience, config.criterion, steps_at=steps_at, min_steps=config.min_steps,
                        trusted=trusted)
+    if mean_state is not None:
+        best_state = mean_state
     load_trainable_state(prm, best_state)
+    figures = validation_figures(prm, val) if mean_state is not None else history[best]
     trainer.optimizer.state.clear()  # moments of later epochs do not belong to the best one's weights
-    return Candidate(prm, trainer, best_state, history[best], start, epoch, best, steps, stopped,
-                     round(time.monotonic() - t0, 3), [s.id for s in train], [s.id for s in val], log, trusted)
+    return Candidate(prm, trainer, best_state, figures, start, epoch, best, steps, stopped,
+                     round(time.monotonic() - t0, 3), [s.id for s in train], [s.id for s in val], log, trusted,
+                     averaged_epochs=averaged)

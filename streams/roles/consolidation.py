@@ -161,7 +161,8 @@ class Consolidator:
         if cand.refit is not None:
             r = cand.refit
             record["refit"] = {"labels": len(r.train_ids) + len(meanwhile), "epochs": r.epochs, "steps": r.steps,
-                               "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1}
+                               "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1,
+                               "averaged_epochs": r.averaged_epochs}
         if snap.config.gated and not beats(figures, served):
             return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode

@@ -8,7 +8,7 @@ import torch
 
 from actprm.model.backbone import load_backbone
 from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, refit_candidate,
-                                               stopping, train_candidate, validation_figures, validation_ids)
+                                               running_mean, stopping, train_candidate, validation_figures, validation_ids)
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.training.trainer import LabelledSample, TrainerConfig
 
@@ -228,11 +228,12 @@ def test_lora_candidate_is_a_copy_trained_on_text_within_its_time_bound(tiny):
     assert bounded.stopped == "time limit" and bounded.seconds < 5
 
 
-def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_the_last(tiny):
+def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_the_last_or_their_mean(tiny):
     served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
     H = tiny.hidden_size
     train, val = _samples(48, H, 0), _samples(16, H, 1)
-    config = ConsolidateConfig(epochs=20, patience=4, mini_batch=16, lr=1e-2, min_steps=0, min_val_labels=0, refit=True)
+    config = ConsolidateConfig(epochs=20, patience=4, mini_batch=16, lr=1e-2, min_steps=0, min_val_labels=0, refit=True,
+                               refit_average=False)
     cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val, config, seed=1)
     assert cand.best_epoch >= 1, cand.history
     again = refit_candidate(served, TrainerConfig(lr=1e-2), cand, train, val, config, seed=1)
@@ -240,4 +241,48 @@ def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_
     assert set(again.train_ids) == {s.id for s in train + val}
     assert not again.val_trusted and again.stopped == "epochs" and again.refit is None
     assert (again.epochs, again.best_epoch, again.steps) == (cand.best_epoch, cand.best_epoch, cand.best_epoch * 4)
+    assert again.averaged_epochs == 0
     assert validation_figures(again.prm, val) == again.figures
+    # refit_average (the default): the same epochs, and the second half of them averaged
+    averaged = refit_candidate(served, TrainerConfig(lr=1e-2), cand, train, val,
+                               config.model_copy(update={"refit_average": True}), seed=1)
+    E = cand.best_epoch
+    assert averaged.epochs == E and averaged.averaged_epochs == E - E // 2
+    assert validation_figures(averaged.prm, val) == averaged.figures
+
+
+def test_running_mean_averages_float_tensors_and_keeps_the_newest_counter():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(7)}
+    c = {"w": torch.tensor([5.0, 1.0]), "n": torch.tensor(9)}
+    mean = running_mean(None, a, 0)
+    mean = running_mean(mean, b, 1)
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and int(mean["n"]) == 7
+    mean = running_mean(mean, c, 2)
+    assert torch.allclose(mean["w"], torch.tensor([3.0, 3.0])) and int(mean["n"]) == 9
+    assert torch.equal(a["w"], torch.tensor([1.0, 2.0]))  # the states averaged are left as they were
+
+
+def test_averaging_keeps_the_mean_of_the_epochs_from_average_from(tiny):
+    # An untrusted slice trains a fixed number of epochs; with average_from=3 of 4 the weights
+    # kept are the mean of the weights that 3 and 4 epochs of the same training end on.
+    from actprm.model.training.trainer import trainable_state
+
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    train, val = _samples(48, H, 0), _samples(16, H, 1)
+
+    def run(epochs: int, average_from: int | None = None):
+        cfg = ConsolidateConfig(epochs=epochs, mini_batch=16, lr=1e-2, min_steps=0, min_val_labels=17)  # untrusted
+        return train_candidate(served, TrainerConfig(lr=1e-2), train, val, cfg, seed=1, average_from=average_from)
+
+    three, four, mean = run(3), run(4), run(4, average_from=3)
+    assert (three.averaged_epochs, mean.averaged_epochs, mean.epochs) == (0, 2, 4)
+    s3, s4, got = (trainable_state(c.prm, "heads") for c in (three, four, mean))
+    assert any(not torch.equal(s3[k], s4[k]) for k in s3)  # two different epochs: a real mean
+    for k in got:
+        if got[k].is_floating_point():
+            assert torch.allclose(got[k], (s3[k] + s4[k]) / 2, atol=1e-6), k
+    assert validation_figures(mean.prm, val) == mean.figures
+    # a time limit before average_from: the last epoch run is kept, nothing averaged
+    assert run(2, average_from=3).averaged_epochs == 0
