@@ -67,10 +67,10 @@ def run(
     role: Annotated[str, typer.Option(help="all, or a comma list of scorer, judge, trainer")] = "all",
     backbone: BackboneOpt = None,
     bootstrap: BootstrapOpt = None,
-    max_trajectories: Annotated[Optional[int], typer.Option(help="stop after scoring this many (and training their labels)")] = None,
-    synthetic: Annotated[Optional[int], typer.Option(help="produce this many built-in synthetic trajectories (default: max-trajectories on the embedded broker)")] = None,
-    heldout: Annotated[int, typer.Option(help="synthetic held-out trajectories for the live F1 (0: off)")] = 32,
-    budget: Annotated[Optional[int], typer.Option(help="annotation budget of the first round")] = None,
+    max_trajectories: Annotated[Optional[int], typer.Option(min=1, help="stop after scoring this many (and training their labels)")] = None,
+    synthetic: Annotated[Optional[int], typer.Option(min=0, help="produce this many built-in synthetic trajectories (default: max-trajectories on the embedded broker)")] = None,
+    heldout: Annotated[int, typer.Option(min=0, help="synthetic held-out trajectories for the live F1 (0: off)")] = 32,
+    budget: Annotated[Optional[int], typer.Option(min=0, help="annotation budget of the first round")] = None,
     judge: Annotated[Optional[str], typer.Option(help="oracle, openai or vllm")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="ledgers and checkpoints")] = None,
     mode: Annotated[Optional[str], typer.Option(help="training mode: heads, lora or full")] = None,
@@ -386,6 +386,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 _ENTRY = False  # True when main() runs: this process is the `actprm` command itself
 
 
+# A bad flag, value or command (click's UsageError: typer vendors click and exports only this
+# subclass of it).
+UsageError = typer.BadParameter.__base__
+
+
 def main() -> None:
     from pydantic import ValidationError
 
@@ -393,7 +398,16 @@ def main() -> None:
     _ENTRY = True
 
     try:
-        app()
+        # Not standalone: click would print a bad flag as a framed box; it is one line here too.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except UsageError as err:
+        if not err.format_message():  # a group called without a command: its help was printed
+            sys.exit(err.exit_code)
+        typer.echo(f"error: {err.format_message()} (see {err.ctx.command_path if err.ctx else 'actprm'} --help)", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
     except ValidationError as err:
         for e in err.errors():
             where = ".".join(str(x) for x in e["loc"]) or "settings"

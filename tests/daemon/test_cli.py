@@ -40,6 +40,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     _one_line_error(actprm("eval", "--data", str(broken), "--backbone", "tiny"), "broken.json")
     _one_line_error(actprm("eval", "--data", str(broken), "--backbone", str(tmp_path / "no-model")), "no-model")
     _one_line_error(actprm("run", "--role", "painter"), "painter")
+    _one_line_error(actprm("run", "--max-trajectories", "-3"), "--max-trajectories")  # not a run of 0 that "succeeds"
     _one_line_error(actprm("config", "show", env={"ACTPRM_SELECTION__DELTA_PRED": "2.0"}), "delta_pred")
     _one_line_error(actprm("bench", "model", "--heads", "0,x"), "0,x")
     _one_line_error(actprm("bench", "train", "--mini-batch", "0"), "--mini-batch")
