@@ -282,8 +282,9 @@ def test_an_open_client_gets_rewards_after_the_broker_lost_its_data(fresh_broker
 
     async def scenario():
         async with RewardClient(_client(fresh_broker, topic_prefix, timeout_s=20, outage_timeout_s=5)) as client:
-            for _ in range(40):  # a few hundred rewards already read, so old offsets are far past a new broker's
-                await client.score_each([{"prompt": f"warm {_}", "response": "a\n\nb"}], timeout_s=180)
+            for i in range(4):  # 40 rewards already read, so old offsets are far past a new broker's
+                await client.score_each([{"prompt": f"warm {i}.{k}", "response": "a\n\nb"} for k in range(10)],
+                                        timeout_s=180)
             await asyncio.to_thread(fresh_broker.restart)  # memory only: every topic is gone
             deadline = time.monotonic() + 240
             while True:

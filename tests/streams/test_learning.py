@@ -94,6 +94,8 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
         # what it published is the refit (consolidate.at_end_refit): the same recipe on the slice's labels too
         assert cons["refit"]["labels"] == cons["labels"] + cons["val_labels"], cons
         assert cons["refit"]["epochs"] == cons["best_epoch"] or cons["refit"]["stopped"] == "time limit", cons
+        # and it serves the mean of its second half's epochs (consolidate.refit_average)
+        assert cons["refit"]["averaged_epochs"] == max(0, cons["refit"]["epochs"] - cons["best_epoch"] // 2), cons
 
 
 def test_another_try_at_the_end_only_after_a_refusal_and_while_tries_are_left():
