@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from actprm.model.labels import step_labels
 from actprm.model.eval.metrics import processbench_scores
 from actprm.model.prm import EnsemblePRM, StepScores
-from actprm.model.training.trainer import LabelledSample, Trainer, TrainerConfig, load_trainable_state, trainable_state
+from actprm.model.training.trainer import (LabelledSample, Trainer, TrainerConfig, averaged_state, load_trainable_state,
+                                            trainable_state)
 
 
 class ConsolidateConfig(BaseModel):
@@ -186,16 +187,6 @@ def validation_figures(prm: EnsemblePRM, samples: Sequence[LabelledSample]) -> F
     return Figures(f1, total / n if n else float("inf"))
 
 
-def running_mean(mean: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
-                 count: int) -> dict[str, torch.Tensor]:
-    """The mean of `count` states (`mean`) and `state`. Integer tensors (counters such as the
-    heads' input_rows) are not averaged: they take `state`'s value."""
-    if mean is None or count == 0:
-        return {k: v.detach().clone() for k, v in state.items()}
-    return {k: mean[k] + (v - mean[k]) / (count + 1) if v.is_floating_point() else v.detach().clone()
-            for k, v in state.items()}
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -311,8 +302,10 @@ def train_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: S
                               trusted=trusted)
         if best == len(history) - 1:
             best_state = trainable_state(prm, mode)
-        if averaging and epoch >= average_from:
-            mean_state = running_mean(mean_state, trainable_state(prm, mode), averaged)
+        if averaging and epoch >= average_from:  # a running mean: the newest epoch weighs 1 / (averaged + 1)
+            state = trainable_state(prm, mode)
+            mean_state = state if mean_state is None else averaged_state(mean_state, state, averaged / (averaged + 1),
+                                                                         trainer.trained_names())
             averaged += 1
         if stop and stopped == "epochs":
             stopped = "early stopping" if trusted else "min steps"

@@ -8,9 +8,9 @@ import torch
 
 from actprm.model.backbone import load_backbone
 from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, refit_candidate,
-                                               running_mean, stopping, train_candidate, validation_figures, validation_ids)
+                                               stopping, train_candidate, validation_figures, validation_ids)
 from actprm.model.prm import EnsemblePRM, PRMConfig
-from actprm.model.training.trainer import LabelledSample, TrainerConfig
+from actprm.model.training.trainer import LabelledSample, TrainerConfig, averaged_state
 
 # id_hash of these ids (sha256, first 8 bytes / 2**64), worked out once and written down:
 # a 0.7914, b 0.2427, c 0.1816, d 0.0964, e 0.2480, f 0.1452, g 0.8009, h 0.6666
@@ -251,14 +251,15 @@ def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_
     assert validation_figures(averaged.prm, val) == averaged.figures
 
 
-def test_running_mean_averages_float_tensors_and_keeps_the_newest_counter():
+def test_a_running_mean_of_states_is_averaged_state_with_the_newest_weighing_one_over_n():
+    # How train_candidate averages epochs: trained tensors averaged, the others (here a counter)
+    # the newest state's.
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(5)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(7)}
     c = {"w": torch.tensor([5.0, 1.0]), "n": torch.tensor(9)}
-    mean = running_mean(None, a, 0)
-    mean = running_mean(mean, b, 1)
+    mean = averaged_state(a, b, 1 / 2, {"w"})
     assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and int(mean["n"]) == 7
-    mean = running_mean(mean, c, 2)
+    mean = averaged_state(mean, c, 2 / 3, {"w"})
     assert torch.allclose(mean["w"], torch.tensor([3.0, 3.0])) and int(mean["n"]) == 9
     assert torch.equal(a["w"], torch.tensor([1.0, 2.0]))  # the states averaged are left as they were
 
