@@ -12,7 +12,8 @@ Three steps, so scoring and updates never wait for the training:
    candidate is saved as the next version only if it is better, and updates continue from it.
    With `refit` (the consolidation that ends a bounded run, `consolidate.at_end_refit`) step 2
    also trains the same recipe on the slice's labels too, and that PRM is what is saved; an
-   ungated one (`consolidate.at_end_gated = false`) is saved whatever the slice says.
+   ungated one (`consolidate.at_end_gated = false`) is saved whatever the slice says, and with
+   `consolidate.refit_epochs` it trains only the refit, for that many epochs.
 A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and the
 ledger is not touched, so no label is trained as new twice; the manifest's `consolidated`
 says how it was trained and both validation figures.
@@ -31,8 +32,8 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.training.checkpoints import CheckpointError, Manifest
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, refit_candidate, train_candidate,
-                                               validation_figures, validation_ids)
+from actprm.model.training.consolidate import (Candidate, ConsolidateConfig, Figures, beats, refit_candidate,
+                                               train_candidate, validation_figures, validation_ids)
 from actprm.model.training.trainer import LabelledSample, trainable_state
 from actprm.streams.state.ledger import META
 
@@ -46,6 +47,17 @@ class Snapshot:
     served_version: int
     served_state: dict
     config: ConsolidateConfig  # how this one trains (the settings, or those of the end of a bounded run)
+
+
+@dataclass
+class Trained:
+    candidate: Candidate | None  # trained on the labels, judged on the slice; None: an ungated refit of fixed epochs
+    refit: Candidate | None  # the same recipe on the slice's labels too (consolidate.refit)
+
+    @property
+    def published(self) -> Candidate:
+        """What serves if published: the refit, when there is one."""
+        return self.refit or self.candidate
 
 
 @dataclass
@@ -120,22 +132,28 @@ class Consolidator:
         return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
                         u.served_state(), config or self.config)
 
-    def train(self, snap: Snapshot):
-        """Step 2, on the consolidation thread: the candidate (the served PRM is only read)."""
+    def train(self, snap: Snapshot) -> Trained:
+        """Step 2, on the consolidation thread: the candidate, and its refit (the served PRM is only read)."""
         u = self.updates
+        cfg = snap.config
         self._seq += 1
         seed = u.trainer.config.seed + 7919 * self._seq
-        cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, snap.config, seed=seed,
+
+        def refit(epochs: int) -> Candidate:
+            return refit_candidate(u.trainer.prm, u.trainer.config, epochs, snap.train, snap.val, cfg, seed=seed,
+                                   served_state=snap.served_state, cancelled=lambda: self._cancel)
+
+        if cfg.refit and not cfg.gated and cfg.refit_epochs:  # nothing for a candidate to decide
+            return Trained(None, refit(cfg.refit_epochs))
+        cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, cfg, seed=seed,
                                served_state=snap.served_state, cancelled=lambda: self._cancel)
         # A refit only when it may be published: ungated, or the candidate beats where it started
         # (the served weights of the snapshot; from fresh heads that is not known here, so always).
-        if snap.config.refit and (not snap.config.gated or snap.config.start != "served"
-                                  or beats(cand.figures, cand.start_figures)):
-            cand.refit = refit_candidate(u.trainer.prm, u.trainer.config, cand, snap.train, snap.val, snap.config,
-                                         seed=seed, served_state=snap.served_state, cancelled=lambda: self._cancel)
-        return cand
+        if cfg.refit and (not cfg.gated or cfg.start != "served" or beats(cand.figures, cand.start_figures)):
+            return Trained(cand, refit(cand.best_epoch))
+        return Trained(cand, None)
 
-    def finish(self, snap: Snapshot, cand) -> ConsolidationOutcome:
+    def finish(self, snap: Snapshot, trained: Trained) -> ConsolidationOutcome:
         """Step 3, on the training thread: catch up, compare, publish or refuse."""
         u = self.updates
         trainer = u.trainer
@@ -145,21 +163,24 @@ class Consolidator:
         meanwhile = [s for s in kept if s.id not in seen and s.id not in val_ids]
         val = [s for s in kept if s.id in val_ids]
         if meanwhile:  # trained online while the candidate trained: into the candidate too
-            for c in (cand, cand.refit):
+            for c in (trained.candidate, trained.refit):
                 if c is not None:
                     c.trainer.fit(meanwhile, [s for s in kept if s.id not in val_ids and s.id in seen], u.fit)
+        # The candidate's figures judge it; with no candidate, the refit's are only a check (it trained on the slice)
+        judged = trained.candidate or trained.refit
         served = u.served_figures(val)
-        figures = validation_figures(cand.prm, val)
+        figures = validation_figures(judged.prm, val)
         record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": snap.config.start,
                   "min_steps": snap.config.min_steps, "patience": snap.config.patience,
-                  "epochs": cand.epochs, "best_epoch": cand.best_epoch, "steps": cand.steps, "stopped": cand.stopped,
-                  "val_trusted": cand.val_trusted,
-                  "labels": len(cand.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
+                  "epochs": judged.epochs, "best_epoch": judged.best_epoch, "steps": judged.steps,
+                  "stopped": judged.stopped, "val_trusted": judged.val_trusted, "candidate": trained.candidate is not None,
+                  "labels": len(judged.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
-                  "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5), "seconds": cand.seconds,
-                  "gated": snap.config.gated, "history": cand.history}
-        if cand.refit is not None:
-            r = cand.refit
+                  "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5),
+                  "seconds": round(sum(c.seconds for c in (trained.candidate, trained.refit) if c is not None), 3),
+                  "gated": snap.config.gated, "history": judged.history}
+        if trained.refit is not None:
+            r = trained.refit
             record["refit"] = {"labels": len(r.train_ids) + len(meanwhile), "epochs": r.epochs, "steps": r.steps,
                                "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1,
                                "averaged_epochs": r.averaged_epochs}
@@ -170,8 +191,8 @@ class Consolidator:
                   "prm": asdict(trainer.prm.config), "settings": trainer.config.model_dump(mode="json"),
                   "consumed_label_ids": [], "consolidated": {k: v for k, v in record.items() if k != "history"},
                   "metrics": {"val_f1": figures.f1, "served_val_f1": served.f1, "val_loss": figures.loss,
-                              "labels_new": 0, "labels_consolidated": record["labels"], "epochs": cand.epochs}}
-        state = trainable_state((cand.refit or cand).prm, mode)  # the refit, when there is one, is what serves
+                              "labels_new": 0, "labels_consolidated": record["labels"], "epochs": judged.epochs}}
+        state = trainable_state(trained.published.prm, mode)
         try:
             manifest = u.store.save(state, fields)
         except CheckpointError as err:
@@ -191,8 +212,8 @@ class Consolidator:
             snap = await loop.run_in_executor(self.train_pool, self.snapshot, config)
             log.info("consolidation started", reason=reason, labels=len(snap.train), val_labels=len(snap.val),
                      served_version=snap.served_version, start=snap.config.start, min_steps=snap.config.min_steps)
-            cand = await loop.run_in_executor(self.pool, self.train, snap)
-            outcome = await loop.run_in_executor(self.train_pool, self.finish, snap, cand)
+            trained = await loop.run_in_executor(self.pool, self.train, snap)
+            outcome = await loop.run_in_executor(self.train_pool, self.finish, snap, trained)
         except Exception as err:  # noqa: BLE001 - a failed consolidation never stops the trainer
             log.exception("consolidation failed; the served version stays")
             outcome = ConsolidationOutcome(None, {"reason": reason}, error=f"consolidation failed: {str(err).splitlines()[0]}")

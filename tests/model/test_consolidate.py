@@ -236,15 +236,15 @@ def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_
                                refit_average=False)
     cand = train_candidate(served, TrainerConfig(lr=1e-2), train, val, config, seed=1)
     assert cand.best_epoch >= 1, cand.history
-    again = refit_candidate(served, TrainerConfig(lr=1e-2), cand, train, val, config, seed=1)
+    again = refit_candidate(served, TrainerConfig(lr=1e-2), cand.best_epoch, train, val, config, seed=1)
     # every label, the slice's too; as many epochs as the candidate's chosen one, the last kept
     assert set(again.train_ids) == {s.id for s in train + val}
-    assert not again.val_trusted and again.stopped == "epochs" and again.refit is None
+    assert not again.val_trusted and again.stopped == "epochs"
     assert (again.epochs, again.best_epoch, again.steps) == (cand.best_epoch, cand.best_epoch, cand.best_epoch * 4)
     assert again.averaged_epochs == 0
     assert validation_figures(again.prm, val) == again.figures
     # refit_average (the default): the same epochs, and the second half of them averaged
-    averaged = refit_candidate(served, TrainerConfig(lr=1e-2), cand, train, val,
+    averaged = refit_candidate(served, TrainerConfig(lr=1e-2), cand.best_epoch, train, val,
                                config.model_copy(update={"refit_average": True}), seed=1)
     E = cand.best_epoch
     assert averaged.epochs == E and averaged.averaged_epochs == E - E // 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from actprm.client.messages import Label, ModelVersion
-from actprm.streams.config import ProcessSettings
+from actprm.streams.config import ConsolidateSettings, ProcessSettings
 from actprm.model.training.consolidate import Figures, beats, validation_figures
 from actprm.model.training.trainer import load_trainable_state, trainable_state
 from actprm.streams.state.ledger import META
@@ -159,14 +159,15 @@ def test_the_end_of_a_bounded_run_publishes_the_refit_on_the_slice_too(proc):
     end = s.at_end_config()
     assert end.refit and s.at_end_refit  # the default: a bounded run's last PRM learns the slice too
     snap = c.snapshot(end)
-    cand = c.train(snap)
-    assert cand.refit is not None, cand.history  # it beat the weights it started from (3 epochs, tiny data)
-    outcome = c.finish(snap, cand)
+    trained = c.train(snap)
+    cand = trained.candidate
+    assert trained.refit is not None, cand.history  # it beat the weights it started from (3 epochs, tiny data)
+    outcome = c.finish(snap, trained)
     m = outcome.manifest
     assert m is not None and m.consolidated["refit"]["labels"] == len(snap.train) + len(snap.val)
-    assert m.consolidated["refit"]["epochs"] == cand.best_epoch
+    assert m.consolidated["refit"]["epochs"] == cand.best_epoch and m.consolidated["candidate"]
     saved = updates.store.load(m.version)[1]  # what serves is the refit, not the candidate
-    assert all(torch.equal(saved[k], v) for k, v in trainable_state(cand.refit.prm, "heads").items())
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(trained.refit.prm, "heads").items())
     # the candidate's figures gated it: the slice has seen the refit
     assert (m.consolidated["val_f1"], m.consolidated["val_loss"]) == (outcome.record["val_f1"], outcome.record["val_loss"])
 
@@ -181,20 +182,47 @@ def test_an_ungated_end_of_run_publishes_its_refit_even_when_the_slice_prefers_t
     s.at_end_gated = False
     end = s.at_end_config().model_copy(update={"max_seconds": 1e-9})  # the candidate: its initial weights
     snap = c.snapshot(end)
-    cand = c.train(snap)
-    assert cand.steps == 0 and cand.refit is not None  # refitted though it cannot beat its start
-    outcome = c.finish(snap, cand)
+    trained = c.train(snap)
+    assert trained.candidate.steps == 0 and trained.refit is not None  # refitted though it cannot beat its start
+    outcome = c.finish(snap, trained)
     assert outcome.refused is None and outcome.manifest is not None, outcome.record
     assert not beats(Figures(outcome.record["val_f1"], outcome.record["val_loss"]),
                      Figures(outcome.record["served_val_f1"], outcome.record["served_val_loss"]))
     assert outcome.manifest.consolidated["gated"] is False and updates.version == outcome.manifest.version
     saved = updates.store.load(outcome.manifest.version)[1]
-    assert all(torch.equal(saved[k], v) for k, v in trainable_state(cand.refit.prm, "heads").items())
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(trained.refit.prm, "heads").items())
+
+
+def test_an_ungated_end_with_refit_epochs_trains_no_candidate_and_publishes_that_many_epochs_averaged(proc):
+    # consolidate.refit_epochs: ungated, a candidate would only count the refit's epochs
+    trainer, s = proc.trainer, proc.settings.consolidate
+    c, updates = trainer.consolidator, trainer.updates
+    for seed in (3, 4):
+        _train(proc, _labels(32, seed=seed))
+    s.at_end_gated, s.refit_epochs = False, 4
+    end = s.at_end_config()
+    assert end.refit_epochs == 4 and ConsolidateSettings().refit_epochs is None  # None: a candidate first
+    snap = c.snapshot(end)
+    trained = c.train(snap)
+    assert trained.candidate is None and trained.published is trained.refit
+    r = trained.refit
+    assert (r.epochs, r.averaged_epochs) == (4, 2) and set(r.train_ids) == {x.id for x in snap.train + snap.val}
+    outcome = c.finish(snap, trained)
+    m = outcome.manifest
+    assert m is not None and updates.version == m.version
+    rec = m.consolidated
+    assert rec["candidate"] is False and rec["refit"]["epochs"] == rec["epochs"] == 4 and rec["refit"]["averaged_epochs"] == 2
+    assert rec["labels"] == rec["refit"]["labels"] == len(snap.train) + len(snap.val)
+    saved = updates.store.load(m.version)[1]
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state(r.prm, "heads").items())
+    # gated, refit_epochs is not read: the candidate decides whether the refit may be published
+    s.at_end_gated = True
+    snap = c.snapshot(s.at_end_config())
+    assert c.train(snap).candidate is not None
 
 
 def test_periodic_consolidations_never_refit_and_are_always_gated():
     from pydantic import ValidationError
-    from actprm.streams.config import ConsolidateSettings
 
     with pytest.raises(ValidationError):
         ConsolidateSettings(refit=True)
