@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.training.checkpoints import CheckpointError, Manifest
-from actprm.model.training.consolidate import (Candidate, ConsolidateConfig, Figures, beats, refit_candidate,
-                                               train_candidate, validation_figures, validation_ids)
+from actprm.model.training.consolidate import (Candidate, ConsolidateConfig, Figures, beats, fixed_epochs_candidate,
+                                               refit_candidate, train_candidate, validation_figures, validation_ids)
 from actprm.model.training.trainer import LabelledSample, trainable_state
 from actprm.streams.state.ledger import META
 
@@ -145,8 +145,13 @@ class Consolidator:
 
         if cfg.refit and not cfg.gated and cfg.refit_epochs:  # nothing for a candidate to decide
             return Trained(None, refit(cfg.refit_epochs))
-        cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, cfg, seed=seed,
-                               served_state=snap.served_state, cancelled=lambda: self._cancel)
+        if cfg.average_epochs:
+            cand = fixed_epochs_candidate(u.trainer.prm, u.trainer.config, cfg.average_epochs, snap.train, snap.val,
+                                          cfg, average=True, seed=seed, served_state=snap.served_state,
+                                          cancelled=lambda: self._cancel)
+        else:
+            cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, cfg, seed=seed,
+                                   served_state=snap.served_state, cancelled=lambda: self._cancel)
         # A refit only when it may be published: ungated, or the candidate beats where it started
         # (the served weights of the snapshot; from fresh heads that is not known here, so always).
         if cfg.refit and (not cfg.gated or cfg.start != "served" or beats(cand.figures, cand.start_figures)):
@@ -173,7 +178,8 @@ class Consolidator:
         record = {"served_version": u.version, "snapshot_version": snap.served_version, "start": snap.config.start,
                   "min_steps": snap.config.min_steps, "patience": snap.config.patience,
                   "epochs": judged.epochs, "best_epoch": judged.best_epoch, "steps": judged.steps,
-                  "stopped": judged.stopped, "val_trusted": judged.val_trusted, "candidate": trained.candidate is not None,
+                  "stopped": judged.stopped, "val_trusted": judged.val_trusted, "averaged_epochs": judged.averaged_epochs,
+                  "candidate": trained.candidate is not None,
                   "labels": len(judged.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
                   "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5),

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from actprm.model.backbone import load_backbone
-from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, id_hash, refit_candidate,
-                                               stopping, train_candidate, validation_figures, validation_ids)
+from actprm.model.training.consolidate import (ConsolidateConfig, Figures, beats, early_stopping, fixed_epochs_candidate,
+                                               id_hash, refit_candidate, stopping, train_candidate, validation_figures,
+                                               validation_ids)
 from actprm.model.prm import EnsemblePRM, PRMConfig
 from actprm.model.training.trainer import LabelledSample, TrainerConfig, averaged_state
 
@@ -249,6 +250,22 @@ def test_a_refit_trains_the_chosen_epochs_on_the_labels_and_the_slice_and_keeps_
     E = cand.best_epoch
     assert averaged.epochs == E and averaged.averaged_epochs == E - E // 2
     assert validation_figures(averaged.prm, val) == averaged.figures
+
+
+def test_a_candidate_of_fixed_epochs_trains_them_all_on_its_labels_alone_and_keeps_the_last_or_their_mean(tiny):
+    served = EnsemblePRM(tiny, PRMConfig(n_heads=4, head_width=16, seed=3))
+    H = tiny.hidden_size
+    train, val = _samples(48, H, 0), _samples(16, H, 1)
+    config = ConsolidateConfig(epochs=50, patience=1, mini_batch=16, lr=1e-2, min_steps=0, min_val_labels=0)
+    last = fixed_epochs_candidate(served, TrainerConfig(lr=1e-2), 5, train, val, config, average=False, seed=1)
+    # neither the config's epochs nor its patience: 5 epochs of 3 steps, on the training labels only
+    assert (last.epochs, last.steps, last.stopped, last.averaged_epochs) == (5, 15, "epochs", 0)
+    assert set(last.train_ids) == {s.id for s in train} and set(last.val_ids) == {s.id for s in val}
+    assert last.best_epoch == 5 and last.figures == validation_figures(last.prm, val)
+    mean = fixed_epochs_candidate(served, TrainerConfig(lr=1e-2), 5, train, val, config, average=True, seed=1)
+    assert (mean.epochs, mean.averaged_epochs) == (5, 3)  # epochs 3, 4 and 5
+    assert mean.figures == validation_figures(mean.prm, val)
+    assert any(not torch.equal(mean.state[k], v) for k, v in last.state.items())
 
 
 def test_a_running_mean_of_states_is_averaged_state_with_the_newest_weighing_one_over_n():

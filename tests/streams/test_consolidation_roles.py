@@ -107,6 +107,31 @@ def test_a_worse_candidate_is_refused_and_the_served_version_stays(proc):
     assert all((before[k] == v).all() for k, v in trainable_state(updates.trainer.prm, "heads").items())
 
 
+def test_a_candidate_of_fixed_epochs_keeps_their_second_half_averaged_and_the_slice_still_gates_it(proc):
+    # consolidate.average_epochs: no early stopping; the slice stays unseen and only gates
+    trainer = proc.trainer
+    c, updates = trainer.consolidator, trainer.updates
+    for seed in (3, 4):
+        _train(proc, _labels(32, seed=seed))
+    c.config.average_epochs = 4
+    snap = c.snapshot()
+    trained = c.train(snap)
+    cand = trained.candidate
+    assert trained.refit is None and (cand.epochs, cand.averaged_epochs, cand.stopped) == (4, 2, "epochs")
+    assert set(cand.train_ids) == {x.id for x in snap.train}
+    outcome = c.finish(snap, trained)
+    rec = outcome.record
+    assert (rec["epochs"], rec["averaged_epochs"], rec["candidate"]) == (4, 2, True)
+    assert (outcome.manifest is not None) == beats(Figures(rec["val_f1"], rec["val_loss"]),
+                                                   Figures(rec["served_val_f1"], rec["served_val_loss"]))
+    served = updates.version
+    c.config.max_seconds = 1e-9  # no time to train: the served weights, which cannot beat themselves
+    snap = c.snapshot()
+    outcome = c.finish(snap, c.train(snap))
+    assert outcome.manifest is None and "does not beat the served version" in outcome.refused
+    assert updates.version == served
+
+
 def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
     trainer = proc.trainer
     _train(proc, _labels(32, seed=9))
