@@ -79,6 +79,13 @@ def another_try_at_end(started: int, tries: int, last: dict | None) -> bool:
     return started < tries and not (last or {}).get("published", False)
 
 
+def stream_ends_within(scored: int, limit: int, rate_per_s: float, seconds: float) -> bool:
+    """Will a bounded run's stream be all scored within `seconds`, at `rate_per_s` trajectories a
+    second? A periodic consolidation (bounded by that many seconds) started then would still be
+    training when the consolidation on every label should start, and would only delay it."""
+    return rate_per_s > 0 and (limit - scored) / rate_per_s < seconds
+
+
 async def produce_builtin_stream(proc: Process, n: int) -> None:
     """The built-in word problems onto the trajectories topic, paced like rollouts of an RL run
     (builtin.rate_per_s; 0 sends them all at once), so later trajectories meet later versions.
@@ -122,6 +129,7 @@ class Demo(faust.Service):
                                       error_rate=b.error_rate, markers=b.markers)
             self.heldout = HeldOut(records, frozen_backbone=proc.settings.trainer.mode == "heads")
         self._drain_started: float | None = None
+        self._first_scored: tuple[float, int] | None = None  # (when, how many) the stream was first seen scored
         self._tries_at_end = 0  # consolidations started at the end of a bounded run
 
     @faust.Service.task
@@ -208,6 +216,25 @@ class Demo(faust.Service):
         trainer.consolidate("end of run", self.proc.settings.consolidate.at_end_config())
         return True
 
+    def hold_periodic_near_the_end(self, scored: int, limit: int) -> None:
+        """No periodic consolidation once the stream will be all scored within one's time bound
+        (consolidate.max_seconds) at the rate it has been scored so far."""
+        if not scored or not self.ends_with_consolidation() or self.proc.trainer.consolidator.hold_periodic:
+            return
+        now = time.monotonic()
+        if self._first_scored is None:
+            self._first_scored = (now, scored)
+            return
+        t0, n0 = self._first_scored
+        if now - t0 < 10:  # too soon to know the rate
+            return
+        rate = (scored - n0) / (now - t0)
+        bound = self.proc.settings.consolidate.max_seconds
+        if stream_ends_within(scored, limit, rate, bound):
+            self.proc.trainer.consolidator.hold_periodic = True
+            log.info("no more periodic consolidations: the stream ends within one's time bound", scored=scored,
+                     rate_per_s=round(rate, 2), max_seconds=bound)
+
     @faust.Service.task
     async def _stop_when_done(self) -> None:
         limit, proc = self.max_trajectories, self.proc
@@ -217,6 +244,7 @@ class Demo(faust.Service):
             await self.sleep(0.5)
             scored = proc.counters()["scored"]
             if scored < limit:
+                self.hold_periodic_near_the_end(scored, limit)
                 continue
             if self._drain_started is None:
                 self._drain_started = time.monotonic()

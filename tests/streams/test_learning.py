@@ -98,6 +98,15 @@ def test_the_daemon_learns_online_f1_and_heldout_f1_rise_and_the_selected_share_
         assert cons["refit"]["averaged_epochs"] == max(0, cons["refit"]["epochs"] - cons["best_epoch"] // 2), cons
 
 
+def test_periodic_consolidations_stop_once_the_stream_ends_within_their_time_bound():
+    from actprm.daemon.demo import stream_ends_within
+
+    # 100 trajectories left at 4 a second: 25 s
+    assert stream_ends_within(900, 1000, 4.0, 40.0) and not stream_ends_within(900, 1000, 4.0, 25.0)
+    assert not stream_ends_within(500, 1000, 4.0, 40.0)  # 125 s left
+    assert not stream_ends_within(900, 1000, 0.0, 40.0)  # no rate yet
+
+
 def test_another_try_at_the_end_only_after_a_refusal_and_while_tries_are_left():
     from actprm.daemon.demo import another_try_at_end
 
