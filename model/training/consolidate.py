@@ -62,7 +62,7 @@ class ConsolidateConfig(BaseModel):
     # The slice's labels are a sample of the stream, ~30% more labels than the selected ones
     # kept for training, and the only ones that are not hard cases. Once a PRM has trained on
     # them they no longer judge it, so a refit ends the consolidations that can be compared.
-    refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one, and publish that PRM (gated, when `gated`, by its candidate's figures)")
+    refit: bool = Field(False, description="when the candidate beats the weights it started from on the validation slice, train once more from the same start on its labels and the slice's, for as many epochs as its chosen one (or refit_epochs), and publish that PRM (gated, when `gated`, by its candidate's figures)")
     # A refit keeps its last epoch (the slice it trains on cannot choose one), and one epoch's
     # weights move held-out F1 by a few points from the next. Their mean over the second half
     # holds what those epochs agree on.
