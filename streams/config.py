@@ -93,6 +93,10 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     refit: Literal[False] = Field(False, description="periodic consolidations never refit (see at_end_refit)")
     at_end_gated: bool = Field(True, description="the consolidation at the end of a bounded run is published only when its candidate beats the served version on the validation slice (consolidate.gated); False: always, its refit too (the PRM the run leaves is then the one trained on every label, as the published method trains the PRM it ships)")
     gated: Literal[True] = Field(True, description="periodic consolidations are always gated by the validation slice (see at_end_gated)")
+    # The slice's labels are a sample of the stream, the only labels that are not hard cases; kept
+    # out of training for good, they would teach only the PRM that ends a bounded run, and one that
+    # never ends would pay their judge calls for gating alone.
+    validate_once: bool = Field(True, description="a label of the validation slice judges one consolidation, then trains: later consolidations and the online updates' replay take it, and the next consolidation is judged on the slice's labels that came after it; False: the slice never trains (but at the end of a bounded run, consolidate.at_end_refit)")
     at_end_tries: int = Field(1, ge=1, description="candidates the end of a bounded run may train, each with a new seed, until one beats the served version on the validation slice (a slice of ~150 labels moves F1 by +-0.03 from one seed to the next, and refuses candidates better on the stream)")
 
     def at_end_config(self) -> ConsolidateConfig:

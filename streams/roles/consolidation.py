@@ -14,9 +14,11 @@ Three steps, so scoring and updates never wait for the training:
    also trains the same recipe on the slice's labels too, and that PRM is what is saved; an
    ungated one (`consolidate.at_end_gated = false`) is saved whatever the slice says, and with
    `consolidate.refit_epochs` it trains only the refit, for that many epochs.
-A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and the
-ledger is not touched, so no label is trained as new twice; the manifest's `consolidated`
-says how it was trained and both validation figures.
+A consolidation consumes no new label: its manifest's `consumed_label_ids` is empty and no
+label is marked trained, so none is trained as new twice; the manifest's `consolidated` says
+how it was trained and both validation figures. With `consolidate.validate_once` (the default)
+the slice's labels it was judged on train from then on, in later consolidations and in the
+updates' replay, and the next one is judged on the slice's labels that came after them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -128,9 +130,15 @@ class Consolidator:
         candidate will train (default: the settings as they are now)."""
         u = self.updates
         kept = u.replay.samples() if u.replay is not None else []
-        val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
+        val_ids = self.slice_ids(kept)
         return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
                         u.served_state(), config or self.config)
+
+    def slice_ids(self, kept: Sequence[LabelledSample]) -> set[str]:
+        """The validation slice among the labels kept: those of the stream's sample (or of the
+        selected labels) that no earlier consolidation was judged on."""
+        validated = self.updates.validated
+        return validation_ids([(s.id, s.first_error) for s in kept if s.id not in validated], self.config.val_fraction)
 
     def train(self, snap: Snapshot) -> Trained:
         """Step 2, on the consolidation thread: the candidate, and its refit (the served PRM is only read)."""
@@ -164,7 +172,7 @@ class Consolidator:
         trainer = u.trainer
         seen = {s.id for s in snap.train} | {s.id for s in snap.val}
         kept = u.replay.samples() if u.replay is not None else []
-        val_ids = validation_ids([(s.id, s.first_error) for s in kept], self.config.val_fraction)
+        val_ids = self.slice_ids(kept)
         meanwhile = [s for s in kept if s.id not in seen and s.id not in val_ids]
         val = [s for s in kept if s.id in val_ids]
         if meanwhile:  # trained online while the candidate trained: into the candidate too
@@ -181,7 +189,7 @@ class Consolidator:
                   "stopped": judged.stopped, "val_trusted": judged.val_trusted, "averaged_epochs": judged.averaged_epochs,
                   "candidate": trained.candidate is not None,
                   "labels": len(judged.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
-                  "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
+                  "slice_labels_trained": sum(1 for s in snap.train if s.id in u.validated), "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5),
                   "seconds": round(sum(c.seconds for c in (trained.candidate, trained.refit) if c is not None), 3),
                   "gated": snap.config.gated, "history": judged.history}
@@ -191,6 +199,7 @@ class Consolidator:
                                "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1,
                                "averaged_epochs": r.averaged_epochs}
         if snap.config.gated and not beats(figures, served):
+            self.judged_on(val, None)
             return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode
         fields = {"kind": "consolidate", "parent": u.version, "mode": mode, "backbone": trainer.prm.backbone.reference(),
@@ -204,10 +213,16 @@ class Consolidator:
         except CheckpointError as err:
             return ConsolidationOutcome(None, record, error=str(err))
         u.ledger.put(META, "trained_through", manifest.version)
+        self.judged_on(val, manifest.version)
         u.version = manifest.version
         u.take_up(state)  # updates go on from the consolidated weights, with fresh optimizer moments
         self.published.append(manifest.version)
         return ConsolidationOutcome(manifest, record | {"version": manifest.version})
+
+    def judged_on(self, val: Sequence[LabelledSample], version: int | None) -> None:
+        """The slice has judged a consolidation (published as `version`, or refused: None)."""
+        if getattr(self.config, "validate_once", False):
+            self.updates.validated_once([s.id for s in val], version)
 
     async def run(self, reason: str, on_done: Callable[[ConsolidationOutcome], object],
                   config: ConsolidateConfig | None = None) -> None:

@@ -42,7 +42,7 @@ from actprm.client import messages
 from actprm.streams.config import ConsolidateSettings
 from actprm.streams.roles.consolidation import Consolidator
 from actprm.streams.state.journal import Journal
-from actprm.streams.state.ledger import CANARY, META, PENDING, TRAINED, Ledger, mark_trained
+from actprm.streams.state.ledger import CANARY, META, PENDING, TRAINED, VALIDATED, Ledger, mark_trained
 from actprm.client.messages import Label, ModelVersion
 from actprm.streams.roles.rounds import RoundKeeper
 from actprm.streams.roles.swap import Serving
@@ -98,6 +98,9 @@ class UpdateLoop:
         # is kept out of the online updates too (held_out), so the served version is never
         # compared with a candidate on labels it learnt (streams/roles/consolidation.py).
         self.validation = validation
+        # Slice labels that have judged a consolidation (consolidate.validate_once): they train
+        # from then on. Kept in the ledger while the replay store keeps them, so a restart keeps them.
+        self.validated: frozenset[str] = frozenset(k for k, _ in ledger.items(VALIDATED))
 
     def _reconcile(self) -> int:
         """Mark labels trained by versions the ledger has not recorded (a crash after save)."""
@@ -141,8 +144,21 @@ class UpdateLoop:
             return validation_figures(prm, val)
 
     def held_out(self, label_id: str) -> bool:
-        """Is this label in the consolidations' validation slice (never trained online)?"""
-        return self.validation is not None and in_validation(label_id, self.validation.val_fraction)
+        """Is this label in the consolidations' validation slice, not yet judged on (not trained online)?"""
+        return (self.validation is not None and in_validation(label_id, self.validation.val_fraction)
+                and label_id not in self.validated)
+
+    def validated_once(self, label_ids: Sequence[str], version: int | None) -> None:
+        """These slice labels have judged a consolidation (`version`, None when refused): they train
+        from now on. Ids the replay store no longer keeps are dropped, so the set stays bounded."""
+        gone = [i for i in self.validated if self.replay is None or i not in self.replay]
+        with self.ledger.transaction():
+            for label_id in label_ids:
+                self.ledger.put(VALIDATED, label_id, version)
+            for label_id in gone:
+                self.ledger.delete(VALIDATED, label_id)
+        # one assignment: the event loop reads the set (in_stream_sample) while this thread writes it
+        self.validated = (self.validated | frozenset(label_ids)) - frozenset(gone)
 
     def receive(self, label: Label) -> bool:
         """Keep a label for the next update; False when its id was seen before."""

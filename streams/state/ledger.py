@@ -29,6 +29,7 @@ JUDGED = "judged"  # trajectory id -> {"first_error"} or {"dead": reason}
 PENDING = "pending"  # label id -> the Label, received but not yet trained on
 TRAINED = "trained"  # label id -> model version that consumed it (None: refused batch)
 CANARY = "canary"  # label id -> the Label, held back from training to check each update
+VALIDATED = "validated"  # label id -> the consolidation version (None: refused) a slice label judged; it trains since
 META = "meta"  # small singletons: round state, counters
 
 # Dedupe keys, one per trajectory or label: they expire after the retention. The others (pending

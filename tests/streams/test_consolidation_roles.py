@@ -18,7 +18,7 @@ from actprm.client.messages import Label, ModelVersion
 from actprm.streams.config import ConsolidateSettings, ProcessSettings
 from actprm.model.training.consolidate import Figures, beats, validation_figures
 from actprm.model.training.trainer import load_trainable_state, trainable_state
-from actprm.streams.state.ledger import META
+from actprm.streams.state.ledger import META, VALIDATED
 from actprm.streams.tools.produce import synthetic_trajectories
 from support.roles import event, memory_process, sent_to
 
@@ -130,6 +130,30 @@ def test_a_candidate_of_fixed_epochs_keeps_their_second_half_averaged_and_the_sl
     outcome = c.finish(snap, c.train(snap))
     assert outcome.manifest is None and "does not beat the served version" in outcome.refused
     assert updates.version == served
+
+
+@pytest.mark.parametrize("validate_once", [True, False])
+def test_a_slice_label_judges_one_consolidation_then_trains(proc, validate_once):
+    # consolidate.validate_once: the slice's labels are the only ones that are not hard cases
+    trainer = proc.trainer
+    c, updates = trainer.consolidator, trainer.updates
+    c.config.validate_once = validate_once
+    _train(proc, _labels(32, seed=3))
+    first = c.snapshot()
+    judged = {s.id for s in first.val}
+    assert judged and all(updates.held_out(i) for i in judged)
+    c.finish(first, c.train(first))  # published or refused: either way the slice has judged it
+    assert all(updates.held_out(i) != validate_once for i in judged)  # the updates' replay takes them
+    assert {k for k, _ in updates.ledger.items(VALIDATED)} == (judged if validate_once else set())
+    _train(proc, _labels(32, seed=4))
+    second = c.snapshot()
+    if validate_once:  # trained on; judged only on the slice's labels that came after
+        assert judged <= {s.id for s in second.train} and second.val and not judged & {s.id for s in second.val}
+    else:
+        assert judged <= {s.id for s in second.val}
+    outcome = c.finish(second, c.train(second))
+    assert outcome.record["slice_labels_trained"] == (len(judged) if validate_once else 0)
+    assert outcome.record["val_labels"] == len(second.val)
 
 
 def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
