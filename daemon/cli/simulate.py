@@ -96,6 +96,7 @@ def simulate(
     consolidate_patience: Annotated[Optional[int], typer.Option(help="epochs without a better validation figure before a consolidation stops (default: consolidate.patience)")] = None,
     consolidate_min_steps: Annotated[Optional[int], typer.Option(help="optimizer steps a consolidation takes before early stopping may end it or choose its epoch (default: consolidate.min_steps)")] = None,
     consolidate_min_val_labels: Annotated[Optional[int], typer.Option(help="a smaller validation slice neither stops nor chooses the epoch (default: consolidate.min_val_labels)")] = None,
+    consolidate_average_epochs: Annotated[Optional[int], typer.Option(help="a consolidation trains this many epochs with no early stopping and keeps the mean of its second half's weights, as the daemon's periodic ones with consolidate.average_epochs (default: consolidate.average_epochs, None: early stopping)")] = None,
     consolidate_val_sample: Annotated[Optional[str], typer.Option(help="the consolidation's validation slice: 'stream' (the pool's validation split) or 'selected' (a slice of the run's admitted labels) (default: consolidate.val_sample)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON instead of the table")] = False,
 ) -> None:
@@ -128,7 +129,7 @@ def simulate(
                            "start": consolidate_start, "epochs": consolidate_epochs, "lr": consolidate_lr,
                            "mini_batch": consolidate_mini_batch, "patience": consolidate_patience,
                            "min_steps": consolidate_min_steps, "min_val_labels": consolidate_min_val_labels,
-                           "val_sample": consolidate_val_sample}.items()
+                           "val_sample": consolidate_val_sample, "average_epochs": consolidate_average_epochs}.items()
                            if v is not None}) if consolidate else None)
     config.check()
     pool_records, pool_skipped = _load(pool, format, pool_limit, "pool")

@@ -170,6 +170,12 @@ def test_consolidated_column_trains_on_exactly_the_admitted_labels(tiny, tmp_pat
         assert r["consolidated_train_labels"] + r["consolidated_val_labels"] == r["labels_used"]
         assert 0 < r["consolidated_val_labels"] < r["labels_used"]
 
+    # average_epochs: the daemon's periodic recipe, every epoch run and the second half averaged
+    config.consolidate = ConsolidateConfig(average_epochs=6, lr=1e-2, mini_batch=8)
+    for r in run_simulation(_engine(tiny, tmp_path, pool, test, config), pool, test, config)["runs"]:
+        assert (r["consolidated_epochs"], r["consolidated_stopped"]) == (6, "epochs")
+        assert r["consolidated_train_labels"] == r["labels_used"] and r["consolidated_f1"] is not None
+
 
 def test_headline_hand_worked():
     runs = []
