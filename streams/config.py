@@ -96,7 +96,7 @@ class ConsolidateSettings(ConsolidateConfig, Section):
     # The slice's labels are a sample of the stream, the only labels that are not hard cases; kept
     # out of training for good, they would teach only the PRM that ends a bounded run, and one that
     # never ends would pay their judge calls for gating alone.
-    validate_once: bool = Field(True, description="a label of the validation slice judges one consolidation, then trains: later consolidations and the online updates' replay take it, and the next consolidation is judged on the slice's labels that came after it; False: the slice never trains (but at the end of a bounded run, consolidate.at_end_refit)")
+    validate_once: bool = Field(True, description="a label of the validation slice judges one consolidation, then trains: later consolidations and the online updates' replay take it, and the next consolidation is judged on the slice's labels that came after it (the end of a bounded run keeps its slice for another try: nothing comes after it); False: the slice never trains (but at the end of a bounded run, consolidate.at_end_refit)")
     at_end_tries: int = Field(1, ge=1, description="candidates the end of a bounded run may train, each with a new seed, until one beats the served version on the validation slice (a slice of ~150 labels moves F1 by +-0.03 from one seed to the next, and refuses candidates better on the stream)")
 
     def at_end_config(self) -> ConsolidateConfig:

@@ -49,6 +49,9 @@ class Snapshot:
     served_version: int
     served_state: dict
     config: ConsolidateConfig  # how this one trains (the settings, or those of the end of a bounded run)
+    # Its slice trains once it has judged (consolidate.validate_once). Not at the end of a bounded
+    # run: nothing comes after it, and another try there (at_end_tries) is judged on the same slice.
+    validate_once: bool = False
 
 
 @dataclass
@@ -132,7 +135,8 @@ class Consolidator:
         kept = u.replay.samples() if u.replay is not None else []
         val_ids = self.slice_ids(kept)
         return Snapshot([s for s in kept if s.id not in val_ids], [s for s in kept if s.id in val_ids], u.version,
-                        u.served_state(), config or self.config)
+                        u.served_state(), config or self.config,
+                        validate_once=config is None and getattr(self.config, "validate_once", False))
 
     def slice_ids(self, kept: Sequence[LabelledSample]) -> set[str]:
         """The validation slice among the labels kept: those of the stream's sample (or of the
@@ -199,7 +203,7 @@ class Consolidator:
                                "stopped": r.stopped, "seconds": r.seconds, "val_f1_seen": r.figures.f1,
                                "averaged_epochs": r.averaged_epochs}
         if snap.config.gated and not beats(figures, served):
-            self.judged_on(val, None)
+            self.judged_on(snap, val, None)
             return ConsolidationOutcome(None, record, refused=_why_not(figures, served))
         mode = trainer.config.mode
         fields = {"kind": "consolidate", "parent": u.version, "mode": mode, "backbone": trainer.prm.backbone.reference(),
@@ -213,15 +217,15 @@ class Consolidator:
         except CheckpointError as err:
             return ConsolidationOutcome(None, record, error=str(err))
         u.ledger.put(META, "trained_through", manifest.version)
-        self.judged_on(val, manifest.version)
+        self.judged_on(snap, val, manifest.version)
         u.version = manifest.version
         u.take_up(state)  # updates go on from the consolidated weights, with fresh optimizer moments
         self.published.append(manifest.version)
         return ConsolidationOutcome(manifest, record | {"version": manifest.version})
 
-    def judged_on(self, val: Sequence[LabelledSample], version: int | None) -> None:
+    def judged_on(self, snap: Snapshot, val: Sequence[LabelledSample], version: int | None) -> None:
         """The slice has judged a consolidation (published as `version`, or refused: None)."""
-        if getattr(self.config, "validate_once", False):
+        if snap.validate_once:
             self.updates.validated_once([s.id for s in val], version)
 
     async def run(self, reason: str, on_done: Callable[[ConsolidationOutcome], object],

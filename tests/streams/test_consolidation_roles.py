@@ -154,6 +154,12 @@ def test_a_slice_label_judges_one_consolidation_then_trains(proc, validate_once)
     outcome = c.finish(second, c.train(second))
     assert outcome.record["slice_labels_trained"] == (len(judged) if validate_once else 0)
     assert outcome.record["val_labels"] == len(second.val)
+    # the end of a bounded run keeps its slice: another try there is judged on the same labels
+    _train(proc, _labels(32, seed=5))
+    end = c.snapshot(proc.settings.consolidate.at_end_config())
+    validated = updates.validated
+    c.finish(end, c.train(end))
+    assert updates.validated == validated and {s.id for s in c.snapshot(proc.settings.consolidate.at_end_config()).val} == {s.id for s in end.val}
 
 
 def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
