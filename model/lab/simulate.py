@@ -334,8 +334,8 @@ def consolidated_run(engine, pool: Sequence[Record], test: Sequence[Record], val
                      labelled: Sequence[int], config: ConsolidateConfig, seed: int) -> dict:
     """A PRM consolidated as the daemon's trainer does, on exactly the labels the run admitted:
     it trains up to config.epochs with early stopping (or config.average_epochs, averaged),
-    starting fresh or from the run's final PRM; then the same test as the online PRM (threshold from the pool's validation slice),
-    under "consolidated_*". Its validation slice is the pool's validation split, a sample of the
+    starting fresh or from the run's final PRM; then the same test as the online PRM (threshold
+    from the pool's validation slice), under "consolidated_*". Its validation slice is the pool's validation split, a sample of the
     stream as the daemon's val_sample "stream" is (the same for every strategy, and labelled in
     every run already to choose the threshold), or with val_sample "selected" a slice of the
     admitted labels themselves (by id hash, never trained on)."""

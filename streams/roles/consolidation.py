@@ -193,7 +193,8 @@ class Consolidator:
                   "stopped": judged.stopped, "val_trusted": judged.val_trusted, "averaged_epochs": judged.averaged_epochs,
                   "candidate": trained.candidate is not None,
                   "labels": len(judged.train_ids) + len(meanwhile), "labels_meanwhile": len(meanwhile),
-                  "slice_labels_trained": sum(1 for s in snap.train if s.id in u.validated), "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
+                  "slice_labels_trained": sum(1 for s in snap.train if s.id in u.validated),
+                  "val_labels": len(val), "val_f1": figures.f1, "val_loss": round(figures.loss, 5),
                   "served_val_f1": served.f1, "served_val_loss": round(served.loss, 5),
                   "seconds": round(sum(c.seconds for c in (trained.candidate, trained.refit) if c is not None), 3),
                   "gated": snap.config.gated, "history": judged.history}
