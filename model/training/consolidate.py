@@ -234,6 +234,19 @@ def fixed_epochs_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, e
                            cancelled=cancelled, average_from=epochs // 2 + 1 if average else None)
 
 
+def consolidation_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, train: Sequence[LabelledSample],
+                            val: Sequence[LabelledSample], config: ConsolidateConfig, *, seed: int = 0,
+                            served_state: dict[str, torch.Tensor] | None = None,
+                            cancelled: Callable[[], bool] = lambda: False) -> Candidate:
+    """A consolidation's candidate as `config` says: `average_epochs` epochs with their second
+    half averaged (the slice only scores it), or early stopping on the slice (`train_candidate`)."""
+    if config.average_epochs:
+        return fixed_epochs_candidate(served, trainer_config, config.average_epochs, train, val, config, average=True,
+                                      seed=seed, served_state=served_state, cancelled=cancelled)
+    return train_candidate(served, trainer_config, train, val, config, seed=seed, served_state=served_state,
+                           cancelled=cancelled)
+
+
 def refit_candidate(served: EnsemblePRM, trainer_config: TrainerConfig, epochs: int,
                     train: Sequence[LabelledSample], val: Sequence[LabelledSample], config: ConsolidateConfig, *,
                     seed: int = 0, served_state: dict[str, torch.Tensor] | None = None,

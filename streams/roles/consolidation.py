@@ -4,8 +4,9 @@ online loop, and publish it only if it beats the served version (model/training/
 Three steps, so scoring and updates never wait for the training:
 1. on the training thread (where updates run, so the replay store is not changing): a
    snapshot of the labels kept, split into training and validation ids (a hash of each id);
-2. on a thread of its own: `train_candidate`, up to `consolidate.epochs`, early stopping on the
-   validation slice, bounded by `consolidate.max_seconds`; updates go on meanwhile;
+2. on a thread of its own: `consolidation_candidate`, up to `consolidate.epochs` with early
+   stopping on the validation slice (or `consolidate.average_epochs`, averaged), bounded by
+   `consolidate.max_seconds`; updates go on meanwhile;
 3. back on the training thread: the labels that updates trained meanwhile are trained into the
    candidate too (one update's worth of steps, so none is lost from the weights), then the
    candidate and the weights serving now are scored on the whole validation slice; the
@@ -34,8 +35,8 @@ from dataclasses import asdict, dataclass
 import structlog
 
 from actprm.model.training.checkpoints import CheckpointError, Manifest
-from actprm.model.training.consolidate import (Candidate, ConsolidateConfig, Figures, beats, fixed_epochs_candidate,
-                                               refit_candidate, train_candidate, validation_figures, validation_ids)
+from actprm.model.training.consolidate import (Candidate, ConsolidateConfig, Figures, beats, consolidation_candidate,
+                                               refit_candidate, validation_figures, validation_ids)
 from actprm.model.training.trainer import LabelledSample, trainable_state
 from actprm.streams.state.ledger import META
 
@@ -157,13 +158,8 @@ class Consolidator:
 
         if cfg.refit and not cfg.gated and cfg.refit_epochs:  # nothing for a candidate to decide
             return Trained(None, refit(cfg.refit_epochs))
-        if cfg.average_epochs:
-            cand = fixed_epochs_candidate(u.trainer.prm, u.trainer.config, cfg.average_epochs, snap.train, snap.val,
-                                          cfg, average=True, seed=seed, served_state=snap.served_state,
-                                          cancelled=lambda: self._cancel)
-        else:
-            cand = train_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, cfg, seed=seed,
-                                   served_state=snap.served_state, cancelled=lambda: self._cancel)
+        cand = consolidation_candidate(u.trainer.prm, u.trainer.config, snap.train, snap.val, cfg, seed=seed,
+                                       served_state=snap.served_state, cancelled=lambda: self._cancel)
         # A refit only when it may be published: ungated, or the candidate beats where it started
         # (the served weights of the snapshot; from fresh heads that is not known here, so always).
         if cfg.refit and (not cfg.gated or cfg.start != "served" or beats(cand.figures, cand.start_figures)):

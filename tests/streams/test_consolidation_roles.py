@@ -159,7 +159,8 @@ def test_a_slice_label_judges_one_consolidation_then_trains(proc, validate_once)
     end = c.snapshot(proc.settings.consolidate.at_end_config())
     validated = updates.validated
     c.finish(end, c.train(end))
-    assert updates.validated == validated and {s.id for s in c.snapshot(proc.settings.consolidate.at_end_config()).val} == {s.id for s in end.val}
+    again = c.snapshot(proc.settings.consolidate.at_end_config())
+    assert updates.validated == validated and {s.id for s in again.val} == {s.id for s in end.val}
 
 
 def test_ctl_style_start_runs_the_steps_and_publishes_through_the_role(proc):
